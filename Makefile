@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= configs/wq_wv_r4.py
+
+.PHONY: demo test lint fetch clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+# Fetch the pretrained model and data set once into the cache (~/.cache/lorax, or $LORAX_CACHE).
+fetch: $(VENV)/.installed
+	$(BIN)/python -m lorax.assets minilm-l6 snli
+
+demo: fetch
+	$(BIN)/python -m lorax.train --config=$(CONFIG)
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m lorax.assets minilm-l6 snli
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check lorax tests configs experiments
+	$(BIN)/ruff format --check lorax tests configs experiments
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

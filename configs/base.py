@@ -1,0 +1,72 @@
+"""Every lorax default, grouped by section; experiment configs import this and change what differs.
+
+Run: python -m lorax.train --config=configs/base.py [--config.lora.rank=8 ...]
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # seeds LoRA init, head init, dropout and the data order
+
+    # --- model -------------------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "minilm-l6"  # asset name (see lorax/assets.py) or a Hugging Face model dir
+    c.model.pooling = "mean"  # sentence vector for the head: "mean" over tokens, or "cls" (pooler)
+    c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16"
+    c.model.base_dtype = "float32"  # storage dtype of the frozen base: "float32" or "bfloat16"
+    c.model.dropout = 0.1  # hidden dropout inside the (frozen) model during training
+    c.model.head_dropout = 0.1  # dropout on the pooled vector before the classifier head
+
+    # --- task and data -----------------------------------------------------------------------
+    c.task = ml_collections.ConfigDict()
+    c.task.name = "snli"  # task (see lorax/data/tasks.py)
+    c.task.data = "snli"  # asset name or local directory holding the task's files
+    c.task.max_length = 128  # tokens per example; longer pairs are truncated and counted
+    c.task.buckets = (32, 64, 128)  # padded lengths; the step compiles once per bucket
+    c.task.validation_size = 5000  # rows held out of train (same rows for every seed)
+    c.task.max_eval_examples = 0  # cap on validation rows used in periodic evals (0 = all)
+
+    # --- method ------------------------------------------------------------------------------
+    c.method = "lora"  # "lora": train a low-rank delta + head; "full": train every base leaf
+
+    # --- LoRA (used when method == "lora") ---------------------------------------------------
+    c.lora = ml_collections.ConfigDict()
+    c.lora.targets = "q,v"  # comma-separated canonical names (q,k,v,o,mlp_in,mlp_out,...) or regexes
+    c.lora.rank = 4  # rank r for every target
+    c.lora.alpha = 8.0  # update scaled by alpha / r
+    c.lora.rank_pattern = ""  # per-target ranks, e.g. "v=8,q=2"
+    c.lora.alpha_pattern = ""  # per-target alphas, e.g. "v=16"
+    c.lora.layers = ""  # layers to adapt, e.g. "0,1,2" or "3-5"; empty = all
+    c.lora.init = "kaiming"  # init of A: "kaiming" (uniform, 1/sqrt(d_in)) or "gaussian" (std 1/r)
+    c.lora.dropout = 0.0  # dropout on the input of the low-rank branch
+    c.lora.rslora = False  # scale by alpha / sqrt(r) instead of alpha / r
+
+    # --- optimisation ------------------------------------------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.trainable = "^head/"  # regexes (comma-separated) of base leaves trained beside the delta
+    c.train.batch_size = 32  # global batch, split over every device on the "data" mesh axis
+    c.train.num_steps = 2000  # optimizer steps
+    c.train.learning_rate = 5e-4  # peak learning rate of the delta
+    c.train.head_learning_rate = 0.0  # peak learning rate of the trainable base leaves (0 = same)
+    c.train.warmup_fraction = 0.06  # linear warmup over this fraction of num_steps, then decay
+    c.train.schedule = "linear"  # decay after warmup: "linear" (to 0), "cosine" or "constant"
+    c.train.weight_decay = 0.01  # AdamW decoupled weight decay (on matrices, not biases/norms)
+    c.train.b1 = 0.9  # Adam beta1
+    c.train.b2 = 0.999  # Adam beta2
+    c.train.eps = 1e-8  # Adam epsilon
+    c.train.grad_clip = 1.0  # global-norm clip over the trainable tree only (0 = off)
+    c.train.skip_nonfinite = False  # on a NaN/Inf loss: False = stop the run, True = skip the batch
+
+    # --- logging, evaluation, checkpoints -----------------------------------------------------
+    c.log_every = 25  # steps between metrics.jsonl rows and progress-bar updates
+    c.eval_every = 500  # steps between validation evals (0 = only at the end)
+    c.eval_batch_size = 128  # examples per eval batch (divisible by the device count)
+    c.checkpoint_every = 250  # steps between adapter checkpoints (0 = only at the end)
+    c.keep_checkpoints = 2  # most recent checkpoints kept on disk
+
+    # --- devices -----------------------------------------------------------------------------
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # devices on the "data" axis; -1 = every visible device
+    return c

@@ -1,0 +1,13 @@
+"""Paper Table 5 budget-matched variant: LoRA r=8 on Wq (same trainable count as Wq,Wv r=4).
+
+Run: python -m lorax.train --config=configs/wq_r8.py
+"""
+
+from configs import wq_wv_r4
+
+
+def get_config():
+    c = wq_wv_r4.get_config()
+    c.lora.targets = "q"
+    c.lora.rank = 8
+    return c

@@ -1,0 +1,1 @@
+"""Loading and saving weights: Hugging Face checkpoints and adapter-only training state."""

@@ -1,0 +1,332 @@
+"""LoRA as a functional transform of parameter trees: spec, init, wrap, merge, labels, count.
+
+Shape letters: D = a kernel's input width, F = its output width, R = the LoRA rank.
+
+A *base* is a frozen nested dict of arrays. A *delta* mirrors the base's nesting but holds, at each
+targeted kernel, ``{"a": a_DR, "b": b_RF}``. ``wrap`` replaces each targeted kernel by a
+:class:`LoraWeight` node that :mod:`lorax.nn` layers multiply as ``x@w + scale·(x@a)@b``, so the
+dense ``W0 + BA`` is never built during training (Hu et al. 2021, §4.1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from lorax import paths
+
+# Canonical target names -> regexes over "/"-joined param paths. Every model family in
+# lorax.models uses these module names, so a target set means the same thing on every model.
+CANONICAL_TARGETS: dict[str, str] = {
+    "q": r"(?:^|/)attn/q/kernel$",
+    "k": r"(?:^|/)attn/k/kernel$",
+    "v": r"(?:^|/)attn/v/kernel$",
+    "o": r"(?:^|/)attn/o/kernel$",
+    "mlp_in": r"(?:^|/)mlp/mlp_in/kernel$",
+    "mlp_gate": r"(?:^|/)mlp/mlp_gate/kernel$",
+    "mlp_out": r"(?:^|/)mlp/mlp_out/kernel$",
+    "embed": r"(?:^|/)embed/token/embedding$",
+}
+INITS = ("kaiming", "gaussian")
+_NAME_RE = re.compile(r"^\w+$")
+
+
+@struct.dataclass
+class LoraWeight:
+    """A frozen kernel with its low-rank update; a pytree node whose leaves are (w, a, b).
+
+    ``w`` comes first so Flax's param shape check (which compares leaves in order) sees the
+    kernel's own shape.
+    """
+
+    w: jax.Array  # [D, F] frozen base kernel (possibly bf16)
+    a: jax.Array  # [D, R]
+    b: jax.Array  # [R, F]
+    scale: float = struct.field(pytree_node=False, default=1.0)
+    dropout: float = struct.field(pytree_node=False, default=0.0)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.w.shape
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+    def materialize(self) -> jax.Array:
+        """``w + scale·a@b`` in ``w``'s dtype (the sum itself is taken in fp32)."""
+        return merge_kernel(self.w, self.a, self.b, self.scale)
+
+
+def merge_kernel(w: jax.Array, a_DR: jax.Array, b_RF: jax.Array, scale: float) -> jax.Array:
+    """``w + scale·a@b``, accumulated in fp32 and cast back to ``w.dtype``."""
+    delta_DF = scale * (a_DR.astype(jnp.float32) @ b_RF.astype(jnp.float32))
+    return (w.astype(jnp.float32) + delta_DF).astype(w.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One target: a canonical name or a path regex, with its own rank, alpha and layers.
+
+    Attributes:
+      name: a key of :data:`CANONICAL_TARGETS` (a bare word) or a regex over param paths
+        (anything that is not a bare word, e.g. ``"attn/(q|v)/kernel$"``).
+      rank: the LoRA rank r, 1 <= r <= min(D, F).
+      alpha: the LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).
+      layers: only paths under these ``layers_N`` are adapted; None means every layer.
+    """
+
+    name: str
+    rank: int
+    alpha: float
+    layers: tuple[int, ...] | None = None
+
+    @property
+    def pattern(self) -> str:
+        if _NAME_RE.match(self.name):
+            if self.name not in CANONICAL_TARGETS:
+                raise ValueError(
+                    f"unknown LoRA target {self.name!r}; valid names are "
+                    f"{sorted(CANONICAL_TARGETS)}, or a path regex such as 'attn/q/kernel$'"
+                )
+            return CANONICAL_TARGETS[self.name]
+        return self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Static description of an adapter: which kernels, rank, alpha, init, dropout, rsLoRA.
+
+    Targets are tried in order and the first that matches a path wins, so a path regex listed
+    before a canonical name can give some kernels their own rank.
+    """
+
+    targets: tuple[Target, ...]
+    init: str = "kaiming"
+    dropout: float = 0.0
+    rslora: bool = False
+
+    def __post_init__(self):
+        if not self.targets:
+            raise ValueError("LoraSpec needs at least one target; valid names are "
+                             f"{sorted(CANONICAL_TARGETS)}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown LoRA init {self.init!r}; valid: {list(INITS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        for t in self.targets:
+            if not isinstance(t.rank, int) or t.rank <= 0:
+                raise ValueError(f"LoRA rank for target {t.name!r} must be a positive integer, "
+                                 f"got {t.rank!r}")
+            t.pattern  # noqa: B018 -- validates the name early
+
+    def scale(self, target: Target) -> float:
+        """alpha/r, or alpha/sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
+        return target.alpha / (math.sqrt(target.rank) if self.rslora else target.rank)
+
+
+def make_spec(
+    targets: str | Sequence[str],
+    *,
+    rank: int,
+    alpha: float,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    layers: Sequence[int] | None = None,
+    init: str = "kaiming",
+    dropout: float = 0.0,
+    rslora: bool = False,
+) -> LoraSpec:
+    """Builds a :class:`LoraSpec` the way configs describe one.
+
+    Args:
+      targets: target names/regexes, as a sequence or a comma-separated string ("q,v").
+      rank, alpha: defaults for every target.
+      rank_pattern, alpha_pattern: per-target overrides keyed by target name (as in PEFT).
+      layers: layer filter applied to every target; None or empty means all layers.
+      init, dropout, rslora: see :class:`LoraSpec`.
+    """
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    targets = list(targets)
+    rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
+    for field, overrides in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        unknown = sorted(set(overrides) - set(targets))
+        if unknown:
+            raise ValueError(f"lora.{field} names {unknown}, which are not targets; "
+                             f"targets are {targets}")
+    layer_filter = tuple(int(i) for i in layers) if layers else None
+    return LoraSpec(
+        targets=tuple(
+            Target(t, int(rank_pattern.get(t, rank)), float(alpha_pattern.get(t, alpha)),
+                   layer_filter)
+            for t in targets
+        ),
+        init=init,
+        dropout=float(dropout),
+        rslora=bool(rslora),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """A resolved target: one kernel path with its rank and scale."""
+
+    path: str
+    target: Target
+    d_in: int
+    d_out: int
+    rank: int
+    scale: float
+
+
+def resolve(base: Mapping[str, Any], spec: LoraSpec) -> dict[str, Site]:
+    """Finds the kernels ``spec`` adapts in ``base``; shapes only, so it works under ``jit``.
+
+    Raises:
+      ValueError: a target matches nothing (listing paths that exist), matches a leaf that is
+        not a 2-D kernel, or has a rank above min(D, F).
+    """
+    flat = paths.flatten(base)
+    compiled = paths.compile_patterns(t.pattern for t in spec.targets)
+    sites: dict[str, Site] = {}
+    hits = [0] * len(spec.targets)
+    for path, leaf in flat.items():
+        for i, (target, pattern) in enumerate(zip(spec.targets, compiled)):
+            if not pattern.search(path):
+                continue
+            if target.layers is not None and paths.layer_index(path) not in target.layers:
+                continue
+            shape = jnp.shape(leaf)
+            if len(shape) != 2:
+                raise ValueError(f"LoRA target {target.name!r} matched {path} of shape {shape}; "
+                                 "only 2-D kernels [d_in, d_out] can be adapted")
+            d_in, d_out = shape
+            if target.rank > min(d_in, d_out):
+                raise ValueError(
+                    f"LoRA rank {target.rank} for target {target.name!r} is larger than "
+                    f"min(d_in, d_out) = {min(d_in, d_out)} of {path} {shape}; valid ranks are "
+                    f"1..{min(d_in, d_out)}")
+            hits[i] += 1
+            sites[path] = Site(path, target, d_in, d_out, target.rank, spec.scale(target))
+            break  # first match wins
+    for target, n in zip(spec.targets, hits):
+        if n == 0:
+            where = f" in layers {list(target.layers)}" if target.layers is not None else ""
+            raise ValueError(
+                f"LoRA target {target.name!r} (regex {target.pattern!r}) matches no kernel"
+                f"{where}; parameter paths look like: {paths.describe_paths(flat)}")
+    return sites
+
+
+def init(base: Mapping[str, Any], spec: LoraSpec, key: jax.Array,
+         dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
+    """A new delta with ``a`` random and ``b`` zero, so the adapted model equals the base.
+
+    ``a`` is Kaiming-uniform with bound 1/sqrt(D) (the default of ``torch.nn.Linear`` and
+    PEFT) or Gaussian with std 1/r (PEFT's "gaussian"). Each kernel's key is folded from
+    ``key`` and a hash of its path, so adding a target does not change the others' init.
+    """
+    delta = {}
+    for path, site in resolve(base, spec).items():
+        k = jax.random.fold_in(key, zlib.crc32(path.encode()))
+        if spec.init == "kaiming":
+            bound = 1.0 / math.sqrt(site.d_in)
+            a = jax.random.uniform(k, (site.d_in, site.rank), dtype, -bound, bound)
+        else:
+            a = jax.random.normal(k, (site.d_in, site.rank), dtype) / site.rank
+        delta[path] = {"a": a, "b": jnp.zeros((site.rank, site.d_out), dtype)}
+    return paths.unflatten(delta)
+
+
+def _check_fits(base_flat, delta_flat, sites) -> None:
+    """Raises if ``delta`` does not have exactly the kernels and shapes ``spec`` implies."""
+    expected = {p: ((s.d_in, s.rank), (s.rank, s.d_out)) for p, s in sites.items()}
+    got = {}
+    for key, leaf in delta_flat.items():
+        path, _, part = key.rpartition(paths.SEP)
+        if part not in ("a", "b"):
+            raise ValueError(f"delta leaf {key} is not an adapter factor; delta leaves end in "
+                             "'/a' or '/b'")
+        got.setdefault(path, [None, None])[part == "b"] = jnp.shape(leaf)
+    for path in sorted(set(expected) | set(got)):
+        if path not in got:
+            raise ValueError(f"delta has no adapter for {path}, which the spec targets")
+        if path not in expected:
+            raise ValueError(f"delta has an adapter for {path}, which the spec does not target"
+                             + ("" if path in base_flat else " and the base does not contain"))
+        if tuple(got[path]) != expected[path]:
+            raise ValueError(f"delta for {path} has shapes a{got[path][0]} b{got[path][1]}; "
+                             f"the base kernel and spec need a{expected[path][0]} "
+                             f"b{expected[path][1]}")
+
+
+def wrap(base: Mapping[str, Any], delta: Mapping[str, Any], spec: LoraSpec) -> dict[str, Any]:
+    """Params in which each targeted kernel is a :class:`LoraWeight` (unmerged compute)."""
+    base_flat, delta_flat = paths.flatten(base), paths.flatten(delta)
+    sites = resolve(base, spec)
+    _check_fits(base_flat, delta_flat, sites)
+    for path, site in sites.items():
+        base_flat[path] = LoraWeight(base_flat[path], delta_flat[path + "/a"],
+                                     delta_flat[path + "/b"], site.scale, spec.dropout)
+    return paths.unflatten(base_flat)
+
+
+def merge(base: Mapping[str, Any], delta: Mapping[str, Any], spec: LoraSpec) -> dict[str, Any]:
+    """Plain arrays ``W0 + scale·A@B`` at every target: zero added latency, exportable."""
+    return _apply(base, delta, spec, sign=1.0)
+
+
+def unmerge(merged: Mapping[str, Any], delta: Mapping[str, Any],
+            spec: LoraSpec) -> dict[str, Any]:
+    """Inverse of :func:`merge`: subtracts ``scale·A@B`` from each targeted kernel."""
+    return _apply(merged, delta, spec, sign=-1.0)
+
+
+def _apply(base, delta, spec, sign):
+    base_flat, delta_flat = paths.flatten(base), paths.flatten(delta)
+    sites = resolve(base, spec)
+    _check_fits(base_flat, delta_flat, sites)
+    for path, site in sites.items():
+        base_flat[path] = merge_kernel(base_flat[path], delta_flat[path + "/a"],
+                                       delta_flat[path + "/b"], sign * site.scale)
+    return paths.unflatten(base_flat)
+
+
+def trainable_labels(tree: Any, head: Sequence[str] = ()) -> Any:
+    """Optax labels for ``optax.multi_transform``: "lora", "head" or "frozen" per leaf.
+
+    ``a`` and ``b`` inside a :class:`LoraWeight` are "lora", its ``w`` is "frozen"; other
+    leaves whose "/"-joined path matches a regex in ``head`` are "head"; all else is "frozen".
+    Pair "frozen" with ``optax.set_to_zero()`` and the optimizer keeps no state for the base.
+    """
+    compiled = paths.compile_patterns(head)
+
+    def label(path, leaf):
+        if isinstance(leaf, LoraWeight):
+            return LoraWeight("frozen", "lora", "lora", leaf.scale, leaf.dropout)
+        name = paths.SEP.join(_key_str(k) for k in path)
+        return "head" if paths.first_match(name, compiled) is not None else "frozen"
+
+    return jax.tree_util.tree_map_with_path(
+        label, tree, is_leaf=lambda x: isinstance(x, LoraWeight))
+
+
+def _key_str(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def count(delta: Any) -> int:
+    """Trainable parameters in a delta: Σ r·(D + F); for square targets 2·L_LoRA·d·r."""
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(delta)))

@@ -1,0 +1,1 @@
+"""Flax model families in lorax's canonical param layout."""

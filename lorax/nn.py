@@ -1,0 +1,131 @@
+"""Dense, embedding and attention building blocks that understand LoraWeight kernels.
+
+Shape letters: B batch, T query length, S key length, D model width, H heads, K kv heads,
+E head width, F output width, R LoRA rank, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lorax.lora import LoraWeight
+
+Initializer = Callable[..., jax.Array]
+
+
+def _lora_dropout(module: nn.Module, x: jax.Array, rate: float, deterministic: bool):
+    """Dropout on the input of the low-rank branch only (as in the LoRA paper's code)."""
+    if rate == 0.0 or deterministic:
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def lora_matmul(module: nn.Module, x_BxD: jax.Array, kernel: Any, dtype, deterministic: bool):
+    """``x@w`` for a plain kernel; ``x@w + scale·(drop(x)@a)@b`` for a LoraWeight.
+
+    The low-rank branch is two skinny matmuls, never the dense ``w + a@b``.
+    """
+    x_BxD = x_BxD.astype(dtype)
+    if not isinstance(kernel, LoraWeight):
+        return x_BxD @ jnp.asarray(kernel).astype(dtype)
+    y_BxF = x_BxD @ kernel.w.astype(dtype)
+    xd_BxD = _lora_dropout(module, x_BxD, kernel.dropout, deterministic)
+    z_BxR = xd_BxD @ kernel.a.astype(dtype)
+    return y_BxF + (kernel.scale * (z_BxR @ kernel.b.astype(dtype))).astype(y_BxF.dtype)
+
+
+class Dense(nn.Module):
+    """``y = x@kernel + bias`` with kernel [D, F]; the kernel may be a LoraWeight.
+
+    Attributes:
+      features: F.
+      use_bias: whether to add a bias [F].
+      dtype: compute dtype (params are cast to it; a bf16 base is thus fine).
+      param_dtype: dtype of freshly initialised params.
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
+                            self.param_dtype)
+        y = lora_matmul(self, x, kernel, self.dtype, deterministic)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            y = y + jnp.asarray(bias).astype(self.dtype)
+        return y
+
+
+class Embed(nn.Module):
+    """Token embedding [V, D]; the table may be a LoraWeight (rows of ``a`` are gathered)."""
+
+    num_embeddings: int
+    features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    embedding_init: Initializer = nn.initializers.normal(stddev=0.02)
+
+    @nn.compact
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        table = self.param("embedding", self.embedding_init,
+                           (self.num_embeddings, self.features), self.param_dtype)
+        if isinstance(table, LoraWeight):
+            y = jnp.take(table.w, ids, axis=0).astype(self.dtype)
+            z = jnp.take(table.a, ids, axis=0).astype(self.dtype)
+            return y + table.scale * (z @ table.b.astype(self.dtype))
+        return jnp.take(jnp.asarray(table), ids, axis=0).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head (optionally grouped-query) attention with separate q, k, v, o kernels.
+
+    The q/k/v/o kernels are 2-D ([D, H·E], [D, K·E], [D, K·E], [H·E, D]), so LoRA adapts
+    each as one matrix, exactly as the paper's Wq, Wk, Wv, Wo.
+
+    Attributes:
+      num_heads: H.
+      head_dim: E.
+      num_kv_heads: K (defaults to H; K < H is grouped-query attention).
+      use_bias: biases on q, k, v, o (BERT and GPT-2 have them; Llama does not).
+      dtype: compute dtype.
+    """
+
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, mask_BTS: jax.Array | None = None,
+                 deterministic: bool = True,
+                 rope: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
+                 ) -> jax.Array:
+        """Self-attention over ``x_BTD``; ``mask_BTS`` is True where a query may attend."""
+        h, e = self.num_heads, self.head_dim
+        kv = self.num_kv_heads or h
+        dense = lambda f, name: Dense(f, self.use_bias, self.dtype, self.param_dtype,  # noqa: E731
+                                      self.kernel_init, name=name)
+        b, t, _ = x_BTD.shape
+        q_BTHE = dense(h * e, "q")(x_BTD, deterministic).reshape(b, t, h, e)
+        k_BTKE = dense(kv * e, "k")(x_BTD, deterministic).reshape(b, t, kv, e)
+        v_BTKE = dense(kv * e, "v")(x_BTD, deterministic).reshape(b, t, kv, e)
+        if rope is not None:
+            q_BTHE, k_BTKE = rope(q_BTHE, k_BTKE)
+        mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
+        out_BTHE = jax.nn.dot_product_attention(q_BTHE, k_BTKE, v_BTKE, mask=mask)
+        return dense(x_BTD.shape[-1], "o")(out_BTHE.reshape(b, t, h * e), deterministic)

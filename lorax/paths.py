@@ -1,0 +1,94 @@
+"""Parameter selection by regexes over "/"-joined paths: the one mechanism for targets, heads and sharding."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from flax import traverse_util
+
+SEP = "/"
+
+
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Flattens a nested dict of params into ``{"a/b/kernel": leaf}``.
+
+    Only dict nesting is flattened: pytree nodes such as ``LoraWeight`` stay whole leaves.
+    """
+    return traverse_util.flatten_dict(dict(tree), sep=SEP)
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten`."""
+    return traverse_util.unflatten_dict(dict(flat), sep=SEP)
+
+
+def compile_patterns(patterns: Iterable[str]) -> list[re.Pattern[str]]:
+    """Compiles regexes, naming the pattern that fails to parse."""
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as e:
+            raise ValueError(f"invalid path regex {pattern!r}: {e}") from None
+    return compiled
+
+
+def first_match(path: str, patterns: Sequence[re.Pattern[str]]) -> int | None:
+    """Index of the first pattern that ``re.search``-matches ``path``, or None."""
+    for i, pattern in enumerate(patterns):
+        if pattern.search(path):
+            return i
+    return None
+
+
+def select(
+    flat: Mapping[str, Any], patterns: Sequence[str], *, what: str = "pattern"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Splits ``flat`` into (matched, rest) by regexes; every pattern must match something.
+
+    Args:
+      flat: a flattened param dict (see :func:`flatten`).
+      patterns: regexes searched in each path; a path belongs to ``matched`` if any matches.
+      what: what the patterns select, used in the error message (e.g. "trainable pattern").
+
+    Returns:
+      ``(matched, rest)``, two flat dicts that partition ``flat``.
+
+    Raises:
+      ValueError: a pattern matches no path; the message lists some paths that exist.
+    """
+    compiled = compile_patterns(patterns)
+    hits = [0] * len(compiled)
+    matched, rest = {}, {}
+    for path, leaf in flat.items():
+        i = first_match(path, compiled)
+        if i is None:
+            rest[path] = leaf
+        else:
+            hits[i] += 1
+            matched[path] = leaf
+    for pattern, n in zip(patterns, hits):
+        if n == 0:
+            raise ValueError(
+                f"{what} {pattern!r} matches no parameter path; paths look like: "
+                f"{describe_paths(flat)}"
+            )
+    return matched, rest
+
+
+def describe_paths(flat: Mapping[str, Any], limit: int = 12) -> str:
+    """A short, readable sample of the paths in ``flat`` for error messages."""
+    paths = sorted(flat)
+    shown = ", ".join(paths[:limit])
+    return shown + (f", … ({len(paths)} in all)" if len(paths) > limit else "")
+
+
+_LAYER_RE = re.compile(r"(?:^|/)layers_(\d+)(?:/|$)")
+
+
+def layer_index(path: str) -> int | None:
+    """The transformer layer a path belongs to (``layers_3/...`` -> 3), or None."""
+    m = _LAYER_RE.search(path)
+    return int(m.group(1)) if m else None
