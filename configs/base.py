@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- optimisation ------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
-    c.train.trainable = "^head/"  # regexes (comma-separated) of base leaves trained beside the delta
+    c.train.trainable = ("^head/",)  # regexes of base leaves trained beside the delta (the head)
     c.train.batch_size = 32  # global batch, split over every device on the "data" mesh axis
     c.train.num_steps = 2000  # optimizer steps
     c.train.learning_rate = 5e-4  # peak learning rate of the delta

@@ -32,11 +32,21 @@ class Checkpointer:
         """Starts an asynchronous save of ``state`` at ``step`` (returns before it is on disk)."""
         self.manager.save(step, args=ocp.args.StandardSave(state))
 
-    def restore(self, state_like: dict[str, Any], step: int | None = None) -> dict[str, Any]:
-        """Restores into the shapes, dtypes and shardings of ``state_like`` (arrays or specs)."""
+    def restore(self, state_like: dict[str, Any] | None, step: int | None = None) -> dict[str, Any]:
+        """Restores step ``step`` (default: the latest).
+
+        Args:
+          state_like: a tree of arrays or shape/dtype/sharding specs to restore into; None
+            restores the saved tree as it was written (for inspecting a run).
+          step: which checkpoint; None means the latest.
+        """
         step = self.latest_step() if step is None else step
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_like)
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
         logging.info("restoring checkpoint step %d from %s", step, self.directory)
+        if state_like is None:
+            return self.manager.restore(step, args=ocp.args.StandardRestore())
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_like)
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
     def wait(self) -> None:

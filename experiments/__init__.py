@@ -1,0 +1,1 @@
+"""Studies built from lorax runs: sweep definitions and the scripts that turn runs into tables."""

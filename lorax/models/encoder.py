@@ -1,0 +1,218 @@
+"""BERT / MiniLM-style encoder (post-LayerNorm) in the canonical layout, with a classifier head.
+
+Shape letters: B batch, T tokens, D width, F feed-forward width, C classes.
+Param layout (what lorax.lora's canonical target names match)::
+
+    embed/{token,position,type}/embedding   embed/norm/{scale,bias}
+    layers_i/attn/{q,k,v,o}/{kernel,bias}   layers_i/attn_norm/{scale,bias}
+    layers_i/mlp/{mlp_in,mlp_out}/{kernel,bias}   layers_i/mlp_norm/{scale,bias}
+    pooler/{kernel,bias}                    (only with the "cls" pooler)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lorax import nn as lnn
+from lorax import paths
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # BERT's exact erf GELU
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+POOLINGS = ("mean", "cls")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Hyperparameters of a BERT-style encoder (names follow Hugging Face's config.json)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    hidden_dropout: float = 0.1
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
+                             f"{self.num_heads}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; valid: "
+                             f"{sorted(ACTIVATIONS)}")
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> EncoderConfig:
+        """Reads a Hugging Face BERT ``config.json`` dict."""
+        names = {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
+                 "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                 "intermediate_size": "intermediate_size"}
+        missing = [hf for hf in names.values() if hf not in d]
+        if missing:
+            raise ValueError(f"config.json lacks {missing}; a BERT config needs {list(names.values())}")
+        return cls(**{ours: int(d[hf]) for ours, hf in names.items()},
+                   max_position_embeddings=int(d.get("max_position_embeddings", 512)),
+                   type_vocab_size=int(d.get("type_vocab_size", 2)),
+                   layer_norm_eps=float(d.get("layer_norm_eps", 1e-12)),
+                   hidden_act=str(d.get("hidden_act", "gelu")),
+                   hidden_dropout=float(d.get("hidden_dropout_prob", 0.1)),
+                   pad_token_id=int(d.get("pad_token_id") or 0))
+
+
+class _Mlp(nn.Module):
+    config: EncoderConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x_BTD, deterministic):
+        c = self.config
+        h_BTF = lnn.Dense(c.intermediate_size, dtype=self.dtype, name="mlp_in")(x_BTD,
+                                                                                 deterministic)
+        h_BTF = ACTIVATIONS[c.hidden_act](h_BTF)
+        return lnn.Dense(c.hidden_size, dtype=self.dtype, name="mlp_out")(h_BTF, deterministic)
+
+
+class _Embeddings(nn.Module):
+    config: EncoderConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, ids_BT, types_BT):
+        c = self.config
+        embed = lambda n, name: lnn.Embed(n, c.hidden_size, dtype=self.dtype, name=name)  # noqa: E731
+        positions_1T = jnp.arange(ids_BT.shape[1])[None, :]
+        x_BTD = (embed(c.vocab_size, "token")(ids_BT)
+                 + embed(c.max_position_embeddings, "position")(positions_1T)
+                 + embed(c.type_vocab_size, "type")(types_BT))
+        return nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="norm")(x_BTD)
+
+
+class _Layer(nn.Module):
+    config: EncoderConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x_BTD, mask_BTS, deterministic):
+        c = self.config
+        drop = nn.Dropout(c.hidden_dropout)
+        norm = lambda name: nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
+        h = lnn.Attention(c.num_heads, c.hidden_size // c.num_heads, dtype=self.dtype,
+                          name="attn")(x_BTD, mask_BTS, deterministic)
+        x_BTD = norm("attn_norm")(x_BTD + drop(h, deterministic=deterministic))
+        h = _Mlp(c, self.dtype, name="mlp")(x_BTD, deterministic)
+        return norm("mlp_norm")(x_BTD + drop(h, deterministic=deterministic))
+
+
+class Encoder(nn.Module):
+    """The encoder stack. ``__call__`` returns ``(hidden_BTD, pooled_BD or None)``.
+
+    Attributes:
+      config: the hyperparameters.
+      dtype: compute dtype (params may be stored in another dtype; they are cast).
+      with_pooler: also compute BERT's pooler (dense + tanh on the first token).
+    """
+
+    config: EncoderConfig
+    dtype: Any = jnp.float32
+    with_pooler: bool = False
+
+    @nn.compact
+    def __call__(self, input_ids_BT, token_type_ids_BT, attention_mask_BT,
+                 deterministic: bool = True):
+        c = self.config
+        t = input_ids_BT.shape[1]
+        if t > c.max_position_embeddings:
+            raise ValueError(f"sequence length {t} exceeds max_position_embeddings "
+                             f"{c.max_position_embeddings}")
+        x_BTD = _Embeddings(c, self.dtype, name="embed")(input_ids_BT, token_type_ids_BT)
+        x_BTD = nn.Dropout(c.hidden_dropout)(x_BTD, deterministic=deterministic)
+        keys_BS = attention_mask_BT.astype(bool)
+        mask_BTS = jnp.broadcast_to(keys_BS[:, None, :], (x_BTD.shape[0], t, t))
+        for i in range(c.num_layers):
+            x_BTD = _Layer(c, self.dtype, name=f"layers_{i}")(x_BTD, mask_BTS, deterministic)
+        pooled_BD = None
+        if self.with_pooler:
+            pooled_BD = jnp.tanh(lnn.Dense(c.hidden_size, dtype=self.dtype, name="pooler")(
+                x_BTD[:, 0], deterministic))
+        return x_BTD, pooled_BD
+
+
+def mean_pool(hidden_BTD: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
+    """Mean over real tokens (the pooling all-MiniLM-L6-v2 was trained with)."""
+    m_BT1 = attention_mask_BT[..., None].astype(hidden_BTD.dtype)
+    return jnp.sum(hidden_BTD * m_BT1, axis=1) / jnp.maximum(jnp.sum(m_BT1, axis=1), 1)
+
+
+class EncoderClassifier(nn.Module):
+    """Encoder + pooling + a linear head. Params: ``{"encoder": ..., "head": {kernel, bias}}``.
+
+    Attributes:
+      config: encoder hyperparameters.
+      num_classes: C.
+      pooling: "mean" over real tokens, or "cls" (BERT's pooler on the first token).
+      dtype: compute dtype; logits are returned in fp32 regardless.
+      head_dropout: dropout on the pooled vector during training.
+    """
+
+    config: EncoderConfig
+    num_classes: int
+    pooling: str = "mean"
+    dtype: Any = jnp.float32
+    head_dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, input_ids_BT, token_type_ids_BT, attention_mask_BT,
+                 deterministic: bool = True) -> jax.Array:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"model.pooling = {self.pooling!r} is not valid; choose one of "
+                             f"{list(POOLINGS)}")
+        hidden_BTD, pooled_BD = Encoder(self.config, self.dtype, self.pooling == "cls",
+                                        name="encoder")(input_ids_BT, token_type_ids_BT,
+                                                        attention_mask_BT, deterministic)
+        if self.pooling == "mean":
+            pooled_BD = mean_pool(hidden_BTD, attention_mask_BT)
+        pooled_BD = nn.Dropout(self.head_dropout)(pooled_BD, deterministic=deterministic)
+        logits_BC = lnn.Dense(self.num_classes, dtype=self.dtype, name="head")(pooled_BD)
+        return logits_BC.astype(jnp.float32)
+
+
+def init_params(model: EncoderClassifier, encoder_params: dict, key: jax.Array) -> dict:
+    """The classifier's full param tree: pretrained ``encoder_params`` plus a fresh head.
+
+    The pretrained tree is checked against the model's expected shapes (from ``eval_shape``,
+    so no second random encoder is built) and a mismatch names the first offending path.
+    """
+    ids = jnp.zeros((1, 2), jnp.int32)
+    expected = jax.eval_shape(model.init, jax.random.key(0), ids, ids, ids)["params"]
+    want = paths.flatten(expected["encoder"])
+    got = paths.flatten(encoder_params)
+    if not model.pooling == "cls":  # checkpoints carry a pooler that mean pooling leaves unused
+        got = {p: v for p, v in got.items() if not p.startswith("pooler/")}
+    for path in sorted(set(want) | set(got)):
+        if path not in got:
+            raise ValueError(f"pretrained weights lack encoder/{path} {want[path].shape}, "
+                             "which the model needs")
+        if path not in want:
+            raise ValueError(f"pretrained weights have encoder/{path}, which the model does "
+                             "not use")
+        if tuple(got[path].shape) != tuple(want[path].shape):
+            raise ValueError(f"pretrained encoder/{path} has shape {tuple(got[path].shape)}; "
+                             f"the model needs {tuple(want[path].shape)}")
+    head_shapes = expected["head"]
+    d, c = head_shapes["kernel"].shape
+    head = {"kernel": nn.initializers.lecun_normal()(key, (d, c), jnp.float32),
+            "bias": jnp.zeros((c,), jnp.float32)}
+    return {"encoder": paths.unflatten(got), "head": head}

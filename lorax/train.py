@@ -1,0 +1,442 @@
+"""Fine-tunes a pretrained model with LoRA: ``python -m lorax.train --config=configs/FILE.py``.
+
+The core is :func:`train_and_evaluate`, which tests and notebooks call directly; ``main`` only
+parses flags. The step differentiates the delta and the trainable head alone; the frozen base
+is an argument that is never donated and never differentiated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from lorax import assets, evaluate, lora, paths, sharding
+from lorax import data as data_lib
+from lorax.checkpoints import hf
+from lorax.checkpoints.state import Checkpointer
+from lorax.models import encoder
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+METHODS = ("lora", "full")
+
+
+# --------------------------------------------------------------------------- config parsing
+
+
+def _choice(value: str, valid, field: str):
+    if value not in valid:
+        raise ValueError(f"{field} = {value!r} is not valid; choose one of {sorted(valid)}")
+    return valid[value] if isinstance(valid, Mapping) else value
+
+
+def _parse_overrides(text: str, field: str, cast) -> dict[str, Any]:
+    """Parses "v=8,q=2" into {"v": 8, "q": 2}."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, eq, value = item.partition("=")
+        try:
+            out[name.strip()] = cast(value)
+        except ValueError:
+            eq = ""
+        if not eq:
+            raise ValueError(f"{field} item {item!r} is not NAME=VALUE (e.g. 'v=8,q=2')")
+    return out
+
+
+def _parse_layers(text: str) -> tuple[int, ...]:
+    """Parses "0,2,4-5" into (0, 2, 4, 5)."""
+    layers = []
+    for item in filter(None, (s.strip() for s in str(text).split(","))):
+        lo, dash, hi = item.partition("-")
+        try:
+            layers.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+        except ValueError:
+            raise ValueError(f"lora.layers item {item!r} is not a layer index or range "
+                             "(e.g. '0,1,2' or '3-5')") from None
+    return tuple(layers)
+
+
+def lora_spec(config: ml_collections.ConfigDict) -> lora.LoraSpec | None:
+    """The LoRA spec a config describes (None for full fine-tuning)."""
+    if config.method != "lora":
+        return None
+    c = config.lora
+    return lora.make_spec(
+        c.targets, rank=c.rank, alpha=c.alpha,
+        rank_pattern=_parse_overrides(c.rank_pattern, "lora.rank_pattern", int),
+        alpha_pattern=_parse_overrides(c.alpha_pattern, "lora.alpha_pattern", float),
+        layers=_parse_layers(c.layers), init=c.init, dropout=c.dropout, rslora=c.rslora)
+
+
+# --------------------------------------------------------------------------- model and data
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs, built once from a config."""
+
+    model: encoder.EncoderClassifier
+    spec: lora.LoraSpec | None
+    frozen: dict  # base leaves that are never trained (nested)
+    head: dict  # base leaves that are trained (nested): the task head, or everything for "full"
+    delta: dict  # the LoRA delta ({} for full fine-tuning)
+    task: data_lib.TaskData
+    mesh: jax.sharding.Mesh
+    base_params: int  # parameters of the pretrained base model
+
+
+def build(config: ml_collections.ConfigDict) -> Setup:
+    """Loads the model, checks the LoRA spec against it, then loads and tokenizes the task.
+
+    Everything that can be wrong in a config is checked here, before any training compute.
+    """
+    _choice(config.method, METHODS, "method")
+    compute_dtype = _choice(config.model.dtype, DTYPES, "model.dtype")
+    base_dtype = _choice(config.model.base_dtype, DTYPES, "model.base_dtype")
+    mesh = sharding.make_mesh(config.mesh.data)
+    sharding.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
+    sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    spec = lora_spec(config)
+    if config.task.name not in data_lib.TASKS:
+        raise ValueError(f"task.name = {config.task.name!r} is not a known task; "
+                         f"choose one of {sorted(data_lib.TASKS)}")
+
+    model_dir = assets.resolve(config.model.name)
+    model_config, encoder_params = hf.load_encoder(model_dir)
+    model_config = dataclasses.replace(model_config, hidden_dropout=config.model.dropout)
+    label_names = data_lib.TASKS[config.task.name].label_names
+    model = encoder.EncoderClassifier(
+        config=model_config, num_classes=len(label_names), pooling=config.model.pooling,
+        dtype=compute_dtype, head_dropout=config.model.head_dropout)
+    key = jax.random.key(config.seed)
+    params = encoder.init_params(model, encoder_params, jax.random.fold_in(key, 1))
+    base_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(encoder_params))
+
+    head_flat, frozen_flat = paths.select(paths.flatten(params), tuple(config.train.trainable),
+                                          what="train.trainable pattern")
+    frozen = jax.tree_util.tree_map(lambda x: jnp.asarray(x, base_dtype),
+                                    paths.unflatten(frozen_flat))
+    head = jax.tree_util.tree_map(jnp.asarray, paths.unflatten(head_flat))
+    delta = {} if spec is None else lora.init(frozen, spec, jax.random.fold_in(key, 2))
+
+    import transformers  # heavy import, only once the config is known to be sound
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(os.fspath(model_dir))
+    task = data_lib.load_task(config.task.name, assets.resolve(config.task.data), tokenizer,
+                              max_length=config.task.max_length,
+                              validation_size=config.task.validation_size)
+    return Setup(model, spec, frozen, head, delta, task, mesh, base_params)
+
+
+def make_forward(model: encoder.EncoderClassifier, spec: lora.LoraSpec | None) -> Callable:
+    """``forward(trainable, frozen, batch, rng, train) -> logits_BC``.
+
+    The params the model sees are the frozen leaves, the trainable head leaves and, when LoRA
+    is on, the delta wrapped around its kernels as LoraWeight nodes (never merged).
+    """
+
+    def forward(trainable, frozen, batch, rng, train: bool):
+        params = paths.unflatten({**paths.flatten(frozen), **paths.flatten(trainable["head"])})
+        if spec is not None:
+            params = lora.wrap(params, trainable["delta"], spec)
+        rngs = {"dropout": rng} if train else {}
+        return model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
+                           batch["attention_mask"], deterministic=not train, rngs=rngs)
+
+    return forward
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with linear warmup then decay, over the trainable tree ``{"delta", "head"}``.
+
+    The clip's global norm is taken over that tree only: a norm over the whole base would
+    make XLA compute the base's gradient and lose LoRA's speed-up.
+    """
+    t = config.train
+
+    def schedule(peak):
+        warmup = int(round(t.warmup_fraction * t.num_steps))
+        decay_steps = max(1, t.num_steps - warmup)
+        decay = _choice(t.schedule, {
+            "linear": optax.linear_schedule(peak, 0.0, decay_steps),
+            "cosine": optax.cosine_decay_schedule(peak, decay_steps),
+            "constant": optax.constant_schedule(peak)}, "train.schedule")
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+    def adamw(peak):
+        return optax.adamw(schedule(peak), t.b1, t.b2, t.eps, weight_decay=t.weight_decay,
+                           mask=lambda tree: jax.tree_util.tree_map(lambda x: x.ndim >= 2, tree))
+
+    head_lr = t.head_learning_rate or t.learning_rate
+    tx = optax.multi_transform({"lora": adamw(t.learning_rate), "head": adamw(head_lr)},
+                               {"delta": "lora", "head": "head"})
+    if t.grad_clip:
+        tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
+    return tx
+
+
+def make_train_step(forward: Callable, tx: optax.GradientTransformation) -> Callable:
+    """``train_step(state, frozen, batch, key) -> (state, metric sums)``, pure.
+
+    ``state`` is ``{"step", "trainable", "opt_state"}``. A step whose loss is not finite leaves
+    the state unchanged and reports ``nonfinite = 1``; the host decides whether to stop.
+    """
+
+    def loss_fn(trainable, frozen, batch, rng):
+        logits = forward(trainable, frozen, batch, rng, True)
+        sums = evaluate.classification_sums(logits, batch)
+        return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
+
+    def train_step(state, frozen, batch, key):
+        rng = jax.random.fold_in(key, state["step"])
+        grads, sums = jax.grad(loss_fn, has_aux=True)(state["trainable"], frozen, batch, rng)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        finite = jnp.isfinite(sums["loss_sum"])
+        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+            lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = {"step": state["step"] + 1, "trainable": keep(trainable, state["trainable"]),
+                     "opt_state": keep(opt_state, state["opt_state"])}
+        return new_state, {**sums, "nonfinite": 1.0 - finite.astype(jnp.float32)}
+
+    return train_step
+
+
+def jit_train_step(train_step: Callable, mesh) -> Callable:
+    """Jits the step: state replicated and donated, base replicated and kept, batch split."""
+    rep = sharding.replicated(mesh)
+    return jax.jit(train_step, donate_argnums=(0,), out_shardings=(rep, rep))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf and the config says to stop."""
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Appends one JSON object per event to ``metrics.jsonl``; trims events past a resume point."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        """Drops events logged after ``step`` by a run that was cut off before checkpointing."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            rows = [line for line in f if line.strip()]
+        kept = []
+        for line in rows:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a half-written last line from a killed run
+                continue
+        tmp = f"{self.path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def write(self, **event) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(event, sort_keys=True) + "\n")
+
+
+def _subset(examples: data_lib.Examples, n: int) -> data_lib.Examples:
+    if not n or n >= len(examples):
+        return examples
+    return data_lib.Examples(examples.input_ids[:n], examples.token_type_ids[:n],
+                             examples.labels[:n])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains per ``config``, evaluates on validation and test, and returns the summary.
+
+    Writes ``metrics.jsonl``, ``summary.json``, ``config.json`` and adapter-only checkpoints
+    into ``workdir``; rerunning on the same workdir resumes from its last checkpoint.
+    """
+    start = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    setup = build(config)
+    mesh, t = setup.mesh, config.train
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+    forward = make_forward(setup.model, setup.spec)
+    tx = make_optimizer(config)
+    train_step = jit_train_step(make_train_step(forward, tx), mesh)
+    eval_step = evaluate.make_eval_step(forward, mesh)
+
+    trainable = {"delta": setup.delta, "head": setup.head}
+    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
+             "opt_state": tx.init(trainable)}
+    state = sharding.put_replicated(state, mesh)
+    frozen = sharding.put_replicated(setup.frozen, mesh)
+    key = jax.random.fold_in(jax.random.key(config.seed), 3)
+
+    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+    summary_path = os.path.join(workdir, "summary.json")
+    if (restored_step := ckpt.latest_step()) is not None:
+        state = ckpt.restore(state)
+        log.truncate_after(restored_step)
+        tqdm.tqdm.write(f"resuming from the checkpoint at step {restored_step} in {workdir}")
+        if restored_step >= t.num_steps and os.path.exists(summary_path):
+            with open(summary_path) as f:
+                return json.load(f)
+    first_step = int(jax.device_get(state["step"]))
+
+    task = setup.task
+    batcher = data_lib.Batcher(task.splits["train"], t.batch_size, config.task.buckets,
+                               seed=config.seed)
+    val_batcher = data_lib.Batcher(_subset(task.splits["validation"], config.task.max_eval_examples),
+                                   config.eval_batch_size, config.task.buckets, seed=config.seed)
+
+    def run_eval(split, batches, step):
+        result = evaluate.evaluate(eval_step, state["trainable"], frozen, batches, mesh)
+        log.write(step=step, split=split, **result)
+        return result
+
+    lora_params = lora.count(setup.delta)
+    head_params = lora.count(setup.head)
+    tqdm.tqdm.write(f"trainable parameters: lora {lora_params:,}, head {head_params:,} "
+                    f"(frozen base {setup.base_params:,}); {mesh.devices.size} "
+                    f"{jax.devices()[0].platform} device(s)")
+
+    bar = tqdm.tqdm(total=t.num_steps, initial=first_step, desc="train", unit="step",
+                    dynamic_ncols=True)
+    pending = None  # step N-1's metrics, fetched while step N runs
+    window = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "tokens": 0, "since": time.time()}
+    train_tokens = 0
+    loop_start = time.time()
+
+    def drain(item):
+        nonlocal train_tokens
+        step, sums, tokens = item
+        sums = jax.device_get(sums)
+        if sums["nonfinite"]:
+            last = ckpt.latest_step()
+            msg = (f"loss is NaN/Inf at step {step}; the state from step {step - 1} was kept. "
+                   f"Last good checkpoint: {'none' if last is None else f'step {last}'} in "
+                   f"{ckpt.directory}. Set train.skip_nonfinite=True to skip such batches.")
+            if not t.skip_nonfinite:
+                raise NonFiniteLossError(msg)
+            tqdm.tqdm.write(f"skipping batch: {msg}")
+            log.write(step=step, split="train", skipped_nonfinite=1)
+            return
+        for k in ("loss_sum", "correct", "count"):
+            window[k] += float(sums[k])
+        window["tokens"] += tokens
+        train_tokens += tokens
+
+    for step in range(first_step, t.num_steps):
+        batch = batcher.train_batch(step)
+        tokens = int(batch["attention_mask"].sum())
+        state, sums = train_step(state, frozen, sharding.put_batch(batch, mesh), key)
+        if pending is not None:
+            drain(pending)
+        pending = (step + 1, sums, tokens)  # metrics are labelled by the step count after it
+        done = step + 1
+        if done % config.log_every == 0 or done == t.num_steps:
+            drain(pending)
+            pending = None
+            elapsed = time.time() - window["since"]
+            row = {"loss": window["loss_sum"] / max(window["count"], 1),
+                   "accuracy": window["correct"] / max(window["count"], 1),
+                   "tokens_per_second": window["tokens"] / max(elapsed, 1e-9)}
+            log.write(step=done, split="train", **row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
+            window.update(loss_sum=0.0, correct=0.0, count=0.0, tokens=0, since=time.time())
+        bar.update(1)
+        if config.eval_every and done % config.eval_every == 0 and done != t.num_steps:
+            eval_start = time.time()
+            result = run_eval("validation", val_batcher.eval_batches(), done)
+            bar.write(f"step {done}: validation accuracy {result['accuracy']:.4f}")
+            paused = time.time() - eval_start  # evals do not count against train throughput
+            window["since"] += paused
+            loop_start += paused
+        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == t.num_steps:
+            if pending is not None:
+                drain(pending)
+                pending = None
+            ckpt.save(done, state)
+    if pending is not None:
+        drain(pending)
+    bar.close()
+    train_seconds = time.time() - loop_start
+    ckpt.wait()
+
+    full_val = data_lib.Batcher(task.splits["validation"], config.eval_batch_size,
+                                config.task.buckets, seed=config.seed)
+    test = data_lib.Batcher(task.splits["test"], config.eval_batch_size, config.task.buckets,
+                            seed=config.seed)
+    val_result = run_eval("validation", full_val.eval_batches(), t.num_steps)
+    test_result = run_eval("test", test.eval_batches(), t.num_steps)
+    ckpt.close()
+
+    summary = {
+        "validation_accuracy": val_result["accuracy"], "validation_loss": val_result["loss"],
+        "test_accuracy": test_result["accuracy"], "test_loss": test_result["loss"],
+        "test_examples": test_result["count"], "validation_examples": val_result["count"],
+        "lora_params": lora_params, "head_params": head_params,
+        "base_params": setup.base_params, "steps": t.num_steps, "resumed_from": first_step,
+        "wall_seconds": time.time() - start, "train_seconds": train_seconds,
+        "tokens_per_second": train_tokens / max(train_seconds, 1e-9),
+        "devices": mesh.devices.size, "platform": jax.devices()[0].platform,
+        "data_counts": dict(task.counts), "config": json.loads(config.to_json_best_effort()),
+    }
+    _write_json_atomic(summary_path, summary)
+    return summary
+
+
+# --------------------------------------------------------------------------- command line
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Run directory (default: runs/<config file name without .py>).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
+    config_path = config_flags.get_config_filename(flags.FLAGS["config"])
+    workdir = _WORKDIR.value or os.path.join(
+        "runs", os.path.splitext(os.path.basename(config_path))[0])
+    summary = train_and_evaluate(_CONFIG.value, workdir)
+    print(f"\nworkdir: {workdir}")
+    for k in ("validation_accuracy", "test_accuracy", "lora_params", "head_params",
+              "base_params", "wall_seconds", "tokens_per_second"):
+        v = summary[k]
+        print(f"  {k:20s} {v:.4f}" if isinstance(v, float) else f"  {k:20s} {v}")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)
