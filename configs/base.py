@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- LoRA (used when method == "lora") ---------------------------------------------------
     c.lora = ml_collections.ConfigDict()
-    c.lora.targets = "q,v"  # comma-separated canonical names (q,k,v,o,mlp_in,mlp_out,...) or regexes
+    c.lora.targets = "q,v"  # comma-separated canonical names (q,k,v,o,mlp_in,...) or regexes
     c.lora.rank = 4  # rank r for every target
     c.lora.alpha = 8.0  # update scaled by alpha / r
     c.lora.rank_pattern = ""  # per-target ranks, e.g. "v=8,q=2"

@@ -1,4 +1,6 @@
-"""Paper Table 5 budget-matched variant: LoRA r=8 on Wo (same trainable count as Wq,Wv r=4).
+"""Paper Table 5 budget-matched variant: LoRA r=8 on Wo.
+
+Same trainable count as Wq,Wv r=4.
 
 Run: python -m lorax.train --config=configs/wo_r8.py
 """

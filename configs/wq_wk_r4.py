@@ -1,4 +1,6 @@
-"""Paper Table 5 budget-matched variant: LoRA r=4 on Wq and Wk (same trainable count as Wq,Wv r=4).
+"""Paper Table 5 budget-matched variant: LoRA r=4 on Wq and Wk.
+
+Same trainable count as Wq,Wv r=4.
 
 Run: python -m lorax.train --config=configs/wq_wk_r4.py
 """

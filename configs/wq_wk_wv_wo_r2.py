@@ -1,4 +1,6 @@
-"""Paper Table 5 budget-matched variant: LoRA r=2 on Wq, Wk, Wv and Wo (same trainable count as Wq,Wv r=4).
+"""Paper Table 5 budget-matched variant: LoRA r=2 on Wq, Wk, Wv and Wo.
+
+Same trainable count as Wq,Wv r=4.
 
 Run: python -m lorax.train --config=configs/wq_wk_wv_wo_r2.py
 """

@@ -10,9 +10,17 @@ import json
 import os
 import sys
 
-COLUMNS = (("run", "{}"), ("targets", "{}"), ("rank", "{}"), ("lora_params", "{:,}"),
-           ("validation_accuracy", "{:.4f}"), ("test_accuracy", "{:.4f}"),
-           ("steps", "{}"), ("wall_seconds", "{:.0f}"), ("platform", "{}"))
+COLUMNS = (
+    ("run", "{}"),
+    ("targets", "{}"),
+    ("rank", "{}"),
+    ("lora_params", "{:,}"),
+    ("validation_accuracy", "{:.4f}"),
+    ("test_accuracy", "{:.4f}"),
+    ("steps", "{}"),
+    ("wall_seconds", "{:.0f}"),
+    ("platform", "{}"),
+)
 
 
 def row(workdir: str) -> dict | None:
@@ -25,9 +33,12 @@ def row(workdir: str) -> dict | None:
     cfg = s.get("config", {})
     lora = cfg.get("lora", {})
     full = cfg.get("method") == "full"
-    return {**s, "run": os.path.basename(os.path.normpath(workdir)),
-            "targets": "all (full fine-tuning)" if full else lora.get("targets", "?"),
-            "rank": "-" if full else lora.get("rank", "?")}
+    return {
+        **s,
+        "run": os.path.basename(os.path.normpath(workdir)),
+        "targets": "all (full fine-tuning)" if full else lora.get("targets", "?"),
+        "rank": "-" if full else lora.get("rank", "?"),
+    }
 
 
 def table(workdirs: list[str]) -> str:
@@ -35,8 +46,9 @@ def table(workdirs: list[str]) -> str:
     rows = [r for r in map(row, workdirs) if r is not None]
     head = "| " + " | ".join(name for name, _ in COLUMNS) + " |"
     rule = "|" + "---|" * len(COLUMNS)
-    body = ["| " + " | ".join(fmt.format(r.get(name, "")) for name, fmt in COLUMNS) + " |"
-            for r in rows]
+    body = [
+        "| " + " | ".join(fmt.format(r.get(name, "")) for name, fmt in COLUMNS) + " |" for r in rows
+    ]
     return "\n".join([head, rule, *body])
 
 

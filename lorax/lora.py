@@ -116,16 +116,18 @@ class LoraSpec:
 
     def __post_init__(self):
         if not self.targets:
-            raise ValueError("LoraSpec needs at least one target; valid names are "
-                             f"{sorted(CANONICAL_TARGETS)}")
+            raise ValueError(
+                f"LoraSpec needs at least one target; valid names are {sorted(CANONICAL_TARGETS)}"
+            )
         if self.init not in INITS:
             raise ValueError(f"unknown LoRA init {self.init!r}; valid: {list(INITS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         for t in self.targets:
             if not isinstance(t.rank, int) or t.rank <= 0:
-                raise ValueError(f"LoRA rank for target {t.name!r} must be a positive integer, "
-                                 f"got {t.rank!r}")
+                raise ValueError(
+                    f"LoRA rank for target {t.name!r} must be a positive integer, got {t.rank!r}"
+                )
             t.pattern  # noqa: B018 -- validates the name early
 
     def scale(self, target: Target) -> float:
@@ -161,13 +163,15 @@ def make_spec(
     for field, overrides in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         unknown = sorted(set(overrides) - set(targets))
         if unknown:
-            raise ValueError(f"lora.{field} names {unknown}, which are not targets; "
-                             f"targets are {targets}")
+            raise ValueError(
+                f"lora.{field} names {unknown}, which are not targets; targets are {targets}"
+            )
     layer_filter = tuple(int(i) for i in layers) if layers else None
     return LoraSpec(
         targets=tuple(
-            Target(t, int(rank_pattern.get(t, rank)), float(alpha_pattern.get(t, alpha)),
-                   layer_filter)
+            Target(
+                t, int(rank_pattern.get(t, rank)), float(alpha_pattern.get(t, alpha)), layer_filter
+            )
             for t in targets
         ),
         init=init,
@@ -200,35 +204,40 @@ def resolve(base: Mapping[str, Any], spec: LoraSpec) -> dict[str, Site]:
     sites: dict[str, Site] = {}
     hits = [0] * len(spec.targets)
     for path, leaf in flat.items():
-        for i, (target, pattern) in enumerate(zip(spec.targets, compiled)):
+        for i, (target, pattern) in enumerate(zip(spec.targets, compiled, strict=True)):
             if not pattern.search(path):
                 continue
             if target.layers is not None and paths.layer_index(path) not in target.layers:
                 continue
             shape = jnp.shape(leaf)
             if len(shape) != 2:
-                raise ValueError(f"LoRA target {target.name!r} matched {path} of shape {shape}; "
-                                 "only 2-D kernels [d_in, d_out] can be adapted")
+                raise ValueError(
+                    f"LoRA target {target.name!r} matched {path} of shape {shape}; "
+                    "only 2-D kernels [d_in, d_out] can be adapted"
+                )
             d_in, d_out = shape
             if target.rank > min(d_in, d_out):
                 raise ValueError(
                     f"LoRA rank {target.rank} for target {target.name!r} is larger than "
                     f"min(d_in, d_out) = {min(d_in, d_out)} of {path} {shape}; valid ranks are "
-                    f"1..{min(d_in, d_out)}")
+                    f"1..{min(d_in, d_out)}"
+                )
             hits[i] += 1
             sites[path] = Site(path, target, d_in, d_out, target.rank, spec.scale(target))
             break  # first match wins
-    for target, n in zip(spec.targets, hits):
+    for target, n in zip(spec.targets, hits, strict=True):
         if n == 0:
             where = f" in layers {list(target.layers)}" if target.layers is not None else ""
             raise ValueError(
                 f"LoRA target {target.name!r} (regex {target.pattern!r}) matches no kernel"
-                f"{where}; parameter paths look like: {paths.describe_paths(flat)}")
+                f"{where}; parameter paths look like: {paths.describe_paths(flat)}"
+            )
     return sites
 
 
-def init(base: Mapping[str, Any], spec: LoraSpec, key: jax.Array,
-         dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
+def init(
+    base: Mapping[str, Any], spec: LoraSpec, key: jax.Array, dtype: jnp.dtype = jnp.float32
+) -> dict[str, Any]:
     """A new delta with ``a`` random and ``b`` zero, so the adapted model equals the base.
 
     ``a`` is Kaiming-uniform with bound 1/sqrt(D) (the default of ``torch.nn.Linear`` and
@@ -254,19 +263,24 @@ def _check_fits(base_flat, delta_flat, sites) -> None:
     for key, leaf in delta_flat.items():
         path, _, part = key.rpartition(paths.SEP)
         if part not in ("a", "b"):
-            raise ValueError(f"delta leaf {key} is not an adapter factor; delta leaves end in "
-                             "'/a' or '/b'")
+            raise ValueError(
+                f"delta leaf {key} is not an adapter factor; delta leaves end in '/a' or '/b'"
+            )
         got.setdefault(path, [None, None])[part == "b"] = jnp.shape(leaf)
     for path in sorted(set(expected) | set(got)):
         if path not in got:
             raise ValueError(f"delta has no adapter for {path}, which the spec targets")
         if path not in expected:
-            raise ValueError(f"delta has an adapter for {path}, which the spec does not target"
-                             + ("" if path in base_flat else " and the base does not contain"))
+            raise ValueError(
+                f"delta has an adapter for {path}, which the spec does not target"
+                + ("" if path in base_flat else " and the base does not contain")
+            )
         if tuple(got[path]) != expected[path]:
-            raise ValueError(f"delta for {path} has shapes a{got[path][0]} b{got[path][1]}; "
-                             f"the base kernel and spec need a{expected[path][0]} "
-                             f"b{expected[path][1]}")
+            raise ValueError(
+                f"delta for {path} has shapes a{got[path][0]} b{got[path][1]}; "
+                f"the base kernel and spec need a{expected[path][0]} "
+                f"b{expected[path][1]}"
+            )
 
 
 def wrap(base: Mapping[str, Any], delta: Mapping[str, Any], spec: LoraSpec) -> dict[str, Any]:
@@ -275,8 +289,13 @@ def wrap(base: Mapping[str, Any], delta: Mapping[str, Any], spec: LoraSpec) -> d
     sites = resolve(base, spec)
     _check_fits(base_flat, delta_flat, sites)
     for path, site in sites.items():
-        base_flat[path] = LoraWeight(base_flat[path], delta_flat[path + "/a"],
-                                     delta_flat[path + "/b"], site.scale, spec.dropout)
+        base_flat[path] = LoraWeight(
+            base_flat[path],
+            delta_flat[path + "/a"],
+            delta_flat[path + "/b"],
+            site.scale,
+            spec.dropout,
+        )
     return paths.unflatten(base_flat)
 
 
@@ -285,8 +304,7 @@ def merge(base: Mapping[str, Any], delta: Mapping[str, Any], spec: LoraSpec) -> 
     return _apply(base, delta, spec, sign=1.0)
 
 
-def unmerge(merged: Mapping[str, Any], delta: Mapping[str, Any],
-            spec: LoraSpec) -> dict[str, Any]:
+def unmerge(merged: Mapping[str, Any], delta: Mapping[str, Any], spec: LoraSpec) -> dict[str, Any]:
     """Inverse of :func:`merge`: subtracts ``scale·A@B`` from each targeted kernel."""
     return _apply(merged, delta, spec, sign=-1.0)
 
@@ -296,8 +314,9 @@ def _apply(base, delta, spec, sign):
     sites = resolve(base, spec)
     _check_fits(base_flat, delta_flat, sites)
     for path, site in sites.items():
-        base_flat[path] = merge_kernel(base_flat[path], delta_flat[path + "/a"],
-                                       delta_flat[path + "/b"], sign * site.scale)
+        base_flat[path] = merge_kernel(
+            base_flat[path], delta_flat[path + "/a"], delta_flat[path + "/b"], sign * site.scale
+        )
     return paths.unflatten(base_flat)
 
 
@@ -317,7 +336,8 @@ def trainable_labels(tree: Any, head: Sequence[str] = ()) -> Any:
         return "head" if paths.first_match(name, compiled) is not None else "frozen"
 
     return jax.tree_util.tree_map_with_path(
-        label, tree, is_leaf=lambda x: isinstance(x, LoraWeight))
+        label, tree, is_leaf=lambda x: isinstance(x, LoraWeight)
+    )
 
 
 def _key_str(key) -> str:

@@ -59,8 +59,9 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
-                            self.param_dtype)
+        kernel = self.param(
+            "kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype
+        )
         y = lora_matmul(self, x, kernel, self.dtype, deterministic)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
@@ -79,8 +80,9 @@ class Embed(nn.Module):
 
     @nn.compact
     def __call__(self, ids: jax.Array) -> jax.Array:
-        table = self.param("embedding", self.embedding_init,
-                           (self.num_embeddings, self.features), self.param_dtype)
+        table = self.param(
+            "embedding", self.embedding_init, (self.num_embeddings, self.features), self.param_dtype
+        )
         if isinstance(table, LoraWeight):
             y = jnp.take(table.w, ids, axis=0).astype(self.dtype)
             z = jnp.take(table.a, ids, axis=0).astype(self.dtype)
@@ -111,15 +113,24 @@ class Attention(nn.Module):
     kernel_init: Initializer = nn.initializers.lecun_normal()
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, mask_BTS: jax.Array | None = None,
-                 deterministic: bool = True,
-                 rope: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
-                 ) -> jax.Array:
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        mask_BTS: jax.Array | None = None,
+        deterministic: bool = True,
+        rope: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
+    ) -> jax.Array:
         """Self-attention over ``x_BTD``; ``mask_BTS`` is True where a query may attend."""
         h, e = self.num_heads, self.head_dim
         kv = self.num_kv_heads or h
-        dense = lambda f, name: Dense(f, self.use_bias, self.dtype, self.param_dtype,  # noqa: E731
-                                      self.kernel_init, name=name)
+        dense = lambda f, name: Dense(
+            f,
+            self.use_bias,
+            self.dtype,
+            self.param_dtype,  # noqa: E731
+            self.kernel_init,
+            name=name,
+        )
         b, t, _ = x_BTD.shape
         q_BTHE = dense(h * e, "q")(x_BTD, deterministic).reshape(b, t, h, e)
         k_BTKE = dense(kv * e, "k")(x_BTD, deterministic).reshape(b, t, kv, e)

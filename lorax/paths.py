@@ -1,4 +1,4 @@
-"""Parameter selection by regexes over "/"-joined paths: the one mechanism for targets, heads and sharding."""
+"""Parameter selection by regexes over "/"-joined paths, for LoRA targets and trained leaves."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def select(
         else:
             hits[i] += 1
             matched[path] = leaf
-    for pattern, n in zip(patterns, hits):
+    for pattern, n in zip(patterns, hits, strict=True):
         if n == 0:
             raise ValueError(
                 f"{what} {pattern!r} matches no parameter path; paths look like: "

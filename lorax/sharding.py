@@ -23,8 +23,10 @@ def make_mesh(data: int = -1, devices: list | None = None) -> Mesh:
     if data == -1:
         data = len(devices)
     if not 1 <= data <= len(devices):
-        raise ValueError(f"mesh.data = {data}, but {len(devices)} devices are visible; "
-                         f"valid: -1 (all) or 1..{len(devices)}")
+        raise ValueError(
+            f"mesh.data = {data}, but {len(devices)} devices are visible; "
+            f"valid: -1 (all) or 1..{len(devices)}"
+        )
     return Mesh(np.asarray(devices[:data]), (DATA,))
 
 
@@ -43,8 +45,10 @@ def check_batch_size(batch_size: int, mesh: Mesh, field: str) -> None:
     n = mesh.shape[DATA]
     if batch_size % n:
         lower, upper = batch_size - batch_size % n, batch_size + n - batch_size % n
-        raise ValueError(f"{field} = {batch_size} does not divide over the {n} devices of the "
-                         f"'data' mesh axis; use a multiple of {n} (e.g. {lower or n} or {upper})")
+        raise ValueError(
+            f"{field} = {batch_size} does not divide over the {n} devices of the "
+            f"'data' mesh axis; use a multiple of {n} (e.g. {lower or n} or {upper})"
+        )
 
 
 def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

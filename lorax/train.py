@@ -65,8 +65,9 @@ def _parse_layers(text: str) -> tuple[int, ...]:
         try:
             layers.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
         except ValueError:
-            raise ValueError(f"lora.layers item {item!r} is not a layer index or range "
-                             "(e.g. '0,1,2' or '3-5')") from None
+            raise ValueError(
+                f"lora.layers item {item!r} is not a layer index or range (e.g. '0,1,2' or '3-5')"
+            ) from None
     return tuple(layers)
 
 
@@ -76,10 +77,16 @@ def lora_spec(config: ml_collections.ConfigDict) -> lora.LoraSpec | None:
         return None
     c = config.lora
     return lora.make_spec(
-        c.targets, rank=c.rank, alpha=c.alpha,
+        c.targets,
+        rank=c.rank,
+        alpha=c.alpha,
         rank_pattern=_parse_overrides(c.rank_pattern, "lora.rank_pattern", int),
         alpha_pattern=_parse_overrides(c.alpha_pattern, "lora.alpha_pattern", float),
-        layers=_parse_layers(c.layers), init=c.init, dropout=c.dropout, rslora=c.rslora)
+        layers=_parse_layers(c.layers),
+        init=c.init,
+        dropout=c.dropout,
+        rslora=c.rslora,
+    )
 
 
 # --------------------------------------------------------------------------- model and data
@@ -112,33 +119,45 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     spec = lora_spec(config)
     if config.task.name not in data_lib.TASKS:
-        raise ValueError(f"task.name = {config.task.name!r} is not a known task; "
-                         f"choose one of {sorted(data_lib.TASKS)}")
+        raise ValueError(
+            f"task.name = {config.task.name!r} is not a known task; "
+            f"choose one of {sorted(data_lib.TASKS)}"
+        )
 
     model_dir = assets.resolve(config.model.name)
     model_config, encoder_params = hf.load_encoder(model_dir)
     model_config = dataclasses.replace(model_config, hidden_dropout=config.model.dropout)
     label_names = data_lib.TASKS[config.task.name].label_names
     model = encoder.EncoderClassifier(
-        config=model_config, num_classes=len(label_names), pooling=config.model.pooling,
-        dtype=compute_dtype, head_dropout=config.model.head_dropout)
+        config=model_config,
+        num_classes=len(label_names),
+        pooling=config.model.pooling,
+        dtype=compute_dtype,
+        head_dropout=config.model.head_dropout,
+    )
     key = jax.random.key(config.seed)
     params = encoder.init_params(model, encoder_params, jax.random.fold_in(key, 1))
     base_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(encoder_params))
 
-    head_flat, frozen_flat = paths.select(paths.flatten(params), tuple(config.train.trainable),
-                                          what="train.trainable pattern")
-    frozen = jax.tree_util.tree_map(lambda x: jnp.asarray(x, base_dtype),
-                                    paths.unflatten(frozen_flat))
+    head_flat, frozen_flat = paths.select(
+        paths.flatten(params), tuple(config.train.trainable), what="train.trainable pattern"
+    )
+    frozen = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x, base_dtype), paths.unflatten(frozen_flat)
+    )
     head = jax.tree_util.tree_map(jnp.asarray, paths.unflatten(head_flat))
     delta = {} if spec is None else lora.init(frozen, spec, jax.random.fold_in(key, 2))
 
     import transformers  # heavy import, only once the config is known to be sound
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(os.fspath(model_dir))
-    task = data_lib.load_task(config.task.name, assets.resolve(config.task.data), tokenizer,
-                              max_length=config.task.max_length,
-                              validation_size=config.task.validation_size)
+    task = data_lib.load_task(
+        config.task.name,
+        assets.resolve(config.task.data),
+        tokenizer,
+        max_length=config.task.max_length,
+        validation_size=config.task.validation_size,
+    )
     return Setup(model, spec, frozen, head, delta, task, mesh, base_params)
 
 
@@ -154,8 +173,14 @@ def make_forward(model: encoder.EncoderClassifier, spec: lora.LoraSpec | None) -
         if spec is not None:
             params = lora.wrap(params, trainable["delta"], spec)
         rngs = {"dropout": rng} if train else {}
-        return model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
-                           batch["attention_mask"], deterministic=not train, rngs=rngs)
+        return model.apply(
+            {"params": params},
+            batch["input_ids"],
+            batch["token_type_ids"],
+            batch["attention_mask"],
+            deterministic=not train,
+            rngs=rngs,
+        )
 
     return forward
 
@@ -171,19 +196,31 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     def schedule(peak):
         warmup = int(round(t.warmup_fraction * t.num_steps))
         decay_steps = max(1, t.num_steps - warmup)
-        decay = _choice(t.schedule, {
-            "linear": optax.linear_schedule(peak, 0.0, decay_steps),
-            "cosine": optax.cosine_decay_schedule(peak, decay_steps),
-            "constant": optax.constant_schedule(peak)}, "train.schedule")
+        decay = _choice(
+            t.schedule,
+            {
+                "linear": optax.linear_schedule(peak, 0.0, decay_steps),
+                "cosine": optax.cosine_decay_schedule(peak, decay_steps),
+                "constant": optax.constant_schedule(peak),
+            },
+            "train.schedule",
+        )
         return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
     def adamw(peak):
-        return optax.adamw(schedule(peak), t.b1, t.b2, t.eps, weight_decay=t.weight_decay,
-                           mask=lambda tree: jax.tree_util.tree_map(lambda x: x.ndim >= 2, tree))
+        return optax.adamw(
+            schedule(peak),
+            t.b1,
+            t.b2,
+            t.eps,
+            weight_decay=t.weight_decay,
+            mask=lambda tree: jax.tree_util.tree_map(lambda x: x.ndim >= 2, tree),
+        )
 
     head_lr = t.head_learning_rate or t.learning_rate
-    tx = optax.multi_transform({"lora": adamw(t.learning_rate), "head": adamw(head_lr)},
-                               {"delta": "lora", "head": "head"})
+    tx = optax.multi_transform(
+        {"lora": adamw(t.learning_rate), "head": adamw(head_lr)}, {"delta": "lora", "head": "head"}
+    )
     if t.grad_clip:
         tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
     return tx
@@ -208,9 +245,13 @@ def make_train_step(forward: Callable, tx: optax.GradientTransformation) -> Call
         trainable = optax.apply_updates(state["trainable"], updates)
         finite = jnp.isfinite(sums["loss_sum"])
         keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-            lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = {"step": state["step"] + 1, "trainable": keep(trainable, state["trainable"]),
-                     "opt_state": keep(opt_state, state["opt_state"])}
+            lambda n, o: jnp.where(finite, n, o), new, old
+        )
+        new_state = {
+            "step": state["step"] + 1,
+            "trainable": keep(trainable, state["trainable"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
+        }
         return new_state, {**sums, "nonfinite": 1.0 - finite.astype(jnp.float32)}
 
     return train_step
@@ -270,8 +311,9 @@ class MetricsLog:
 def _subset(examples: data_lib.Examples, n: int) -> data_lib.Examples:
     if not n or n >= len(examples):
         return examples
-    return data_lib.Examples(examples.input_ids[:n], examples.token_type_ids[:n],
-                             examples.labels[:n])
+    return data_lib.Examples(
+        examples.input_ids[:n], examples.token_type_ids[:n], examples.labels[:n]
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -293,8 +335,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_step = evaluate.make_eval_step(forward, mesh)
 
     trainable = {"delta": setup.delta, "head": setup.head}
-    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
-             "opt_state": tx.init(trainable)}
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "trainable": trainable,
+        "opt_state": tx.init(trainable),
+    }
     state = sharding.put_replicated(state, mesh)
     frozen = sharding.put_replicated(setup.frozen, mesh)
     key = jax.random.fold_in(jax.random.key(config.seed), 3)
@@ -303,7 +348,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
     summary_path = os.path.join(workdir, "summary.json")
     if (restored_step := ckpt.latest_step()) is not None:
-        state = ckpt.restore(state)
+        try:
+            state = ckpt.restore(state)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{ckpt.directory} holds a checkpoint that does not fit this config ({e}); "
+                "rerun with the config that started it, or pass a new --workdir"
+            ) from e
         log.truncate_after(restored_step)
         tqdm.tqdm.write(f"resuming from the checkpoint at step {restored_step} in {workdir}")
         if restored_step >= t.num_steps and os.path.exists(summary_path):
@@ -312,10 +363,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     first_step = int(jax.device_get(state["step"]))
 
     task = setup.task
-    batcher = data_lib.Batcher(task.splits["train"], t.batch_size, config.task.buckets,
-                               seed=config.seed)
-    val_batcher = data_lib.Batcher(_subset(task.splits["validation"], config.task.max_eval_examples),
-                                   config.eval_batch_size, config.task.buckets, seed=config.seed)
+    batcher = data_lib.Batcher(
+        task.splits["train"], t.batch_size, config.task.buckets, seed=config.seed
+    )
+    val_subset = _subset(task.splits["validation"], config.task.max_eval_examples)
+    val_batcher = data_lib.Batcher(
+        val_subset, config.eval_batch_size, config.task.buckets, seed=config.seed
+    )
 
     def run_eval(split, batches, step):
         result = evaluate.evaluate(eval_step, state["trainable"], frozen, batches, mesh)
@@ -324,12 +378,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     lora_params = lora.count(setup.delta)
     head_params = lora.count(setup.head)
-    tqdm.tqdm.write(f"trainable parameters: lora {lora_params:,}, head {head_params:,} "
-                    f"(frozen base {setup.base_params:,}); {mesh.devices.size} "
-                    f"{jax.devices()[0].platform} device(s)")
+    tqdm.tqdm.write(
+        f"trainable parameters: lora {lora_params:,}, head {head_params:,} "
+        f"(frozen base {setup.base_params:,}); {mesh.devices.size} "
+        f"{jax.devices()[0].platform} device(s)"
+    )
 
-    bar = tqdm.tqdm(total=t.num_steps, initial=first_step, desc="train", unit="step",
-                    dynamic_ncols=True)
+    bar = tqdm.tqdm(
+        total=t.num_steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True
+    )
     pending = None  # step N-1's metrics, fetched while step N runs
     window = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "tokens": 0, "since": time.time()}
     train_tokens = 0
@@ -341,9 +398,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         sums = jax.device_get(sums)
         if sums["nonfinite"]:
             last = ckpt.latest_step()
-            msg = (f"loss is NaN/Inf at step {step}; the state from step {step - 1} was kept. "
-                   f"Last good checkpoint: {'none' if last is None else f'step {last}'} in "
-                   f"{ckpt.directory}. Set train.skip_nonfinite=True to skip such batches.")
+            msg = (
+                f"loss is NaN/Inf at step {step}; the state from step {step - 1} was kept. "
+                f"Last good checkpoint: {'none' if last is None else f'step {last}'} in "
+                f"{ckpt.directory}. Set train.skip_nonfinite=True to skip such batches."
+            )
             if not t.skip_nonfinite:
                 raise NonFiniteLossError(msg)
             tqdm.tqdm.write(f"skipping batch: {msg}")
@@ -366,9 +425,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             drain(pending)
             pending = None
             elapsed = time.time() - window["since"]
-            row = {"loss": window["loss_sum"] / max(window["count"], 1),
-                   "accuracy": window["correct"] / max(window["count"], 1),
-                   "tokens_per_second": window["tokens"] / max(elapsed, 1e-9)}
+            row = {
+                "loss": window["loss_sum"] / max(window["count"], 1),
+                "accuracy": window["correct"] / max(window["count"], 1),
+                "tokens_per_second": window["tokens"] / max(elapsed, 1e-9),
+            }
             log.write(step=done, split="train", **row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
             window.update(loss_sum=0.0, correct=0.0, count=0.0, tokens=0, since=time.time())
@@ -391,24 +452,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_seconds = time.time() - loop_start
     ckpt.wait()
 
-    full_val = data_lib.Batcher(task.splits["validation"], config.eval_batch_size,
-                                config.task.buckets, seed=config.seed)
-    test = data_lib.Batcher(task.splits["test"], config.eval_batch_size, config.task.buckets,
-                            seed=config.seed)
+    full_val = data_lib.Batcher(
+        task.splits["validation"], config.eval_batch_size, config.task.buckets, seed=config.seed
+    )
+    test = data_lib.Batcher(
+        task.splits["test"], config.eval_batch_size, config.task.buckets, seed=config.seed
+    )
     val_result = run_eval("validation", full_val.eval_batches(), t.num_steps)
     test_result = run_eval("test", test.eval_batches(), t.num_steps)
     ckpt.close()
 
     summary = {
-        "validation_accuracy": val_result["accuracy"], "validation_loss": val_result["loss"],
-        "test_accuracy": test_result["accuracy"], "test_loss": test_result["loss"],
-        "test_examples": test_result["count"], "validation_examples": val_result["count"],
-        "lora_params": lora_params, "head_params": head_params,
-        "base_params": setup.base_params, "steps": t.num_steps, "resumed_from": first_step,
-        "wall_seconds": time.time() - start, "train_seconds": train_seconds,
+        "validation_accuracy": val_result["accuracy"],
+        "validation_loss": val_result["loss"],
+        "test_accuracy": test_result["accuracy"],
+        "test_loss": test_result["loss"],
+        "test_examples": test_result["count"],
+        "validation_examples": val_result["count"],
+        "lora_params": lora_params,
+        "head_params": head_params,
+        "base_params": setup.base_params,
+        "steps": t.num_steps,
+        "resumed_from": first_step,
+        "wall_seconds": time.time() - start,
+        "train_seconds": train_seconds,
         "tokens_per_second": train_tokens / max(train_seconds, 1e-9),
-        "devices": mesh.devices.size, "platform": jax.devices()[0].platform,
-        "data_counts": dict(task.counts), "config": json.loads(config.to_json_best_effort()),
+        "devices": mesh.devices.size,
+        "platform": jax.devices()[0].platform,
+        "data_counts": dict(task.counts),
+        "config": json.loads(config.to_json_best_effort()),
     }
     _write_json_atomic(summary_path, summary)
     return summary
@@ -416,10 +488,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 # --------------------------------------------------------------------------- command line
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None,
-                               "Run directory (default: runs/<config file name without .py>).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (default: runs/<config file name without .py>)."
+)
 
 
 def main(argv):
@@ -428,11 +502,19 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
     config_path = config_flags.get_config_filename(flags.FLAGS["config"])
     workdir = _WORKDIR.value or os.path.join(
-        "runs", os.path.splitext(os.path.basename(config_path))[0])
+        "runs", os.path.splitext(os.path.basename(config_path))[0]
+    )
     summary = train_and_evaluate(_CONFIG.value, workdir)
     print(f"\nworkdir: {workdir}")
-    for k in ("validation_accuracy", "test_accuracy", "lora_params", "head_params",
-              "base_params", "wall_seconds", "tokens_per_second"):
+    for k in (
+        "validation_accuracy",
+        "test_accuracy",
+        "lora_params",
+        "head_params",
+        "base_params",
+        "wall_seconds",
+        "tokens_per_second",
+    ):
         v = summary[k]
         print(f"  {k:20s} {v:.4f}" if isinstance(v, float) else f"  {k:20s} {v}")
 

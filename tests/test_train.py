@@ -20,18 +20,33 @@ from lorax.checkpoints.state import Checkpointer
 from lorax.models import encoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A Hugging Face-layout BERT directory: random tiny weights, MiniLM's real tokenizer."""
     d = tmp_path_factory.mktemp("tiny_bert")
-    cfg = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 64, "num_hidden_layers": 2,
-           "num_attention_heads": 4, "intermediate_size": 256, "max_position_embeddings": 128,
-           "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu",
-           "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "pad_token_id": 0}
+    cfg = {
+        "model_type": "bert",
+        "vocab_size": 30522,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 256,
+        "max_position_embeddings": 128,
+        "type_vocab_size": 2,
+        "layer_norm_eps": 1e-12,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+        "pad_token_id": 0,
+    }
     (d / "config.json").write_text(json.dumps(cfg))
     model = encoder.Encoder(encoder.EncoderConfig.from_hf(cfg), with_pooler=True)
     ids = jnp.zeros((1, 8), jnp.int32)
@@ -51,8 +66,7 @@ def tiny_snli_dir(tmp_path_factory):
     src = assets.resolve("snli")
     for name, n in (("train.jsonl", 600), ("test.jsonl", 200)):
         with open(src / name) as f, open(d / name, "w") as out:
-            for _, line in zip(range(n), f):
-                out.write(line)
+            out.writelines(line for _, line in zip(range(n), f, strict=False))
     return d
 
 
@@ -88,14 +102,22 @@ def read_metrics(workdir):
         return [json.loads(line) for line in f]
 
 
-def test_end_to_end_writes_summary_metrics_and_checkpoints(tiny_model_dir, tiny_snli_dir,
-                                                           tmp_path):
+def test_end_to_end_writes_summary_metrics_and_checkpoints(tiny_model_dir, tiny_snli_dir, tmp_path):
     """A run writes summary.json with the promised keys, metrics.jsonl rows with step and
     split, and adapter-only checkpoints much smaller than the base."""
-    summary = train_lib.train_and_evaluate(tiny_config(tiny_model_dir, tiny_snli_dir),
-                                           str(tmp_path))
-    for key in ("validation_accuracy", "test_accuracy", "lora_params", "head_params",
-                "base_params", "wall_seconds", "tokens_per_second", "config"):
+    summary = train_lib.train_and_evaluate(
+        tiny_config(tiny_model_dir, tiny_snli_dir), str(tmp_path)
+    )
+    for key in (
+        "validation_accuracy",
+        "test_accuracy",
+        "lora_params",
+        "head_params",
+        "base_params",
+        "wall_seconds",
+        "tokens_per_second",
+        "config",
+    ):
         assert key in summary, key
     assert summary["lora_params"] == 2 * 2 * 2 * 64 * 4  # 2 layers x (q, v) x 2·d·r
     assert summary["head_params"] == 64 * 3 + 3
@@ -107,34 +129,43 @@ def test_end_to_end_writes_summary_metrics_and_checkpoints(tiny_model_dir, tiny_
     assert {r["split"] for r in rows} == {"train", "validation", "test"}
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["test_accuracy"] == summary["test_accuracy"]
-    ckpt_bytes = sum(os.path.getsize(os.path.join(r, f))
-                     for r, _, fs in os.walk(tmp_path / "checkpoints") for f in fs)
+    ckpt_bytes = sum(
+        os.path.getsize(os.path.join(r, f))
+        for r, _, fs in os.walk(tmp_path / "checkpoints")
+        for f in fs
+    )
     base_bytes = os.path.getsize(tiny_model_dir / "model.safetensors")
     assert ckpt_bytes < base_bytes / 4
 
 
-def test_steps_leave_the_base_bit_identical_and_keep_no_base_state(tiny_model_dir,
-                                                                   tiny_snli_dir):
+def test_steps_leave_the_base_bit_identical_and_keep_no_base_state(tiny_model_dir, tiny_snli_dir):
     """After training steps every frozen base leaf is bit-identical, the delta and head have
     moved, and no optimizer-state leaf has the size of a base leaf."""
     config = tiny_config(tiny_model_dir, tiny_snli_dir)
     setup = train_lib.build(config)
     tx = train_lib.make_optimizer(config)
     step = train_lib.jit_train_step(
-        train_lib.make_train_step(train_lib.make_forward(setup.model, setup.spec), tx),
-        setup.mesh)
+        train_lib.make_train_step(train_lib.make_forward(setup.model, setup.spec), tx), setup.mesh
+    )
     trainable = {"delta": setup.delta, "head": setup.head}
-    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
-             "opt_state": tx.init(trainable)}
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "trainable": trainable,
+        "opt_state": tx.init(trainable),
+    }
     before = jax.tree_util.tree_map(np.array, setup.frozen)
     start = jax.tree_util.tree_map(np.array, trainable)
     batcher = train_lib.data_lib.Batcher(setup.task.splits["train"], 16, (32, 64), seed=0)
     for i in range(3):
         state, _ = step(state, setup.frozen, batcher.train_batch(i), jax.random.key(0))
-    jax.tree_util.tree_map(np.testing.assert_array_equal, before,
-                           jax.tree_util.tree_map(np.array, setup.frozen))
-    moved = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), start,
-                                   jax.tree_util.tree_map(np.array, state["trainable"]))
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, before, jax.tree_util.tree_map(np.array, setup.frozen)
+    )
+    moved = jax.tree_util.tree_map(
+        lambda a, b: not np.array_equal(a, b),
+        start,
+        jax.tree_util.tree_map(np.array, state["trainable"]),
+    )
     assert all(jax.tree_util.tree_leaves(moved))
     base_sizes = {x.size for x in jax.tree_util.tree_leaves(setup.frozen) if x.size > 64 * 8}
     for leaf in jax.tree_util.tree_leaves(state["opt_state"]):
@@ -148,38 +179,49 @@ def _step_flops(config, batch):
     setup = train_lib.build(config)
     tx = train_lib.make_optimizer(config)
     step = train_lib.jit_train_step(
-        train_lib.make_train_step(train_lib.make_forward(setup.model, setup.spec), tx),
-        setup.mesh)
+        train_lib.make_train_step(train_lib.make_forward(setup.model, setup.spec), tx), setup.mesh
+    )
     trainable = {"delta": setup.delta, "head": setup.head}
-    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
-             "opt_state": tx.init(trainable)}
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "trainable": trainable,
+        "opt_state": tx.init(trainable),
+    }
     compiled = step.lower(state, setup.frozen, batch, jax.random.key(0)).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost["flops"])
 
 
-def test_lora_step_flops_are_at_most_three_quarters_of_full_finetuning(tiny_model_dir,
-                                                                       tiny_snli_dir):
+def test_lora_step_flops_are_at_most_three_quarters_of_full_finetuning(
+    tiny_model_dir, tiny_snli_dir
+):
     """XLA's cost analysis of the compiled LoRA step is <= 0.75x the full fine-tuning step on
     the same model and batch: the base's weight gradient is never computed."""
     rng = np.random.default_rng(0)
     b, t = 32, 64
-    batch = {"input_ids": rng.integers(1000, 2000, (b, t)).astype(np.int32),
-             "token_type_ids": np.zeros((b, t), np.int32),
-             "attention_mask": np.ones((b, t), np.int32),
-             "labels": rng.integers(0, 3, b).astype(np.int32),
-             "weights": np.ones(b, np.float32)}
+    batch = {
+        "input_ids": rng.integers(1000, 2000, (b, t)).astype(np.int32),
+        "token_type_ids": np.zeros((b, t), np.int32),
+        "attention_mask": np.ones((b, t), np.int32),
+        "labels": rng.integers(0, 3, b).astype(np.int32),
+        "weights": np.ones(b, np.float32),
+    }
     lora_flops = _step_flops(tiny_config(tiny_model_dir, tiny_snli_dir), batch)
-    full_flops = _step_flops(tiny_config(tiny_model_dir, tiny_snli_dir, method="full",
-                                         **{"train.trainable": (".*",)}), batch)
-    print(f"LoRA step {lora_flops:.3e} FLOPs, full step {full_flops:.3e}: "
-          f"{lora_flops / full_flops:.3f}x")
+    full_flops = _step_flops(
+        tiny_config(tiny_model_dir, tiny_snli_dir, method="full", **{"train.trainable": (".*",)}),
+        batch,
+    )
+    print(
+        f"LoRA step {lora_flops:.3e} FLOPs, full step {full_flops:.3e}: "
+        f"{lora_flops / full_flops:.3f}x"
+    )
     assert lora_flops <= 0.75 * full_flops, (lora_flops, full_flops)
 
 
-def test_resume_after_kill_ends_with_the_same_adapter(tiny_model_dir, tiny_snli_dir,
-                                                      tmp_path, monkeypatch):
+def test_resume_after_kill_ends_with_the_same_adapter(
+    tiny_model_dir, tiny_snli_dir, tmp_path, monkeypatch
+):
     """A run that dies after its step-3 checkpoint (mid step 5) and is rerun with the same
     workdir resumes from step 3 and ends with the same adapter, bit for bit, as a run that was
     never interrupted; its metrics.jsonl has each train step exactly once."""
@@ -211,8 +253,9 @@ def test_resume_after_kill_ends_with_the_same_adapter(tiny_model_dir, tiny_snli_
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_eight_fake_devices_follow_the_one_device_loss_curve(tiny_model_dir, tiny_snli_dir,
-                                                              tmp_path):
+def test_eight_fake_devices_follow_the_one_device_loss_curve(
+    tiny_model_dir, tiny_snli_dir, tmp_path
+):
     """On 8 fake CPU devices (batch split 8 ways) the loss of 5 steps matches the 1-device
     run within 1e-4 relative."""
     script = f"""
@@ -228,41 +271,52 @@ for n in (1, 8):
     c.train.num_steps = 5
     train.train_and_evaluate(c, {str(tmp_path)!r} + f"/d{{n}}")
 """
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=REPO)
-    one, eight = ([r["loss"] for r in read_metrics(tmp_path / f"d{n}") if r["split"] == "train"]
-                  for n in (1, 8))
+    one, eight = (
+        [r["loss"] for r in read_metrics(tmp_path / f"d{n}") if r["split"] == "train"]
+        for n in (1, 8)
+    )
     assert len(one) == len(eight) == 5
     np.testing.assert_allclose(eight, one, rtol=1e-4)
     assert json.loads((tmp_path / "d8" / "summary.json").read_text())["devices"] == 8
 
 
-def test_nonfinite_loss_stops_with_step_and_checkpoint(tiny_model_dir, tiny_snli_dir,
-                                                       tmp_path):
+def test_nonfinite_loss_stops_with_step_and_checkpoint(tiny_model_dir, tiny_snli_dir, tmp_path):
     """An infinite learning rate makes the loss NaN; the run stops naming the step and the
     last good checkpoint."""
-    config = tiny_config(tiny_model_dir, tiny_snli_dir,
-                         **{"train.learning_rate": float("inf"), "train.warmup_fraction": 0.0})
+    config = tiny_config(
+        tiny_model_dir,
+        tiny_snli_dir,
+        **{"train.learning_rate": float("inf"), "train.warmup_fraction": 0.0},
+    )
     with pytest.raises(train_lib.NonFiniteLossError, match=r"NaN/Inf at step \d+.*checkpoint"):
         train_lib.train_and_evaluate(config, str(tmp_path))
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"lora.targets": "q,qq"}, "unknown LoRA target 'qq'; valid names are"),
-    ({"lora.rank": 0}, "must be a positive integer"),
-    ({"lora.rank": 65}, r"larger than min\(d_in, d_out\) = 64"),
-    ({"lora.targets": r"attn/query/kernel$"}, "matches no kernel"),
-    ({"lora.layers": "7"}, "matches no kernel in layers"),
-    ({"train.batch_size": 12, "mesh.data": -1}, None),  # valid on one device
-    ({"train.trainable": ("^nohead/",)}, "train.trainable pattern '\\^nohead/' matches no"),
-    ({"task.name": "mnli"}, "task.name = 'mnli' is not a known task"),
-    ({"method": "prefix"}, "method = 'prefix' is not valid"),
-    ({"model.dtype": "float16"}, "model.dtype = 'float16' is not valid"),
-    ({"model.name": "no-such-model"}, "no-such-model"),
-])
-def test_bad_configs_fail_before_training_with_clear_errors(tiny_model_dir, tiny_snli_dir,
-                                                            overrides, message):
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"lora.targets": "q,qq"}, "unknown LoRA target 'qq'; valid names are"),
+        ({"lora.rank": 0}, "must be a positive integer"),
+        ({"lora.rank": 65}, r"larger than min\(d_in, d_out\) = 64"),
+        ({"lora.targets": r"attn/query/kernel$"}, "matches no kernel"),
+        ({"lora.layers": "7"}, "matches no kernel in layers"),
+        ({"train.batch_size": 12, "mesh.data": -1}, None),  # valid on one device
+        ({"train.trainable": ("^nohead/",)}, "train.trainable pattern '\\^nohead/' matches no"),
+        ({"task.name": "mnli"}, "task.name = 'mnli' is not a known task"),
+        ({"method": "prefix"}, "method = 'prefix' is not valid"),
+        ({"model.dtype": "float16"}, "model.dtype = 'float16' is not valid"),
+        ({"model.name": "no-such-model"}, "no-such-model"),
+    ],
+)
+def test_bad_configs_fail_before_training_with_clear_errors(
+    tiny_model_dir, tiny_snli_dir, overrides, message
+):
     """Each bad config raises before any training, naming the field and what is valid."""
     config = tiny_config(tiny_model_dir, tiny_snli_dir, **overrides)
     if message is None:
@@ -284,21 +338,31 @@ def test_batch_not_divisible_over_devices_is_refused():
         train_lib.sharding.check_batch_size(12, EightWay(), "train.batch_size")
 
 
-def test_command_line_runs_and_rejects_unknown_override(tiny_model_dir, tiny_snli_dir,
-                                                        tmp_path):
+def test_command_line_runs_and_rejects_unknown_override(tiny_model_dir, tiny_snli_dir, tmp_path):
     """`python -m lorax.train --config=configs/wq_wv_r4.py` with overrides trains and prints
     the summary; a misspelt override key fails (lock_config)."""
-    common = [sys.executable, "-m", "lorax.train", "--config=configs/wq_wv_r4.py",
-              f"--config.model.name={tiny_model_dir}", f"--config.task.data={tiny_snli_dir}",
-              "--config.task.max_length=64", "--config.task.buckets=(32,64)",
-              "--config.task.validation_size=64", "--config.train.batch_size=16",
-              "--config.train.num_steps=2", "--config.eval_every=0",
-              "--config.eval_batch_size=32", f"--workdir={tmp_path / 'cli'}"]
+    common = [
+        sys.executable,
+        "-m",
+        "lorax.train",
+        "--config=configs/wq_wv_r4.py",
+        f"--config.model.name={tiny_model_dir}",
+        f"--config.task.data={tiny_snli_dir}",
+        "--config.task.max_length=64",
+        "--config.task.buckets=(32,64)",
+        "--config.task.validation_size=64",
+        "--config.train.batch_size=16",
+        "--config.train.num_steps=2",
+        "--config.eval_every=0",
+        "--config.eval_batch_size=32",
+        f"--workdir={tmp_path / 'cli'}",
+    ]
     out = subprocess.run(common, cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "test_accuracy" in out.stdout
     assert (tmp_path / "cli" / "summary.json").exists()
-    bad = subprocess.run(common + ["--config.lora.rnak=8"], cwd=REPO, capture_output=True,
-                         text=True)
+    bad = subprocess.run(
+        common + ["--config.lora.rnak=8"], cwd=REPO, capture_output=True, text=True
+    )
     assert bad.returncode != 0
     assert "rnak" in bad.stderr

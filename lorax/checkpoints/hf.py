@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 from lorax import paths
-from lorax.models.encoder import EncoderConfig
+from lorax.models.encoder import EncoderConfig, param_shapes
 
-# Hugging Face BERT names -> canonical paths. "{i}" is the layer index; "T" marks a PyTorch
-# Linear weight [out, in] that is transposed to our [in, out] kernel.
+# --- name tables ---------------------------------------------------------------------------
+# One table per model family: (Hugging Face name, canonical path, transpose). "{i}" is the
+# layer index; transpose marks a PyTorch Linear weight [out, in] that becomes our [in, out].
+
 BERT_NAMES: tuple[tuple[str, str, bool], ...] = (
     ("embeddings.word_embeddings.weight", "embed/token/embedding", False),
     ("embeddings.position_embeddings.weight", "embed/position/embedding", False),
@@ -40,29 +44,133 @@ BERT_NAMES: tuple[tuple[str, str, bool], ...] = (
     ("pooler.dense.weight", "pooler/kernel", True),
     ("pooler.dense.bias", "pooler/bias", False),
 )
-# Keys a BERT checkpoint may hold that the encoder does not use.
-BERT_IGNORED = re.compile(r"^(embeddings\.position_ids|cls\..*|classifier\..*)$")
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(\d+)") + "$")
 
 
-_BERT_FROM_HF = [(_template_regex(hf), ours, t) for hf, ours, t in BERT_NAMES]
+@dataclasses.dataclass(frozen=True)
+class NameMap:
+    """A family's name table, compiled for both directions.
+
+    Attributes:
+      family: what the table is for, used in error messages ("BERT").
+      names: (hf name, canonical path, transpose) templates.
+      prefixes: optional leading parts of HF names (e.g. "bert." in task checkpoints).
+      ignored: HF names the model does not use (buffers, other heads), a full-match regex.
+      renames: (regex, replacement) applied to an HF name first (old spellings).
+    """
+
+    family: str
+    names: tuple[tuple[str, str, bool], ...]
+    prefixes: tuple[str, ...] = ()
+    ignored: str = r"(?!)"
+    renames: tuple[tuple[str, str], ...] = ()
+
+    @functools.cached_property
+    def _from_hf(self) -> list[tuple[re.Pattern[str], tuple[str, str, bool]]]:
+        return [(_template_regex(row[0]), row) for row in self.names]
+
+    @functools.cached_property
+    def _to_hf(self) -> list[tuple[re.Pattern[str], tuple[str, str, bool]]]:
+        return [(_template_regex(row[1]), row) for row in self.names]
+
+    def to_canonical(self, key: str) -> tuple[str, bool] | None:
+        """``(canonical path, transpose)`` for an HF name; None if ignored; KeyError if unknown."""
+        for prefix in self.prefixes:
+            key = key.removeprefix(prefix)
+        for pattern, repl in self.renames:
+            key = re.sub(pattern, repl, key)
+        if re.fullmatch(self.ignored, key):
+            return None
+        for regex, (_, ours, transpose) in self._from_hf:
+            m = regex.match(key)
+            if m:
+                return _fill(ours, m), transpose
+        raise KeyError(key)
+
+    def to_hf(self, path: str) -> tuple[str, bool]:
+        """``(HF name, transpose)`` for a canonical path; KeyError if it has none."""
+        for regex, (hf, _, transpose) in self._to_hf:
+            m = regex.match(path)
+            if m:
+                return _fill(hf, m), transpose
+        raise KeyError(path)
+
+
+def _fill(template: str, m: re.Match[str]) -> str:
+    return template.replace("{i}", m.group(1)) if m.groups() else template
+
+
+BERT = NameMap(
+    family="BERT",
+    names=BERT_NAMES,
+    prefixes=("bert.",),  # BertForSequenceClassification & co. nest the encoder under "bert."
+    # position_ids is a buffer; cls.* (pretraining heads) and classifier.* are task heads.
+    ignored=r"embeddings\.position_ids|cls\..*|classifier\..*",
+    renames=((r"\.gamma$", ".weight"), (r"\.beta$", ".bias")),  # pre-2019 LayerNorm names
+)
+
+# --- files ---------------------------------------------------------------------------------
+
+# safetensors dtype codes -> numpy dtypes; bf16 and fp8 come from ml_dtypes (numpy lacks them).
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 def read_config(model_dir: str | os.PathLike) -> dict:
     """The ``config.json`` of a Hugging Face model directory."""
     path = os.path.join(os.fspath(model_dir), "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{model_dir} has no config.json; expected a Hugging Face model "
-                                "directory (config.json + model.safetensors)")
+        raise FileNotFoundError(
+            f"{model_dir} has no config.json; expected a Hugging Face model "
+            "directory (config.json + model.safetensors)"
+        )
     with open(path) as f:
         return json.load(f)
 
 
+def read_safetensors_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of one ``.safetensors`` file, as read-only numpy views of a memory map.
+
+    Read directly (an 8-byte little-endian header length, a JSON header, then raw bytes) rather
+    than through ``safetensors.numpy``, which cannot represent bf16 tensors.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        (n,) = np.frombuffer(f.read(8), "<u8")
+        header = json.loads(f.read(int(n)))
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + int(n))
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(
+                f"{path}: tensor {key!r} has dtype {info['dtype']}; readable: {sorted(_DTYPES)}"
+            )
+        begin, end = info["data_offsets"]
+        dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
+        tensors[key] = data[begin:end].view(dtype).reshape(info["shape"])
+    return tensors
+
+
 def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every tensor of ``model.safetensors`` or of the shards a ``*.index.json`` lists."""
+    """Every tensor of ``model.safetensors`` or of the shards ``model.safetensors.index.json``
+    lists, by Hugging Face name."""
     model_dir = os.fspath(model_dir)
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -71,100 +179,127 @@ def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     elif os.path.exists(os.path.join(model_dir, "model.safetensors")):
         files = ["model.safetensors"]
     else:
-        raise FileNotFoundError(f"{model_dir} has neither model.safetensors nor "
-                                "model.safetensors.index.json")
+        raise FileNotFoundError(
+            f"{model_dir} has neither model.safetensors nor model.safetensors.index.json"
+        )
     tensors = {}
     for name in files:
-        with safe_open(os.path.join(model_dir, name), framework="numpy") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+        tensors.update(read_safetensors_file(os.path.join(model_dir, name)))
     return tensors
 
 
-def _hf_to_canonical(key: str) -> tuple[str, bool] | None:
-    key = key.replace(".gamma", ".weight").replace(".beta", ".bias")
-    for regex, ours, transpose in _BERT_FROM_HF:
-        m = regex.match(key)
-        if m:
-            return (ours.replace("{i}", m.group(1)) if m.groups() else ours), transpose
-    return None
+def to_canonical(
+    tensors: Mapping[str, np.ndarray], names: NameMap, dtype, where: str = "checkpoint"
+) -> dict[str, np.ndarray]:
+    """Renames (and transposes) HF tensors to flat canonical paths, in numpy ``dtype``.
+
+    Raises:
+      ValueError: a key the table does not know, or two keys mapping to one path.
+    """
+    flat, source = {}, {}
+    for key in sorted(tensors):
+        try:
+            mapped = names.to_canonical(key)
+        except KeyError:
+            raise ValueError(
+                f"{where}: key {key!r} is not a {names.family} weight lorax knows; "
+                f"known names look like {names.names[5][0]!r}"
+            ) from None
+        if mapped is None:
+            continue
+        path, transpose = mapped
+        if path in flat:  # e.g. both "bert.x" and "x" present: refuse rather than pick one
+            raise ValueError(f"{where}: keys {source[path]!r} and {key!r} both give {path}")
+        value = np.asarray(tensors[key])
+        flat[path] = np.ascontiguousarray((value.T if transpose else value).astype(dtype))
+        source[path] = key
+    return flat
 
 
-def load_encoder(model_dir: str | os.PathLike,
-                 dtype=np.float32) -> tuple[EncoderConfig, dict]:
+def check_shapes(
+    flat: Mapping[str, np.ndarray],
+    want: Mapping[str, Sequence[int]],
+    where: str,
+    optional: Sequence[str] = (),
+) -> None:
+    """Raises naming the first missing, unexpected or wrongly shaped path.
+
+    Args:
+      flat: canonical path -> array, as loaded.
+      want: canonical path -> the shape the model (and config.json) implies.
+      where: the checkpoint, for the message.
+      optional: path prefixes that may be absent (e.g. "pooler/").
+    """
+    for path in sorted(want):
+        if path not in flat:
+            if path.startswith(tuple(optional)):
+                continue
+            raise ValueError(f"{where}: checkpoint lacks the weight for {path} {tuple(want[path])}")
+        if tuple(flat[path].shape) != tuple(want[path]):
+            raise ValueError(
+                f"{where}: {path} has shape {tuple(flat[path].shape)}; config.json implies "
+                f"{tuple(want[path])}"
+            )
+    extra = sorted(set(flat) - set(want))
+    if extra:
+        raise ValueError(
+            f"{where}: checkpoint has {extra[0]}, which the model defined by config.json "
+            "does not have (more layers than num_hidden_layers?)"
+        )
+
+
+# --- BERT family ---------------------------------------------------------------------------
+
+
+def load_encoder(model_dir: str | os.PathLike, dtype=np.float32) -> tuple[EncoderConfig, dict]:
     """Reads a Hugging Face BERT-family directory into ``(EncoderConfig, params)``.
 
-    ``params`` is the nested dict of the :class:`~lorax.models.encoder.Encoder` module (no
-    "encoder" prefix), in numpy ``dtype``. A ``bert.`` prefix (as in task checkpoints) is
-    accepted. Unknown keys, missing weights and wrong shapes are errors naming the key.
+    Args:
+      model_dir: a directory with ``config.json`` and ``model.safetensors`` (or shards listed in
+        ``model.safetensors.index.json``).
+      dtype: numpy dtype of the returned arrays (``ml_dtypes.bfloat16`` for a bf16 base).
+
+    Returns:
+      The config and the nested param dict of :class:`lorax.models.encoder.Encoder` (no
+      "encoder" prefix), numpy arrays. The pooler is included when the checkpoint has one.
+
+    Raises:
+      ValueError: a non-BERT ``model_type``, an unknown key, a missing weight or a wrong shape;
+        the message names the key or path and the expected shape.
     """
     raw = read_config(model_dir)
-    if raw.get("model_type", "bert") not in ("bert",):
-        raise ValueError(f"{model_dir}: model_type {raw.get('model_type')!r} is not a BERT-family "
-                         "encoder; supported: 'bert'")
+    if raw.get("model_type", "bert") != "bert":
+        raise ValueError(
+            f"{model_dir}: model_type {raw.get('model_type')!r} is not a BERT-family "
+            "encoder; supported: 'bert'"
+        )
     config = EncoderConfig.from_hf(raw)
-    flat = {}
-    for key, value in read_safetensors(model_dir).items():
-        key = key.removeprefix("bert.")
-        if BERT_IGNORED.match(key):
-            continue
-        mapped = _hf_to_canonical(key)
-        if mapped is None:
-            raise ValueError(f"{model_dir}: checkpoint key {key!r} is not a BERT weight lorax "
-                             f"knows; known names look like {BERT_NAMES[5][0]!r}")
-        path, transpose = mapped
-        flat[path] = np.ascontiguousarray(value.T if transpose else value).astype(dtype)
-    _check_encoder_shapes(flat, config, model_dir)
+    flat = to_canonical(read_safetensors(model_dir), BERT, dtype, where=str(model_dir))
+    # A checkpoint without a pooler is fine for mean pooling; init_params asks for it for "cls".
+    check_shapes(flat, param_shapes(config), str(model_dir), optional=("pooler/",))
     return config, paths.unflatten(flat)
 
 
-def encoder_shapes(config: EncoderConfig) -> dict[str, tuple[int, ...]]:
-    """The canonical path -> shape table of a BERT encoder (with pooler)."""
-    d, f = config.hidden_size, config.intermediate_size
-    shapes = {"embed/token/embedding": (config.vocab_size, d),
-              "embed/position/embedding": (config.max_position_embeddings, d),
-              "embed/type/embedding": (config.type_vocab_size, d),
-              "embed/norm/scale": (d,), "embed/norm/bias": (d,),
-              "pooler/kernel": (d, d), "pooler/bias": (d,)}
-    for i in range(config.num_layers):
-        p = f"layers_{i}/"
-        for n in "qkvo":
-            shapes[p + f"attn/{n}/kernel"], shapes[p + f"attn/{n}/bias"] = (d, d), (d,)
-        shapes[p + "mlp/mlp_in/kernel"], shapes[p + "mlp/mlp_in/bias"] = (d, f), (f,)
-        shapes[p + "mlp/mlp_out/kernel"], shapes[p + "mlp/mlp_out/bias"] = (f, d), (d,)
-        for n in ("attn_norm", "mlp_norm"):
-            shapes[p + f"{n}/scale"], shapes[p + f"{n}/bias"] = (d,), (d,)
-    return shapes
-
-
-def _check_encoder_shapes(flat, config, where) -> None:
-    want = encoder_shapes(config)
-    for path in sorted(want):
-        if path.startswith("pooler/") and path not in flat:
-            continue  # a checkpoint without a pooler is fine for mean pooling
-        if path not in flat:
-            raise ValueError(f"{where}: checkpoint lacks the weight for {path} {want[path]}")
-        if flat[path].shape != want[path]:
-            raise ValueError(f"{where}: {path} has shape {flat[path].shape}; config.json implies "
-                             f"{want[path]}")
-    extra = sorted(set(flat) - set(want))
-    if extra:
-        raise ValueError(f"{where}: checkpoint has {extra[0]}, beyond the {config.num_layers} "
-                         "layers config.json declares")
-
-
 def encoder_to_hf(params: Mapping) -> dict[str, np.ndarray]:
-    """Inverse of :func:`load_encoder`'s mapping: canonical encoder params -> HF BERT names."""
+    """Inverse of :func:`load_encoder`'s mapping: canonical encoder params -> HF BERT names.
+
+    Args:
+      params: the :class:`Encoder`'s params (no "encoder" prefix), plain arrays (merge any LoRA
+        delta first).
+
+    Returns:
+      ``{hf name: array}`` with Linear weights back in PyTorch's [out, in] layout, ready for
+      ``safetensors.numpy.save_file``.
+    """
     out = {}
-    inverse = [(_template_regex(ours), hf, t) for hf, ours, t in BERT_NAMES]
     for path, value in paths.flatten(params).items():
-        for regex, hf, transpose in inverse:
-            m = regex.match(path)
-            if m:
-                name = hf.replace("{i}", m.group(1)) if m.groups() else hf
-                value = np.asarray(value)
-                out[name] = np.ascontiguousarray(value.T if transpose else value)
-                break
-        else:
-            raise ValueError(f"encoder param {path} has no Hugging Face BERT name")
+        try:
+            name, transpose = BERT.to_hf(path)
+        except KeyError:
+            raise ValueError(
+                f"encoder param {path} has no Hugging Face BERT name (is it a LoraWeight or a "
+                "classifier param? pass the merged encoder subtree)"
+            ) from None
+        value = np.asarray(value)
+        out[name] = np.ascontiguousarray(value.T if transpose else value)
     return out

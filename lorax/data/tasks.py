@@ -1,13 +1,18 @@
-"""Tasks: rows of a local data set -> tokenized examples with labels, bad rows skipped and counted."""
+"""Tasks: rows of a local data set -> tokenized, labelled examples; bad rows skipped, counted."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+# The validation hold-out is drawn with this fixed seed, never the run's seed, so every run of
+# every seed in a sweep is validated on the same rows.
+VALIDATION_SEED = 0
 
 
 @dataclasses.dataclass
@@ -18,19 +23,34 @@ class Examples:
     token_type_ids: list[np.ndarray]  # int32 each, same lengths as input_ids
     labels: np.ndarray  # int32 [N]
 
+    def __post_init__(self):
+        if not len(self.input_ids) == len(self.token_type_ids) == len(self.labels):
+            raise ValueError(
+                f"Examples: {len(self.input_ids)} input_ids, {len(self.token_type_ids)} "
+                f"token_type_ids and {len(self.labels)} labels; they must be equal"
+            )
+
     def __len__(self) -> int:
         return len(self.labels)
 
     def take(self, indices: Sequence[int]) -> Examples:
-        """The examples at ``indices``, in that order."""
-        return Examples([self.input_ids[i] for i in indices],
-                        [self.token_type_ids[i] for i in indices],
-                        self.labels[np.asarray(indices, dtype=np.int64)])
+        """Returns the examples at ``indices``, in that order."""
+        return Examples(
+            [self.input_ids[i] for i in indices],
+            [self.token_type_ids[i] for i in indices],
+            self.labels[np.asarray(indices, dtype=np.int64)],
+        )
 
 
 @dataclasses.dataclass
 class TaskData:
-    """Every split of a task, its label names, and counts of what was skipped or truncated."""
+    """Every split of a task, its label names, and counts of what was read, skipped, cut.
+
+    ``counts`` keys: ``<file>/file_rows`` (records read from the train or test file),
+    ``<file>/skipped_<reason>`` (reason: no_gold_label, missing_field, empty_text; the train
+    file's skips happen before the validation hold-out), ``<split>/rows`` (examples in each of
+    train/validation/test) and ``<split>/truncated`` (examples cut to max_length).
+    """
 
     splits: dict[str, Examples]  # "train", "validation", "test"
     label_names: tuple[str, ...]
@@ -42,7 +62,7 @@ class PairClassification:
     """A sentence-pair classification task read from JSONL files.
 
     Attributes:
-      files: split -> file name inside the data directory ("train", "test").
+      files: split -> file name inside the data directory; needs "train" and "test".
       text_fields: the two text fields of a row.
       label_field: the field holding the label name.
       label_names: valid labels, in class-index order.
@@ -56,43 +76,62 @@ class PairClassification:
     skip_labels: tuple[str, ...] = ()
 
     def load(self, data_dir, tokenizer, *, max_length: int, validation_size: int) -> TaskData:
+        """See :func:`load_task`."""
         counts: dict[str, int] = {}
-        raw = {split: self._read(os.path.join(os.fspath(data_dir), file), split, counts)
-               for split, file in self.files.items()}
+        raw = {
+            split: self._read(os.path.join(os.fspath(data_dir), file), split, counts)
+            for split, file in self.files.items()
+        }
         train_rows = raw["train"]
-        if not 0 <= validation_size < len(train_rows[2]):
-            raise ValueError(f"task.validation_size = {validation_size} must be in "
-                             f"0..{len(train_rows[2]) - 1} (usable train rows)")
-        # A fixed permutation (seed 0, not the run's seed): every run and every seed holds out
-        # the same validation rows, so validation numbers are comparable across a sweep.
-        order = np.random.default_rng(0).permutation(len(train_rows[2]))
+        usable = len(train_rows[2])
+        if not 0 <= validation_size < usable:
+            raise ValueError(
+                f"task.validation_size = {validation_size} must be in 0..{usable - 1} "
+                f"(the train file has {usable} usable rows)"
+            )
+        order = np.random.default_rng(VALIDATION_SEED).permutation(usable)
+        # Sorted, so both splits keep file order (the training order comes from the Batcher).
         held, kept = np.sort(order[:validation_size]), np.sort(order[validation_size:])
-        pick = lambda rows, idx: tuple([r[i] for i in idx] for r in rows)  # noqa: E731
-        raw = {"train": pick(train_rows, kept), "validation": pick(train_rows, held),
-               "test": raw["test"]}
+        pick = lambda rows, idx: tuple([r[i] for i in idx] for r in rows)
+        raw = {
+            "train": pick(train_rows, kept),
+            "validation": pick(train_rows, held),
+            "test": raw["test"],
+        }
         splits = {}
         for split, (first, second, labels) in raw.items():
-            splits[split] = encode_pairs(tokenizer, first, second, labels, max_length,
-                                         counts, split)
-            counts[f"{split}/examples"] = len(splits[split])
+            splits[split] = encode_pairs(
+                tokenizer, first, second, labels, max_length=max_length, counts=counts, split=split
+            )
+            counts[f"{split}/rows"] = len(splits[split])
         return TaskData(splits, self.label_names, counts)
 
     def _read(self, path: str, split: str, counts: dict[str, int]):
-        """Rows of one JSONL file as (first texts, second texts, label ids)."""
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} does not exist; the task needs {sorted(self.files.values())}")
+        """Rows of one JSONL file as (first texts, second texts, label ids); counts skips."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} does not exist; the task needs the files {sorted(self.files.values())} "
+                "in its data directory"
+            )
         import datasets  # heavy; loads JSONL into Arrow
 
-        table = datasets.load_dataset("json", data_files=path, split="train",
-                                      keep_in_memory=True)
+        # A throwaway cache dir: the JSON builder writes Arrow files even with keep_in_memory,
+        # and one cache entry per (possibly temporary) input file would pile up in ~/.cache.
+        # Local files never reach the network (a test checks this with sockets disabled).
+        with tempfile.TemporaryDirectory(prefix="lorax-json-") as tmp:
+            table = datasets.load_dataset(
+                "json", data_files=path, split="train", keep_in_memory=True, cache_dir=tmp
+            )
         for field in (*self.text_fields, self.label_field):
             if field not in table.column_names:
                 raise ValueError(f"{path} has no field {field!r}; fields: {table.column_names}")
+        # to_dict: one Arrow->Python conversion per column, ~10x faster than iterating rows.
+        columns = table.select_columns([*self.text_fields, self.label_field]).to_dict()
         index = {name: i for i, name in enumerate(self.label_names)}
         a_texts, b_texts, labels = [], [], []
         skipped = {"no_gold_label": 0, "missing_field": 0, "empty_text": 0}
-        columns = [table[f] for f in (*self.text_fields, self.label_field)]
-        for row, (a, b, label) in enumerate(zip(*columns), start=1):
+        rows = zip(*(columns[f] for f in (*self.text_fields, self.label_field)), strict=True)
+        for row, (a, b, label) in enumerate(rows, start=1):
             if label is None or a is None or b is None:
                 skipped["missing_field"] += 1
             elif label in self.skip_labels:
@@ -100,63 +139,106 @@ class PairClassification:
             elif not str(a).strip() or not str(b).strip():
                 skipped["empty_text"] += 1
             elif label not in index:
-                raise ValueError(f"{path} row {row}: {self.label_field} = {label!r} is not a "
-                                 f"valid label; valid: {list(self.label_names)} or "
-                                 f"{list(self.skip_labels)} (skipped)")
+                raise ValueError(
+                    f"{path} row {row} (1-based): {self.label_field} = {label!r} is not a valid "
+                    f"label; valid: {list(self.label_names)}, or {list(self.skip_labels)} "
+                    "for rows to skip"
+                )
             else:
                 a_texts.append(str(a))
                 b_texts.append(str(b))
                 labels.append(index[label])
-        counts[f"{split}/rows"] = len(table)
+        counts[f"{split}/file_rows"] = len(table)
         for reason, n in skipped.items():
             counts[f"{split}/skipped_{reason}"] = n
         return a_texts, b_texts, labels
 
 
-def encode_pairs(tokenizer: Any, first: list[str], second: list[str], labels: list[int],
-                 max_length: int, counts: dict[str, int], split: str) -> Examples:
-    """Tokenizes pairs with the tokenizer's own pair template; truncates to ``max_length``.
+def encode_pairs(
+    tokenizer: Any,
+    first: list[str],
+    second: list[str],
+    labels: list[int],
+    *,
+    max_length: int,
+    counts: dict[str, int],
+    split: str,
+) -> Examples:
+    """Tokenizes pairs as ``[CLS] a [SEP] b [SEP]`` (segment ids 0/1) without padding.
 
-    The tokenizer is asked for no padding and no truncation (the bundled MiniLM tokenizer
-    would otherwise pad and cut at 128); the few over-long pairs are then re-encoded with
-    longest-first truncation and counted under ``<split>/truncated``.
+    The tokenizer is told explicitly not to pad or truncate: the bundled MiniLM tokenizer.json
+    would otherwise pad and cut every pair to 128. Pairs longer than ``max_length`` are then
+    re-encoded with longest-first truncation and counted under ``<split>/truncated``.
+
+    Args:
+      tokenizer: a Hugging Face tokenizer (fast: batched encoding runs in Rust).
+      first, second: the pair texts.
+      labels: class ids, one per pair.
+      max_length: the longest encoding kept, special tokens included.
+      counts: updated with ``<split>/truncated``.
+      split: the split name used in ``counts``.
+
+    Returns:
+      The encoded split.
     """
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    if max_length <= specials:
+        raise ValueError(
+            f"task.max_length = {max_length} leaves no room for text beside the {specials} "
+            "special tokens of a pair; use a larger max_length"
+        )
     kw = dict(padding=False, return_token_type_ids=True, return_attention_mask=False)
-    enc = tokenizer(first, second, truncation=False, **kw) if first else {
-        "input_ids": [], "token_type_ids": []}
-    ids, types = list(enc["input_ids"]), list(enc["token_type_ids"])
+    if first:
+        enc = tokenizer(first, second, truncation=False, **kw)
+        ids, types = list(enc["input_ids"]), list(enc["token_type_ids"])
+    else:
+        ids, types = [], []
     long = [i for i, x in enumerate(ids) if len(x) > max_length]
     if long:
-        cut = tokenizer([first[i] for i in long], [second[i] for i in long],
-                        truncation="longest_first", max_length=max_length, **kw)
+        cut = tokenizer(
+            [first[i] for i in long],
+            [second[i] for i in long],
+            truncation="longest_first",
+            max_length=max_length,
+            **kw,
+        )
         for j, i in enumerate(long):
             ids[i], types[i] = cut["input_ids"][j], cut["token_type_ids"][j]
     counts[f"{split}/truncated"] = len(long)
-    return Examples([np.asarray(x, np.int32) for x in ids],
-                    [np.asarray(x, np.int32) for x in types], np.asarray(labels, np.int32))
+    return Examples(
+        [np.asarray(x, np.int32) for x in ids],
+        [np.asarray(x, np.int32) for x in types],
+        np.asarray(labels, np.int32),
+    )
 
 
 SNLI = PairClassification(
     files={"train": "train.jsonl", "test": "test.jsonl"},
-    text_fields=("sentence1", "sentence2"), label_field="gold_label",
-    label_names=("entailment", "neutral", "contradiction"), skip_labels=("-",))
+    text_fields=("sentence1", "sentence2"),
+    label_field="gold_label",
+    label_names=("entailment", "neutral", "contradiction"),
+    skip_labels=("-",),
+)
 
 TASKS: dict[str, PairClassification] = {"snli": SNLI}
 
 
-def load_task(name: str, data_dir, tokenizer, *, max_length: int,
-              validation_size: int) -> TaskData:
-    """Loads task ``name`` from ``data_dir`` with ``tokenizer``.
+def load_task(name: str, data_dir, tokenizer, *, max_length: int, validation_size: int) -> TaskData:
+    """Loads task ``name`` from the files in ``data_dir``, tokenized with ``tokenizer``.
 
     Args:
       name: a key of :data:`TASKS`.
       data_dir: directory with the task's files (see :func:`lorax.assets.resolve`).
       tokenizer: a Hugging Face (fast) tokenizer.
       max_length: longest example in tokens; longer ones are truncated and counted.
-      validation_size: rows held out of train as the validation split.
+      validation_size: rows held out of the train file as the validation split; the same rows
+        on every call, whatever the run's seed.
+
+    Returns:
+      The splits "train", "validation" and "test" (the task's test file), with counts.
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; valid: {sorted(TASKS)}")
-    return TASKS[name].load(data_dir, tokenizer, max_length=max_length,
-                            validation_size=validation_size)
-
+    return TASKS[name].load(
+        data_dir, tokenizer, max_length=max_length, validation_size=validation_size
+    )

@@ -12,6 +12,7 @@ Param layout (what lorax.lora's canonical target names match)::
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -48,44 +49,63 @@ class EncoderConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
-                             f"{self.num_heads}")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; valid: "
-                             f"{sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not supported; valid: {sorted(ACTIVATIONS)}"
+            )
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> EncoderConfig:
         """Reads a Hugging Face BERT ``config.json`` dict."""
-        names = {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
-                 "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-                 "intermediate_size": "intermediate_size"}
+        names = {
+            "vocab_size": "vocab_size",
+            "hidden_size": "hidden_size",
+            "num_layers": "num_hidden_layers",
+            "num_heads": "num_attention_heads",
+            "intermediate_size": "intermediate_size",
+        }
         missing = [hf for hf in names.values() if hf not in d]
         if missing:
-            raise ValueError(f"config.json lacks {missing}; a BERT config needs {list(names.values())}")
-        return cls(**{ours: int(d[hf]) for ours, hf in names.items()},
-                   max_position_embeddings=int(d.get("max_position_embeddings", 512)),
-                   type_vocab_size=int(d.get("type_vocab_size", 2)),
-                   layer_norm_eps=float(d.get("layer_norm_eps", 1e-12)),
-                   hidden_act=str(d.get("hidden_act", "gelu")),
-                   hidden_dropout=float(d.get("hidden_dropout_prob", 0.1)),
-                   pad_token_id=int(d.get("pad_token_id") or 0))
+            raise ValueError(
+                f"config.json lacks {missing}; a BERT config needs {list(names.values())}"
+            )
+        return cls(
+            **{ours: int(d[hf]) for ours, hf in names.items()},
+            max_position_embeddings=int(d.get("max_position_embeddings", 512)),
+            type_vocab_size=int(d.get("type_vocab_size", 2)),
+            layer_norm_eps=float(d.get("layer_norm_eps", 1e-12)),
+            hidden_act=str(d.get("hidden_act", "gelu")),
+            hidden_dropout=float(d.get("hidden_dropout_prob", 0.1)),
+            pad_token_id=int(d.get("pad_token_id") or 0),
+        )
+
+    def num_params(self, with_pooler: bool = True) -> int:
+        """Parameter count of the :class:`Encoder` (with or without BERT's pooler)."""
+        return sum(math.prod(s) for s in param_shapes(self, with_pooler).values())
 
 
 class _Mlp(nn.Module):
+    """Feed-forward block: mlp_in [D, F] -> activation -> mlp_out [F, D]."""
+
     config: EncoderConfig
     dtype: Any
 
     @nn.compact
     def __call__(self, x_BTD, deterministic):
         c = self.config
-        h_BTF = lnn.Dense(c.intermediate_size, dtype=self.dtype, name="mlp_in")(x_BTD,
-                                                                                 deterministic)
+        h_BTF = lnn.Dense(c.intermediate_size, dtype=self.dtype, name="mlp_in")(
+            x_BTD, deterministic
+        )
         h_BTF = ACTIVATIONS[c.hidden_act](h_BTF)
         return lnn.Dense(c.hidden_size, dtype=self.dtype, name="mlp_out")(h_BTF, deterministic)
 
 
 class _Embeddings(nn.Module):
+    """Token + position (0..T-1) + segment embeddings, then LayerNorm."""
+
     config: EncoderConfig
     dtype: Any
 
@@ -94,13 +114,17 @@ class _Embeddings(nn.Module):
         c = self.config
         embed = lambda n, name: lnn.Embed(n, c.hidden_size, dtype=self.dtype, name=name)  # noqa: E731
         positions_1T = jnp.arange(ids_BT.shape[1])[None, :]
-        x_BTD = (embed(c.vocab_size, "token")(ids_BT)
-                 + embed(c.max_position_embeddings, "position")(positions_1T)
-                 + embed(c.type_vocab_size, "type")(types_BT))
+        x_BTD = (
+            embed(c.vocab_size, "token")(ids_BT)
+            + embed(c.max_position_embeddings, "position")(positions_1T)
+            + embed(c.type_vocab_size, "type")(types_BT)
+        )
         return nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="norm")(x_BTD)
 
 
 class _Layer(nn.Module):
+    """One post-LN BERT layer: x = LN(x + drop(attn(x))); x = LN(x + drop(mlp(x)))."""
+
     config: EncoderConfig
     dtype: Any
 
@@ -109,8 +133,9 @@ class _Layer(nn.Module):
         c = self.config
         drop = nn.Dropout(c.hidden_dropout)
         norm = lambda name: nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
-        h = lnn.Attention(c.num_heads, c.hidden_size // c.num_heads, dtype=self.dtype,
-                          name="attn")(x_BTD, mask_BTS, deterministic)
+        h = lnn.Attention(c.num_heads, c.hidden_size // c.num_heads, dtype=self.dtype, name="attn")(
+            x_BTD, mask_BTS, deterministic
+        )
         x_BTD = norm("attn_norm")(x_BTD + drop(h, deterministic=deterministic))
         h = _Mlp(c, self.dtype, name="mlp")(x_BTD, deterministic)
         return norm("mlp_norm")(x_BTD + drop(h, deterministic=deterministic))
@@ -130,13 +155,29 @@ class Encoder(nn.Module):
     with_pooler: bool = False
 
     @nn.compact
-    def __call__(self, input_ids_BT, token_type_ids_BT, attention_mask_BT,
-                 deterministic: bool = True):
+    def __call__(
+        self, input_ids_BT, token_type_ids_BT, attention_mask_BT, deterministic: bool = True
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Encodes a batch.
+
+        Args:
+          input_ids_BT: token ids [B, T] (int).
+          token_type_ids_BT: segment ids [B, T] (0 = first sentence, 1 = second).
+          attention_mask_BT: 1 for real tokens, 0 for padding [B, T]; padding keys are masked
+            out of attention (padded query rows still get values; ignore them).
+          deterministic: False turns on hidden dropout and LoRA dropout, which then draw from
+            the "dropout" rng: ``apply(..., deterministic=False, rngs={"dropout": key})``.
+
+        Returns:
+          ``(hidden_BTD, pooled_BD)``: the last hidden state in ``dtype``, and BERT's pooler
+          output (tanh(dense(hidden[:, 0]))) when ``with_pooler``, else None.
+        """
         c = self.config
         t = input_ids_BT.shape[1]
         if t > c.max_position_embeddings:
-            raise ValueError(f"sequence length {t} exceeds max_position_embeddings "
-                             f"{c.max_position_embeddings}")
+            raise ValueError(
+                f"sequence length {t} exceeds max_position_embeddings {c.max_position_embeddings}"
+            )
         x_BTD = _Embeddings(c, self.dtype, name="embed")(input_ids_BT, token_type_ids_BT)
         x_BTD = nn.Dropout(c.hidden_dropout)(x_BTD, deterministic=deterministic)
         keys_BS = attention_mask_BT.astype(bool)
@@ -145,15 +186,45 @@ class Encoder(nn.Module):
             x_BTD = _Layer(c, self.dtype, name=f"layers_{i}")(x_BTD, mask_BTS, deterministic)
         pooled_BD = None
         if self.with_pooler:
-            pooled_BD = jnp.tanh(lnn.Dense(c.hidden_size, dtype=self.dtype, name="pooler")(
-                x_BTD[:, 0], deterministic))
+            pooled_BD = jnp.tanh(
+                lnn.Dense(c.hidden_size, dtype=self.dtype, name="pooler")(
+                    x_BTD[:, 0], deterministic
+                )
+            )
         return x_BTD, pooled_BD
 
 
+def param_shapes(config: EncoderConfig, with_pooler: bool = True) -> dict[str, tuple[int, ...]]:
+    """The ``"/"``-joined path -> shape table of :class:`Encoder`'s params.
+
+    Taken from ``jax.eval_shape`` of the module's own ``init`` (nothing is allocated), so the
+    loader's checks cannot drift from the model's definition.
+    """
+    ids = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+    model = Encoder(config, with_pooler=with_pooler)
+    tree = jax.eval_shape(model.init, jax.random.key(0), ids, ids, ids)["params"]
+    return {p: tuple(v.shape) for p, v in paths.flatten(tree).items()}
+
+
+def _head(num_classes: int, dtype: Any) -> lnn.Dense:
+    # One definition for the classifier's head and for init_params, so both init it alike.
+    return lnn.Dense(num_classes, dtype=dtype, name="head")
+
+
 def mean_pool(hidden_BTD: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
-    """Mean over real tokens (the pooling all-MiniLM-L6-v2 was trained with)."""
-    m_BT1 = attention_mask_BT[..., None].astype(hidden_BTD.dtype)
-    return jnp.sum(hidden_BTD * m_BT1, axis=1) / jnp.maximum(jnp.sum(m_BT1, axis=1), 1)
+    """Mean over real tokens (the pooling all-MiniLM-L6-v2 was trained with), in fp32.
+
+    Args:
+      hidden_BTD: hidden states (any float dtype).
+      attention_mask_BT: 1 for real tokens, 0 for padding.
+
+    Returns:
+      [B, D] fp32; a row with no real token gives zeros rather than NaN.
+    """
+    # Summed in fp32: a bf16 sum over T tokens would lose the low bits of every term.
+    m_BT1 = attention_mask_BT[..., None].astype(jnp.float32)
+    total_BD = jnp.sum(hidden_BTD.astype(jnp.float32) * m_BT1, axis=1)
+    return total_BD / jnp.maximum(jnp.sum(m_BT1, axis=1), 1)
 
 
 class EncoderClassifier(nn.Module):
@@ -174,45 +245,65 @@ class EncoderClassifier(nn.Module):
     head_dropout: float = 0.1
 
     @nn.compact
-    def __call__(self, input_ids_BT, token_type_ids_BT, attention_mask_BT,
-                 deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self, input_ids_BT, token_type_ids_BT, attention_mask_BT, deterministic: bool = True
+    ) -> jax.Array:
+        """Logits [B, C] in fp32; arguments as :meth:`Encoder.__call__` (same dropout rng)."""
         if self.pooling not in POOLINGS:
-            raise ValueError(f"model.pooling = {self.pooling!r} is not valid; choose one of "
-                             f"{list(POOLINGS)}")
-        hidden_BTD, pooled_BD = Encoder(self.config, self.dtype, self.pooling == "cls",
-                                        name="encoder")(input_ids_BT, token_type_ids_BT,
-                                                        attention_mask_BT, deterministic)
+            raise ValueError(
+                f"model.pooling = {self.pooling!r} is not valid; choose one of {list(POOLINGS)}"
+            )
+        hidden_BTD, pooled_BD = Encoder(
+            self.config, self.dtype, self.pooling == "cls", name="encoder"
+        )(input_ids_BT, token_type_ids_BT, attention_mask_BT, deterministic)
         if self.pooling == "mean":
             pooled_BD = mean_pool(hidden_BTD, attention_mask_BT)
         pooled_BD = nn.Dropout(self.head_dropout)(pooled_BD, deterministic=deterministic)
-        logits_BC = lnn.Dense(self.num_classes, dtype=self.dtype, name="head")(pooled_BD)
+        logits_BC = _head(self.num_classes, self.dtype)(pooled_BD, deterministic)
         return logits_BC.astype(jnp.float32)
 
 
 def init_params(model: EncoderClassifier, encoder_params: dict, key: jax.Array) -> dict:
     """The classifier's full param tree: pretrained ``encoder_params`` plus a fresh head.
 
-    The pretrained tree is checked against the model's expected shapes (from ``eval_shape``,
-    so no second random encoder is built) and a mismatch names the first offending path.
+    The pretrained tree is checked against the model's expected shapes, taken from
+    ``jax.eval_shape`` so that no second, random encoder is ever allocated; only the head is
+    initialised. A checkpoint's pooler is dropped when ``model.pooling == "mean"`` (unused).
+
+    Args:
+      model: the classifier the params are for.
+      encoder_params: the :class:`Encoder`'s params (e.g. from ``checkpoints.hf.load_encoder``),
+        without the "encoder" prefix; arrays of any dtype, passed through unchanged.
+      key: PRNG key for the head's kernel.
+
+    Returns:
+      ``{"encoder": encoder_params, "head": {"kernel": [D, C], "bias": [C]}}``, head in fp32.
+
+    Raises:
+      ValueError: naming the first (sorted) path that is missing, unexpected, or of the wrong
+        shape, with the shape found and the shape the model needs.
     """
-    ids = jnp.zeros((1, 2), jnp.int32)
+    ids = jax.ShapeDtypeStruct((1, 2), jnp.int32)
     expected = jax.eval_shape(model.init, jax.random.key(0), ids, ids, ids)["params"]
     want = paths.flatten(expected["encoder"])
     got = paths.flatten(encoder_params)
-    if not model.pooling == "cls":  # checkpoints carry a pooler that mean pooling leaves unused
+    if model.pooling != "cls":  # checkpoints carry a pooler that mean pooling leaves unused
         got = {p: v for p, v in got.items() if not p.startswith("pooler/")}
     for path in sorted(set(want) | set(got)):
         if path not in got:
-            raise ValueError(f"pretrained weights lack encoder/{path} {want[path].shape}, "
-                             "which the model needs")
+            raise ValueError(
+                f"pretrained weights lack encoder/{path} {want[path].shape}, which the model needs"
+            )
         if path not in want:
-            raise ValueError(f"pretrained weights have encoder/{path}, which the model does "
-                             "not use")
+            raise ValueError(
+                f"pretrained weights have encoder/{path}, which the model does not use "
+                f"(model params look like: {paths.describe_paths(want, limit=4)})"
+            )
         if tuple(got[path].shape) != tuple(want[path].shape):
-            raise ValueError(f"pretrained encoder/{path} has shape {tuple(got[path].shape)}; "
-                             f"the model needs {tuple(want[path].shape)}")
-    head_shapes = expected["head"]
-    d, c = head_shapes["kernel"].shape
-    head = {"kernel": nn.initializers.lecun_normal()(key, (d, c), jnp.float32),
-            "bias": jnp.zeros((c,), jnp.float32)}
-    return {"encoder": paths.unflatten(got), "head": head}
+            raise ValueError(
+                f"pretrained encoder/{path} has shape {tuple(got[path].shape)}; "
+                f"the model needs {tuple(want[path].shape)}"
+            )
+    d = want["embed/norm/scale"].shape[0]
+    head = _head(model.num_classes, model.dtype).init(key, jnp.zeros((1, d), jnp.float32))
+    return {"encoder": paths.unflatten(got), "head": head["params"]}
