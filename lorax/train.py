@@ -263,6 +263,16 @@ def jit_train_step(train_step: Callable, mesh) -> Callable:
     return jax.jit(train_step, donate_argnums=(0,), out_shardings=(rep, rep))
 
 
+def initial_state(setup: Setup, tx: optax.GradientTransformation) -> dict[str, Any]:
+    """Step 0's ``{"step", "trainable", "opt_state"}``: the new delta, the head, fresh moments."""
+    trainable = {"delta": setup.delta, "head": setup.head}
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "trainable": trainable,
+        "opt_state": tx.init(trainable),
+    }
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -334,13 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_step = jit_train_step(make_train_step(forward, tx), mesh)
     eval_step = evaluate.make_eval_step(forward, mesh)
 
-    trainable = {"delta": setup.delta, "head": setup.head}
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "trainable": trainable,
-        "opt_state": tx.init(trainable),
-    }
-    state = sharding.put_replicated(state, mesh)
+    state = sharding.put_replicated(initial_state(setup, tx), mesh)
     frozen = sharding.put_replicated(setup.frozen, mesh)
     key = jax.random.fold_in(jax.random.key(config.seed), 3)
 

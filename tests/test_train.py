@@ -141,20 +141,9 @@ def test_end_to_end_writes_summary_metrics_and_checkpoints(tiny_model_dir, tiny_
 def test_steps_leave_the_base_bit_identical_and_keep_no_base_state(tiny_model_dir, tiny_snli_dir):
     """After training steps every frozen base leaf is bit-identical, the delta and head have
     moved, and no optimizer-state leaf has the size of a base leaf."""
-    config = tiny_config(tiny_model_dir, tiny_snli_dir)
-    setup = train_lib.build(config)
-    tx = train_lib.make_optimizer(config)
-    step = train_lib.jit_train_step(
-        train_lib.make_train_step(train_lib.make_forward(setup.model, setup.spec), tx), setup.mesh
-    )
-    trainable = {"delta": setup.delta, "head": setup.head}
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "trainable": trainable,
-        "opt_state": tx.init(trainable),
-    }
+    setup, step, state = _jitted_step(tiny_config(tiny_model_dir, tiny_snli_dir))
     before = jax.tree_util.tree_map(np.array, setup.frozen)
-    start = jax.tree_util.tree_map(np.array, trainable)
+    start = jax.tree_util.tree_map(np.array, state["trainable"])
     batcher = train_lib.data_lib.Batcher(setup.task.splits["train"], 16, (32, 64), seed=0)
     for i in range(3):
         state, _ = step(state, setup.frozen, batcher.train_batch(i), jax.random.key(0))
@@ -171,22 +160,21 @@ def test_steps_leave_the_base_bit_identical_and_keep_no_base_state(tiny_model_di
     for leaf in jax.tree_util.tree_leaves(state["opt_state"]):
         assert leaf.size not in base_sizes, leaf.shape
     n_state = sum(x.size for x in jax.tree_util.tree_leaves(state["opt_state"]))
-    n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
+    n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(start))
     assert n_state <= 2 * n_trainable + 16
 
 
-def _step_flops(config, batch):
+def _jitted_step(config):
+    """The trainer's own jitted step and initial state for ``config``."""
     setup = train_lib.build(config)
     tx = train_lib.make_optimizer(config)
-    step = train_lib.jit_train_step(
-        train_lib.make_train_step(train_lib.make_forward(setup.model, setup.spec), tx), setup.mesh
-    )
-    trainable = {"delta": setup.delta, "head": setup.head}
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "trainable": trainable,
-        "opt_state": tx.init(trainable),
-    }
+    forward = train_lib.make_forward(setup.model, setup.spec)
+    step = train_lib.jit_train_step(train_lib.make_train_step(forward, tx), setup.mesh)
+    return setup, step, train_lib.initial_state(setup, tx)
+
+
+def _step_flops(config, batch):
+    setup, step, state = _jitted_step(config)
     compiled = step.lower(state, setup.frozen, batch, jax.random.key(0)).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

@@ -115,6 +115,8 @@ class PairClassification:
             )
         import datasets  # heavy; loads JSONL into Arrow
 
+        datasets.disable_progress_bars()  # one bar per file would interleave with training's
+
         # A throwaway cache dir: the JSON builder writes Arrow files even with keep_in_memory,
         # and one cache entry per (possibly temporary) input file would pile up in ~/.cache.
         # Local files never reach the network (a test checks this with sockets disabled).
