@@ -164,6 +164,25 @@ def test_steps_leave_the_base_bit_identical_and_keep_no_base_state(tiny_model_di
     assert n_state <= 2 * n_trainable + 16
 
 
+def test_bf16_base_with_fp32_adapter_and_optimizer_state(tiny_model_dir, tiny_snli_dir):
+    """With model.base_dtype=bfloat16 the frozen base is stored in bf16 while the delta, the
+    head and every Adam moment stay fp32, and training steps run and lower the loss."""
+    config = tiny_config(
+        tiny_model_dir, tiny_snli_dir, **{"model.base_dtype": "bfloat16", "train.num_steps": 20}
+    )
+    setup, step, state = _jitted_step(config)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(setup.frozen)} == {jnp.dtype("bfloat16")}
+    batcher = train_lib.data_lib.Batcher(setup.task.splits["train"], 16, (32, 64), seed=0)
+    batch = batcher.train_batch(0)
+    losses = []
+    for _ in range(8):  # the same batch: its loss must fall
+        state, sums = step(state, setup.frozen, batch, jax.random.key(0))
+        losses.append(float(sums["loss_sum"] / sums["count"]))
+    floats = [x for x in jax.tree_util.tree_leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert {x.dtype for x in floats} == {jnp.dtype("float32")}
+    assert losses[-1] < losses[0], losses
+
+
 def _jitted_step(config):
     """The trainer's own jitted step and initial state for ``config``."""
     setup = train_lib.build(config)
