@@ -18,15 +18,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.base_dtype = "float32"  # storage dtype of the frozen base: "float32" or "bfloat16"
     c.model.dropout = 0.1  # hidden dropout inside the (frozen) model during training
     c.model.head_dropout = 0.1  # dropout on the pooled vector before the classifier head
+    c.model.scan = False  # decoders: run the layers under nn.scan (compiles one layer, not L)
+    c.model.remat = False  # decoders: recompute each layer's activations in the backward pass
 
     # --- task and data -----------------------------------------------------------------------
     c.task = ml_collections.ConfigDict()
-    c.task.name = "snli"  # task (see lorax/data/tasks.py)
+    c.task.name = "snli"  # task: "snli" (encoders), "snli_text" or "instructions" (causal LMs)
     c.task.data = "snli"  # asset name or local directory holding the task's files
-    c.task.max_length = 128  # tokens per example; longer pairs are truncated and counted
-    c.task.buckets = (32, 64, 128)  # padded lengths; the step compiles once per bucket
+    c.task.max_length = 128  # tokens per example (longer ones are truncated and counted);
+    # for causal-LM tasks also the length of each packed training row
+    c.task.buckets = (32, 64, 128)  # padded lengths; a step compiles once per bucket (for
+    # causal-LM tasks only the scored-choice evaluation uses them)
     c.task.validation_size = 5000  # rows held out of train (same rows for every seed)
     c.task.max_eval_examples = 0  # cap on validation rows used in periodic evals (0 = all)
+    c.task.max_test_examples = 0  # cap on test rows in the final eval (0 = all; smoke tests)
 
     # --- method ------------------------------------------------------------------------------
     c.method = "lora"  # "lora": train a low-rank delta + head; "full": train every base leaf
@@ -46,7 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
     # --- optimisation ------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
     c.train.trainable = ("^head/",)  # regexes of base leaves trained beside the delta (the head)
-    c.train.batch_size = 32  # global batch, split over every device on the "data" mesh axis
+    c.train.batch_size = 32  # global batch (examples, or packed rows for causal-LM tasks),
+    # split over every device on the "data" mesh axis
     c.train.num_steps = 2000  # optimizer steps
     c.train.learning_rate = 5e-4  # peak learning rate of the delta
     c.train.head_learning_rate = 0.0  # peak learning rate of the trainable base leaves (0 = same)

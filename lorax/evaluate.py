@@ -12,7 +12,7 @@ import optax
 
 from lorax import sharding
 
-Forward = Callable[..., jax.Array]  # (trainable, frozen, batch, rng, train) -> logits_BC
+Forward = Callable[..., jax.Array]  # (trainable, frozen, batch, rng, train) -> logits
 
 
 def classification_sums(logits_BC: jax.Array, batch: Mapping[str, jax.Array]) -> dict:
@@ -29,12 +29,63 @@ def classification_sums(logits_BC: jax.Array, batch: Mapping[str, jax.Array]) ->
     }
 
 
-def make_eval_step(forward: Forward, mesh) -> Callable:
-    """``eval_step(trainable, frozen, batch) -> sums``, jitted once per batch shape."""
+def _target_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """log p(target) at every position [B, T], in fp32."""
+    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+
+
+def lm_sums(logits_BTV: jax.Array, batch: Mapping[str, jax.Array]) -> dict:
+    """Next-token loss and accuracy summed over the target tokens (``loss_mask``), with count.
+
+    ``batch["targets"][b, t]`` is the token logits[b, t] predicts; ``loss_mask`` is 1 where it
+    is trained (response tokens), so prompts and padding count nothing.
+    """
+    m_BT = batch["loss_mask"].astype(jnp.float32)
+    logp_BT = _target_logprobs(logits_BTV, batch["targets"])
+    correct_BT = (jnp.argmax(logits_BTV, -1) == batch["targets"]).astype(jnp.float32)
+    return {
+        "loss_sum": -jnp.sum(logp_BT * m_BT),
+        "correct": jnp.sum(correct_BT * m_BT),
+        "count": jnp.sum(m_BT),
+    }
+
+
+def choice_sums(logits_BTV: jax.Array, batch: Mapping[str, jax.Array]) -> dict:
+    """Accuracy of picking the likeliest of C fixed continuations, summed over examples.
+
+    Rows ``b·C + c`` hold example b's prompt followed by choice c (see
+    :class:`lorax.data.ChoiceBatcher`); a choice's score is the summed log-probability of
+    its tokens. The loss is the cross-entropy of the scores, renormalised over the choices.
+    """
+    w_B = batch["weights"].astype(jnp.float32)
+    labels_B = batch["labels"]
+    rows_R = jnp.sum(
+        _target_logprobs(logits_BTV, batch["targets"]) * batch["loss_mask"].astype(jnp.float32),
+        axis=-1,
+    )
+    scores_BC = rows_R.reshape(labels_B.shape[0], -1)
+    ce_B = optax.softmax_cross_entropy_with_integer_labels(scores_BC, labels_B)
+    correct_B = (jnp.argmax(scores_BC, -1) == labels_B).astype(jnp.float32)
+    return {
+        "loss_sum": jnp.sum(ce_B * w_B),
+        "correct": jnp.sum(correct_B * w_B),
+        "count": jnp.sum(w_B),
+    }
+
+
+def make_eval_step(forward: Forward, mesh, sums_fn: Callable = classification_sums) -> Callable:
+    """``eval_step(trainable, frozen, batch) -> sums``, jitted once per batch shape.
+
+    Args:
+      forward: ``(trainable, frozen, batch, rng, train) -> logits``.
+      mesh: the device mesh (sums come back replicated).
+      sums_fn: :func:`classification_sums`, :func:`lm_sums` or :func:`choice_sums`.
+    """
 
     def eval_step(trainable, frozen, batch):
         logits = forward(trainable, frozen, batch, None, False)
-        return classification_sums(logits, batch)
+        return sums_fn(logits, batch)
 
     return jax.jit(eval_step, out_shardings=sharding.replicated(mesh))
 

@@ -182,7 +182,12 @@ def make_spec(
 
 @dataclasses.dataclass(frozen=True)
 class Site:
-    """A resolved target: one kernel path with its rank and scale."""
+    """A resolved target: one kernel path with its rank and scale.
+
+    ``stack`` is the kernel's leading shape when it lies in a scanned stack of layers
+    (``layers/...`` [L, D, F], see :func:`lorax.paths.stack_layers`), else ``()``; its
+    factors then carry the same leading axes: ``a`` [L, D, R], ``b`` [L, R, F].
+    """
 
     path: str
     target: Target
@@ -190,6 +195,12 @@ class Site:
     d_out: int
     rank: int
     scale: float
+    stack: tuple[int, ...] = ()
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of ``a`` and ``b``."""
+        return (*self.stack, self.d_in, self.rank), (*self.stack, self.rank, self.d_out)
 
 
 def resolve(base: Mapping[str, Any], spec: LoraSpec) -> dict[str, Site]:
@@ -197,7 +208,8 @@ def resolve(base: Mapping[str, Any], spec: LoraSpec) -> dict[str, Site]:
 
     Raises:
       ValueError: a target matches nothing (listing paths that exist), matches a leaf that is
-        not a 2-D kernel, or has a rank above min(D, F).
+        not a 2-D kernel (3-D in a scanned layer stack), has a rank above min(D, F), or has a
+        layer filter over scanned layers.
     """
     flat = paths.flatten(base)
     compiled = paths.compile_patterns(t.pattern for t in spec.targets)
@@ -207,15 +219,24 @@ def resolve(base: Mapping[str, Any], spec: LoraSpec) -> dict[str, Site]:
         for i, (target, pattern) in enumerate(zip(spec.targets, compiled, strict=True)):
             if not pattern.search(path):
                 continue
-            if target.layers is not None and paths.layer_index(path) not in target.layers:
-                continue
-            shape = jnp.shape(leaf)
-            if len(shape) != 2:
+            stacked = paths.is_stacked(path)
+            if target.layers is not None:
+                if stacked:
+                    raise ValueError(
+                        f"LoRA target {target.name!r} has a layer filter {list(target.layers)}, "
+                        f"but {path} is a scanned stack of every layer; set model.scan=False "
+                        "to adapt only some layers"
+                    )
+                if paths.layer_index(path) not in target.layers:
+                    continue
+            shape = tuple(jnp.shape(leaf))
+            if len(shape) != 2 + stacked:
                 raise ValueError(
                     f"LoRA target {target.name!r} matched {path} of shape {shape}; "
                     "only 2-D kernels [d_in, d_out] can be adapted"
+                    + (" ([L, d_in, d_out] in a scanned layer stack)" if stacked else "")
                 )
-            d_in, d_out = shape
+            *stack, d_in, d_out = shape
             if target.rank > min(d_in, d_out):
                 raise ValueError(
                     f"LoRA rank {target.rank} for target {target.name!r} is larger than "
@@ -223,7 +244,9 @@ def resolve(base: Mapping[str, Any], spec: LoraSpec) -> dict[str, Site]:
                     f"1..{min(d_in, d_out)}"
                 )
             hits[i] += 1
-            sites[path] = Site(path, target, d_in, d_out, target.rank, spec.scale(target))
+            sites[path] = Site(
+                path, target, d_in, d_out, target.rank, spec.scale(target), tuple(stack)
+            )
             break  # first match wins
     for target, n in zip(spec.targets, hits, strict=True):
         if n == 0:
@@ -242,23 +265,36 @@ def init(
 
     ``a`` is Kaiming-uniform with bound 1/sqrt(D) (the default of ``torch.nn.Linear`` and
     PEFT) or Gaussian with std 1/r (PEFT's "gaussian"). Each kernel's key is folded from
-    ``key`` and a hash of its path, so adding a target does not change the others' init.
+    ``key`` and a hash of its path, so adding a target does not change the others' init. A
+    scanned stack ``layers/X`` [L, ...] draws layer i from the key of ``layers_i/X``, so a
+    model gets the same adapter with ``scan`` on or off.
     """
-    delta = {}
-    for path, site in resolve(base, spec).items():
+
+    def draw(path: str, site: Site) -> jax.Array:
         k = jax.random.fold_in(key, zlib.crc32(path.encode()))
+        shape = (site.d_in, site.rank)
         if spec.init == "kaiming":
             bound = 1.0 / math.sqrt(site.d_in)
-            a = jax.random.uniform(k, (site.d_in, site.rank), dtype, -bound, bound)
+            return jax.random.uniform(k, shape, dtype, -bound, bound)
+        return jax.random.normal(k, shape, dtype) / site.rank
+
+    delta = {}
+    for path, site in resolve(base, spec).items():
+        a_shape, b_shape = site.shapes
+        if site.stack:
+            per_layer = [
+                draw(paths.layer_path(path, i), site) for i in range(math.prod(site.stack))
+            ]
+            a = jnp.stack(per_layer).reshape(a_shape)
         else:
-            a = jax.random.normal(k, (site.d_in, site.rank), dtype) / site.rank
-        delta[path] = {"a": a, "b": jnp.zeros((site.rank, site.d_out), dtype)}
+            a = draw(path, site)
+        delta[path] = {"a": a, "b": jnp.zeros(b_shape, dtype)}
     return paths.unflatten(delta)
 
 
 def _check_fits(base_flat, delta_flat, sites) -> None:
     """Raises if ``delta`` does not have exactly the kernels and shapes ``spec`` implies."""
-    expected = {p: ((s.d_in, s.rank), (s.rank, s.d_out)) for p, s in sites.items()}
+    expected = {p: s.shapes for p, s in sites.items()}
     got = {}
     for key, leaf in delta_flat.items():
         path, _, part = key.rpartition(paths.SEP)

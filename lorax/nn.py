@@ -70,7 +70,11 @@ class Dense(nn.Module):
 
 
 class Embed(nn.Module):
-    """Token embedding [V, D]; the table may be a LoraWeight (rows of ``a`` are gathered)."""
+    """Token embedding [V, D]; the table may be a LoraWeight (rows of ``a`` are gathered).
+
+    ``attend`` multiplies by the transposed table: the output layer of a model with tied
+    embeddings (GPT-2, SmolLM2).
+    """
 
     num_embeddings: int
     features: int
@@ -78,16 +82,28 @@ class Embed(nn.Module):
     param_dtype: Any = jnp.float32
     embedding_init: Initializer = nn.initializers.normal(stddev=0.02)
 
-    @nn.compact
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        table = self.param(
+    def setup(self):
+        self.embedding = self.param(
             "embedding", self.embedding_init, (self.num_embeddings, self.features), self.param_dtype
         )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        table = self.embedding
         if isinstance(table, LoraWeight):
             y = jnp.take(table.w, ids, axis=0).astype(self.dtype)
             z = jnp.take(table.a, ids, axis=0).astype(self.dtype)
             return y + table.scale * (z @ table.b.astype(self.dtype))
         return jnp.take(jnp.asarray(table), ids, axis=0).astype(self.dtype)
+
+    def attend(self, x_BTD: jax.Array) -> jax.Array:
+        """``x @ tableᵀ`` [.., V]; for a LoraWeight table ``x@wᵀ + scale·(x@bᵀ)@aᵀ``."""
+        table = self.embedding
+        x_BTD = x_BTD.astype(self.dtype)
+        if isinstance(table, LoraWeight):
+            y = x_BTD @ table.w.astype(self.dtype).T
+            z = x_BTD @ table.b.astype(self.dtype).T
+            return y + table.scale * (z @ table.a.astype(self.dtype).T)
+        return x_BTD @ jnp.asarray(table).astype(self.dtype).T
 
 
 class Attention(nn.Module):
@@ -100,7 +116,8 @@ class Attention(nn.Module):
       num_heads: H.
       head_dim: E.
       num_kv_heads: K (defaults to H; K < H is grouped-query attention).
-      use_bias: biases on q, k, v, o (BERT and GPT-2 have them; Llama does not).
+      use_bias: biases on q, k, v (BERT and GPT-2 have them, Qwen2 too; Llama does not).
+      o_bias: bias on o; None follows ``use_bias`` (Qwen2 has q/k/v biases but none on o).
       dtype: compute dtype.
     """
 
@@ -108,6 +125,7 @@ class Attention(nn.Module):
     head_dim: int
     num_kv_heads: int | None = None
     use_bias: bool = True
+    o_bias: bool | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Initializer = nn.initializers.lecun_normal()
@@ -119,24 +137,49 @@ class Attention(nn.Module):
         mask_BTS: jax.Array | None = None,
         deterministic: bool = True,
         rope: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
-    ) -> jax.Array:
-        """Self-attention over ``x_BTD``; ``mask_BTS`` is True where a query may attend."""
+        kv_cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    ):
+        """Self-attention over ``x_BTD``; ``mask_BTS`` is True where a query may attend.
+
+        Args:
+          x_BTD: the layer input.
+          mask_BTS: which keys each query sees (S = T without a cache, the cache length with).
+          deterministic: False turns on LoRA dropout (from the "dropout" rng).
+          rope: applied to (q, k) before attention (and before k enters the cache).
+          kv_cache: ``(k_BSKE, v_BSKE, index)``: this call's keys and values are written at
+            slots ``index .. index+T-1`` and the queries attend over the whole cache.
+
+        Returns:
+          ``y_BTD`` without a cache; ``(y_BTD, (k_BSKE, v_BSKE))`` with one.
+        """
         h, e = self.num_heads, self.head_dim
         kv = self.num_kv_heads or h
-        dense = lambda f, name: Dense(
-            f,
-            self.use_bias,
-            self.dtype,
-            self.param_dtype,  # noqa: E731
-            self.kernel_init,
-            name=name,
-        )
+
+        def dense(features, name, use_bias):
+            return Dense(
+                features, use_bias, self.dtype, self.param_dtype, self.kernel_init, name=name
+            )
+
         b, t, _ = x_BTD.shape
-        q_BTHE = dense(h * e, "q")(x_BTD, deterministic).reshape(b, t, h, e)
-        k_BTKE = dense(kv * e, "k")(x_BTD, deterministic).reshape(b, t, kv, e)
-        v_BTKE = dense(kv * e, "v")(x_BTD, deterministic).reshape(b, t, kv, e)
+        q_BTHE = dense(h * e, "q", self.use_bias)(x_BTD, deterministic).reshape(b, t, h, e)
+        k_BTKE = dense(kv * e, "k", self.use_bias)(x_BTD, deterministic).reshape(b, t, kv, e)
+        v_BTKE = dense(kv * e, "v", self.use_bias)(x_BTD, deterministic).reshape(b, t, kv, e)
         if rope is not None:
             q_BTHE, k_BTKE = rope(q_BTHE, k_BTKE)
+        if kv_cache is not None:
+            k_cache, v_cache, index = kv_cache
+            k_BTKE = jax.lax.dynamic_update_slice_in_dim(
+                k_cache, k_BTKE.astype(k_cache.dtype), index, axis=1
+            )
+            v_BTKE = jax.lax.dynamic_update_slice_in_dim(
+                v_cache, v_BTKE.astype(v_cache.dtype), index, axis=1
+            )
         mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
-        out_BTHE = jax.nn.dot_product_attention(q_BTHE, k_BTKE, v_BTKE, mask=mask)
-        return dense(x_BTD.shape[-1], "o")(out_BTHE.reshape(b, t, h * e), deterministic)
+        out_BTHE = jax.nn.dot_product_attention(
+            q_BTHE, k_BTKE.astype(q_BTHE.dtype), v_BTKE.astype(q_BTHE.dtype), mask=mask
+        )
+        o_bias = self.use_bias if self.o_bias is None else self.o_bias
+        y_BTD = dense(x_BTD.shape[-1], "o", o_bias)(out_BTHE.reshape(b, t, h * e), deterministic)
+        if kv_cache is None:
+            return y_BTD
+        return y_BTD, (k_BTKE, v_BTKE)

@@ -6,6 +6,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from flax import traverse_util
 
 SEP = "/"
@@ -92,3 +94,68 @@ def layer_index(path: str) -> int | None:
     """The transformer layer a path belongs to (``layers_3/...`` -> 3), or None."""
     m = _LAYER_RE.search(path)
     return int(m.group(1)) if m else None
+
+
+_LAYER_PREFIX_RE = re.compile(r"^layers_(\d+)/(.*)$")
+STACKED_PREFIX = "layers/"
+
+
+def stack_layers(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """``layers_i/X`` leaves -> one ``layers/X`` leaf stacked on a new leading axis.
+
+    The layout of a model whose layers run under ``nn.scan``. Every layer must hold the same
+    paths with the same shapes (and LoRA nodes with the same rank). Leaves outside
+    ``layers_i`` are kept as they are.
+    """
+    flat = flatten(tree)
+    per_layer: dict[int, dict[str, Any]] = {}
+    out = {}
+    for path, leaf in flat.items():
+        m = _LAYER_PREFIX_RE.match(path)
+        if m:
+            per_layer.setdefault(int(m.group(1)), {})[m.group(2)] = leaf
+        else:
+            out[path] = leaf
+    if not per_layer:
+        return unflatten(out)
+    n = max(per_layer) + 1
+    if sorted(per_layer) != list(range(n)):
+        raise ValueError(f"layers {sorted(set(range(n)) - set(per_layer))} are missing")
+    first = per_layer[0]
+    for i in range(n):
+        if set(per_layer[i]) != set(first):
+            diff = sorted(set(per_layer[i]) ^ set(first))
+            raise ValueError(
+                f"layers_{i} and layers_0 differ at {diff[0]}: stacked (scanned) layers must "
+                "all hold the same params (a LoRA layer filter needs model.scan=False)"
+            )
+    for rest in first:
+        leaves = [per_layer[i][rest] for i in range(n)]
+        out[STACKED_PREFIX + rest] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *leaves)
+    return unflatten(out)
+
+
+def unstack_layers(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`stack_layers`: ``layers/X`` [L, ...] -> ``layers_i/X``."""
+    out = {}
+    for path, leaf in flatten(tree).items():
+        if not path.startswith(STACKED_PREFIX):
+            out[path] = leaf
+            continue
+        rest = path[len(STACKED_PREFIX) :]
+        n = jax.tree_util.tree_leaves(leaf)[0].shape[0]
+        for i in range(n):
+            out[f"layers_{i}/{rest}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], leaf)
+    return unflatten(out)
+
+
+def is_stacked(path: str) -> bool:
+    """Whether a path lies in a scanned stack of layers (its leaves have a leading [L] axis)."""
+    return path.startswith(STACKED_PREFIX) or f"/{STACKED_PREFIX}" in path
+
+
+def layer_path(stacked_path: str, i: int) -> str:
+    """The per-layer path of layer ``i`` of a stacked path: ``layers/X`` -> ``layers_i/X``."""
+    if stacked_path.startswith(STACKED_PREFIX):
+        return f"layers_{i}/" + stacked_path[len(STACKED_PREFIX) :]
+    return stacked_path.replace(f"/{STACKED_PREFIX}", f"/layers_{i}/", 1)

@@ -24,11 +24,10 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from lorax import assets, evaluate, lora, paths, sharding
+from lorax import assets, checkpoints, evaluate, lora, paths, sharding
 from lorax import data as data_lib
-from lorax.checkpoints import hf
 from lorax.checkpoints.state import Checkpointer
-from lorax.models import encoder
+from lorax.models import decoder, encoder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 METHODS = ("lora", "full")
@@ -96,20 +95,51 @@ def lora_spec(config: ml_collections.ConfigDict) -> lora.LoraSpec | None:
 class Setup:
     """Everything a run needs, built once from a config."""
 
-    model: encoder.EncoderClassifier
+    model: Any  # encoder.EncoderClassifier or decoder.Decoder
+    kind: str  # "classify" (encoder + head) or "lm" (causal LM)
     spec: lora.LoraSpec | None
     frozen: dict  # base leaves that are never trained (nested)
     head: dict  # base leaves that are trained (nested): the task head, or everything for "full"
     delta: dict  # the LoRA delta ({} for full fine-tuning)
-    task: data_lib.TaskData
+    task: data_lib.TaskData | None
     mesh: jax.sharding.Mesh
     base_params: int  # parameters of the pretrained base model
+    tokenizer: Any = None
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        pad = getattr(tok, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(tok, "eos_token_id", None)
+        return int(pad or 0)
 
 
-def build(config: ml_collections.ConfigDict) -> Setup:
+def _check_task_name(config) -> None:
+    if config.task.name not in {*data_lib.TASKS, *data_lib.CAUSAL_TASKS}:
+        raise ValueError(
+            f"task.name = {config.task.name!r} is not a known task; choose one of "
+            f"{sorted([*data_lib.TASKS, *data_lib.CAUSAL_TASKS])}"
+        )
+
+
+def _check_task_fits_model(config, kind: str) -> None:
+    name = config.task.name
+    lm_task = name in data_lib.CAUSAL_TASKS
+    if lm_task != (kind == "lm"):
+        model_kind = "a causal LM" if kind == "lm" else "an encoder"
+        valid = sorted(data_lib.CAUSAL_TASKS if kind == "lm" else data_lib.TASKS)
+        raise ValueError(
+            f"task.name = {name!r} does not fit model.name = {config.model.name!r}, which is "
+            f"{model_kind}; tasks for it: {valid}"
+        )
+
+
+def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup:
     """Loads the model, checks the LoRA spec against it, then loads and tokenizes the task.
 
     Everything that can be wrong in a config is checked here, before any training compute.
+    ``with_task=False`` skips the data (for generation from a trained adapter).
     """
     _choice(config.method, METHODS, "method")
     compute_dtype = _choice(config.model.dtype, DTYPES, "model.dtype")
@@ -118,26 +148,33 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     sharding.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
     sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     spec = lora_spec(config)
-    if config.task.name not in data_lib.TASKS:
-        raise ValueError(
-            f"task.name = {config.task.name!r} is not a known task; "
-            f"choose one of {sorted(data_lib.TASKS)}"
-        )
+    if with_task:
+        _check_task_name(config)
 
     model_dir = assets.resolve(config.model.name)
-    model_config, encoder_params = hf.load_encoder(model_dir)
-    model_config = dataclasses.replace(model_config, hidden_dropout=config.model.dropout)
-    label_names = data_lib.TASKS[config.task.name].label_names
-    model = encoder.EncoderClassifier(
-        config=model_config,
-        num_classes=len(label_names),
-        pooling=config.model.pooling,
-        dtype=compute_dtype,
-        head_dropout=config.model.head_dropout,
-    )
+    model_config, base = checkpoints.load_pretrained(model_dir)
+    kind = "lm" if isinstance(model_config, decoder.DecoderConfig) else "classify"
+    if with_task:
+        _check_task_fits_model(config, kind)
     key = jax.random.key(config.seed)
-    params = encoder.init_params(model, encoder_params, jax.random.fold_in(key, 1))
-    base_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(encoder_params))
+    base_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(base))
+    if kind == "classify":
+        model_config = dataclasses.replace(model_config, hidden_dropout=config.model.dropout)
+        label_names = data_lib.TASKS[config.task.name].label_names
+        model = encoder.EncoderClassifier(
+            config=model_config,
+            num_classes=len(label_names),
+            pooling=config.model.pooling,
+            dtype=compute_dtype,
+            head_dropout=config.model.head_dropout,
+        )
+        params = encoder.init_params(model, base, jax.random.fold_in(key, 1))
+    else:
+        model_config = dataclasses.replace(model_config, dropout=config.model.dropout)
+        model = decoder.Decoder(
+            model_config, compute_dtype, scan=config.model.scan, remat=config.model.remat
+        )
+        params = paths.stack_layers(base) if config.model.scan else base
 
     head_flat, frozen_flat = paths.select(
         paths.flatten(params), tuple(config.train.trainable), what="train.trainable pattern"
@@ -148,31 +185,43 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     head = jax.tree_util.tree_map(jnp.asarray, paths.unflatten(head_flat))
     delta = {} if spec is None else lora.init(frozen, spec, jax.random.fold_in(key, 2))
 
-    import transformers  # heavy import, only once the config is known to be sound
+    tokenizer = checkpoints.load_tokenizer(model_dir)
+    task = None
+    if with_task:
+        task = data_lib.load_task(
+            config.task.name,
+            assets.resolve(config.task.data),
+            tokenizer,
+            max_length=config.task.max_length,
+            validation_size=config.task.validation_size,
+        )
+    return Setup(model, kind, spec, frozen, head, delta, task, mesh, base_params, tokenizer)
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(os.fspath(model_dir))
-    task = data_lib.load_task(
-        config.task.name,
-        assets.resolve(config.task.data),
-        tokenizer,
-        max_length=config.task.max_length,
-        validation_size=config.task.validation_size,
-    )
-    return Setup(model, spec, frozen, head, delta, task, mesh, base_params)
 
-
-def make_forward(model: encoder.EncoderClassifier, spec: lora.LoraSpec | None) -> Callable:
-    """``forward(trainable, frozen, batch, rng, train) -> logits_BC``.
+def make_forward(setup: Setup) -> Callable:
+    """``forward(trainable, frozen, batch, rng, train) -> logits``.
 
     The params the model sees are the frozen leaves, the trainable head leaves and, when LoRA
-    is on, the delta wrapped around its kernels as LoraWeight nodes (never merged).
+    is on, the delta wrapped around its kernels as LoraWeight nodes (never merged). Logits
+    are [B, C] for a classifier and [B, T, V] for a causal LM.
     """
+    model, spec, kind = setup.model, setup.spec, setup.kind
 
     def forward(trainable, frozen, batch, rng, train: bool):
         params = paths.unflatten({**paths.flatten(frozen), **paths.flatten(trainable["head"])})
         if spec is not None:
             params = lora.wrap(params, trainable["delta"], spec)
         rngs = {"dropout": rng} if train else {}
+        if kind == "lm":
+            logits, _ = model.apply(
+                {"params": params},
+                batch["input_ids"],
+                batch["positions"],
+                decoder.causal_mask(batch["segment_ids"]),
+                deterministic=not train,
+                rngs=rngs,
+            )
+            return logits
         return model.apply(
             {"params": params},
             batch["input_ids"],
@@ -183,6 +232,40 @@ def make_forward(model: encoder.EncoderClassifier, spec: lora.LoraSpec | None) -
         )
 
     return forward
+
+
+def train_sums(setup: Setup) -> Callable:
+    """The metric sums the train step's loss comes from."""
+    return evaluate.lm_sums if setup.kind == "lm" else evaluate.classification_sums
+
+
+def make_batcher(setup: Setup, examples, batch_size: int, config) -> Any:
+    """The batcher for a split: length buckets, packed LM rows, or scored choices."""
+    if isinstance(examples, data_lib.ChoiceExamples):
+        return data_lib.ChoiceBatcher(
+            examples, batch_size, config.task.buckets, pad_id=setup.pad_id
+        )
+    if isinstance(examples, data_lib.CausalExamples):
+        return data_lib.PackedBatcher(
+            examples, batch_size, config.task.max_length, seed=config.seed, pad_id=setup.pad_id
+        )
+    return data_lib.Batcher(examples, batch_size, config.task.buckets, seed=config.seed)
+
+
+def eval_sums(examples) -> Callable:
+    """The metric sums of an eval split: choice scoring, LM tokens or classes."""
+    if isinstance(examples, data_lib.ChoiceExamples):
+        return evaluate.choice_sums
+    if isinstance(examples, data_lib.CausalExamples):
+        return evaluate.lm_sums
+    return evaluate.classification_sums
+
+
+def count_tokens(batch: Mapping[str, np.ndarray]) -> int:
+    """Real (non-pad) tokens in a batch of either kind."""
+    if "segment_ids" in batch:
+        return data_lib.count_lm_tokens(batch)
+    return data_lib.count_tokens(batch)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -226,7 +309,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return tx
 
 
-def make_train_step(forward: Callable, tx: optax.GradientTransformation) -> Callable:
+def make_train_step(
+    forward: Callable, tx: optax.GradientTransformation, sums_fn=evaluate.classification_sums
+) -> Callable:
     """``train_step(state, frozen, batch, key) -> (state, metric sums)``, pure.
 
     ``state`` is ``{"step", "trainable", "opt_state"}``. A step whose loss is not finite leaves
@@ -235,7 +320,7 @@ def make_train_step(forward: Callable, tx: optax.GradientTransformation) -> Call
 
     def loss_fn(trainable, frozen, batch, rng):
         logits = forward(trainable, frozen, batch, rng, True)
-        sums = evaluate.classification_sums(logits, batch)
+        sums = sums_fn(logits, batch)
         return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
 
     def train_step(state, frozen, batch, key):
@@ -318,12 +403,10 @@ class MetricsLog:
             f.write(json.dumps(event, sort_keys=True) + "\n")
 
 
-def _subset(examples: data_lib.Examples, n: int) -> data_lib.Examples:
+def _subset(examples, n: int):
     if not n or n >= len(examples):
         return examples
-    return data_lib.Examples(
-        examples.input_ids[:n], examples.token_type_ids[:n], examples.labels[:n]
-    )
+    return examples.take(range(n))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -339,10 +422,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
 
-    forward = make_forward(setup.model, setup.spec)
+    forward = make_forward(setup)
     tx = make_optimizer(config)
-    train_step = jit_train_step(make_train_step(forward, tx), mesh)
-    eval_step = evaluate.make_eval_step(forward, mesh)
+    train_step = jit_train_step(make_train_step(forward, tx, train_sums(setup)), mesh)
+    eval_steps = {}  # one jitted eval step per kind of split
+
+    def eval_step_for(examples):
+        fn = eval_sums(examples)
+        if fn not in eval_steps:
+            eval_steps[fn] = evaluate.make_eval_step(forward, mesh, fn)
+        return eval_steps[fn]
 
     state = sharding.put_replicated(initial_state(setup, tx), mesh)
     frozen = sharding.put_replicated(setup.frozen, mesh)
@@ -367,16 +456,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     first_step = int(jax.device_get(state["step"]))
 
     task = setup.task
-    batcher = data_lib.Batcher(
-        task.splits["train"], t.batch_size, config.task.buckets, seed=config.seed
-    )
+    batcher = make_batcher(setup, task.splits["train"], t.batch_size, config)
     val_subset = _subset(task.splits["validation"], config.task.max_eval_examples)
-    val_batcher = data_lib.Batcher(
-        val_subset, config.eval_batch_size, config.task.buckets, seed=config.seed
-    )
 
-    def run_eval(split, batches, step):
-        result = evaluate.evaluate(eval_step, state["trainable"], frozen, batches, mesh)
+    def run_eval(split, examples, step):
+        batches = make_batcher(setup, examples, config.eval_batch_size, config).eval_batches()
+        step_fn = eval_step_for(examples)
+        result = evaluate.evaluate(step_fn, state["trainable"], frozen, batches, mesh)
         log.write(step=step, split=split, **result)
         return result
 
@@ -419,7 +505,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     for step in range(first_step, t.num_steps):
         batch = batcher.train_batch(step)
-        tokens = int(batch["attention_mask"].sum())
+        tokens = count_tokens(batch)
         state, sums = train_step(state, frozen, sharding.put_batch(batch, mesh), key)
         if pending is not None:
             drain(pending)
@@ -440,7 +526,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         bar.update(1)
         if config.eval_every and done % config.eval_every == 0 and done != t.num_steps:
             eval_start = time.time()
-            result = run_eval("validation", val_batcher.eval_batches(), done)
+            result = run_eval("validation", val_subset, done)
             bar.write(f"step {done}: validation accuracy {result['accuracy']:.4f}")
             paused = time.time() - eval_start  # evals do not count against train throughput
             window["since"] += paused
@@ -456,14 +542,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_seconds = time.time() - loop_start
     ckpt.wait()
 
-    full_val = data_lib.Batcher(
-        task.splits["validation"], config.eval_batch_size, config.task.buckets, seed=config.seed
-    )
-    test = data_lib.Batcher(
-        task.splits["test"], config.eval_batch_size, config.task.buckets, seed=config.seed
-    )
-    val_result = run_eval("validation", full_val.eval_batches(), t.num_steps)
-    test_result = run_eval("test", test.eval_batches(), t.num_steps)
+    val_result = run_eval("validation", task.splits["validation"], t.num_steps)
+    test_split = _subset(task.splits["test"], config.task.max_test_examples)
+    test_result = run_eval("test", test_split, t.num_steps)
     ckpt.close()
 
     summary = {
@@ -472,6 +553,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "test_accuracy": test_result["accuracy"],
         "test_loss": test_result["loss"],
         "test_examples": test_result["count"],
+        "model_kind": setup.kind,
         "validation_examples": val_result["count"],
         "lora_params": lora_params,
         "head_params": head_params,
@@ -492,12 +574,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 # --------------------------------------------------------------------------- command line
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file.", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run directory (default: runs/<config file name without .py>)."
-)
+
+def define_flags() -> None:
+    """Defines --config and --workdir; only when run as a program, so importing this module
+    (e.g. from lorax.generate) defines no flags."""
+    config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+    flags.DEFINE_string(
+        "workdir", None, "Run directory (default: runs/<config file name without .py>)."
+    )
+    flags.mark_flag_as_required("config")
 
 
 def main(argv):
@@ -505,10 +590,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
     config_path = config_flags.get_config_filename(flags.FLAGS["config"])
-    workdir = _WORKDIR.value or os.path.join(
+    workdir = flags.FLAGS.workdir or os.path.join(
         "runs", os.path.splitext(os.path.basename(config_path))[0]
     )
-    summary = train_and_evaluate(_CONFIG.value, workdir)
+    summary = train_and_evaluate(flags.FLAGS.config, workdir)
     print(f"\nworkdir: {workdir}")
     for k in (
         "validation_accuracy",
@@ -524,5 +609,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
+    define_flags()
     app.run(main)

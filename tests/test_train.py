@@ -187,7 +187,7 @@ def _jitted_step(config):
     """The trainer's own jitted step and initial state for ``config``."""
     setup = train_lib.build(config)
     tx = train_lib.make_optimizer(config)
-    forward = train_lib.make_forward(setup.model, setup.spec)
+    forward = train_lib.make_forward(setup)
     step = train_lib.jit_train_step(train_lib.make_train_step(forward, tx), setup.mesh)
     return setup, step, train_lib.initial_state(setup, tx)
 

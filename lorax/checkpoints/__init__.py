@@ -1,1 +1,59 @@
-"""Loading and saving weights: Hugging Face checkpoints and adapter-only training state."""
+"""Loading and saving weights: Hugging Face checkpoints, GGUF files, adapter-only training state."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from lorax.models import decoder
+from lorax.models.encoder import EncoderConfig
+
+
+def _gguf_file(model: str | os.PathLike) -> str | None:
+    from lorax.checkpoints import gguf
+
+    model = os.fspath(model)
+    if model.endswith(".gguf") and os.path.isfile(model):
+        return model
+    if os.path.isdir(model) and not os.path.exists(os.path.join(model, "config.json")):
+        return gguf.find_gguf(model)
+    return None
+
+
+def load_pretrained(
+    model: str | os.PathLike, dtype=np.float32
+) -> tuple[EncoderConfig | decoder.DecoderConfig, dict]:
+    """``(config, params)`` of a pretrained model, whatever its format and family.
+
+    Args:
+      model: a Hugging Face directory (``config.json`` + safetensors) of a BERT, Llama, Qwen2
+        or GPT-2 model, or a Llama-family ``.gguf`` file (or a directory holding one).
+      dtype: numpy dtype of the returned arrays.
+
+    Returns:
+      An :class:`EncoderConfig` with the encoder's params, or a :class:`DecoderConfig` with
+      the decoder's params (per-layer ``layers_i`` layout), as nested dicts of numpy arrays.
+    """
+    from lorax.checkpoints import gguf, hf
+
+    path = _gguf_file(model)
+    if path is not None:
+        raw, flat = gguf.load_llama(path, dtype)
+        config = decoder.DecoderConfig.from_hf(raw)
+        return config, hf.decoder_from_flat(flat, config, path)
+    if hf.read_config(model).get("model_type", "bert") == "bert":
+        return hf.load_encoder(model, dtype)
+    return hf.load_decoder(model, dtype)
+
+
+def load_tokenizer(model: str | os.PathLike):
+    """The model's tokenizer: from the GGUF metadata, or the directory's tokenizer files."""
+    from lorax.checkpoints import gguf
+
+    path = _gguf_file(model)
+    if path is not None:
+        return gguf.tokenizer_from_gguf(path)
+    import transformers  # heavy; only once a model is being loaded
+
+    return transformers.AutoTokenizer.from_pretrained(os.fspath(model))

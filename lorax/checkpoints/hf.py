@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from lorax import paths
+from lorax.models import decoder
 from lorax.models.encoder import EncoderConfig, param_shapes
 
 # --- name tables ---------------------------------------------------------------------------
@@ -111,6 +112,105 @@ BERT = NameMap(
     ignored=r"embeddings\.position_ids|cls\..*|classifier\..*",
     renames=((r"\.gamma$", ".weight"), (r"\.beta$", ".bias")),  # pre-2019 LayerNorm names
 )
+
+LLAMA_NAMES: tuple[tuple[str, str, bool], ...] = (
+    ("model.embed_tokens.weight", "embed/token/embedding", False),
+    ("model.layers.{i}.input_layernorm.weight", "layers_{i}/attn_norm/scale", False),
+    *(
+        row
+        for ours in "qkvo"
+        for row in (
+            (
+                f"model.layers.{{i}}.self_attn.{ours}_proj.weight",
+                f"layers_{{i}}/attn/{ours}/kernel",
+                True,
+            ),
+            (
+                f"model.layers.{{i}}.self_attn.{ours}_proj.bias",
+                f"layers_{{i}}/attn/{ours}/bias",
+                False,
+            ),
+        )
+    ),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers_{i}/mlp_norm/scale", False),
+    *(
+        row
+        for hf, ours in (("gate_proj", "mlp_gate"), ("up_proj", "mlp_in"), ("down_proj", "mlp_out"))
+        for row in (
+            (f"model.layers.{{i}}.mlp.{hf}.weight", f"layers_{{i}}/mlp/{ours}/kernel", True),
+            (f"model.layers.{{i}}.mlp.{hf}.bias", f"layers_{{i}}/mlp/{ours}/bias", False),
+        )
+    ),
+    ("model.norm.weight", "final_norm/scale", False),
+    ("lm_head.weight", "lm_head/kernel", True),
+)
+
+LLAMA = NameMap(
+    family="Llama",
+    names=LLAMA_NAMES,
+    ignored=r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq|model\.rotary_emb\..*",
+)
+
+# GPT-2's Conv1D weights are already [in, out]: nothing is transposed. Its fused c_attn
+# [D, 3D] maps to a temporary "attn/qkv" that split_fused_qkv cuts into q, k and v.
+GPT2_NAMES: tuple[tuple[str, str, bool], ...] = (
+    ("wte.weight", "embed/token/embedding", False),
+    ("wpe.weight", "embed/position/embedding", False),
+    ("h.{i}.ln_1.weight", "layers_{i}/attn_norm/scale", False),
+    ("h.{i}.ln_1.bias", "layers_{i}/attn_norm/bias", False),
+    ("h.{i}.attn.c_attn.weight", "layers_{i}/attn/qkv/kernel", False),
+    ("h.{i}.attn.c_attn.bias", "layers_{i}/attn/qkv/bias", False),
+    ("h.{i}.attn.c_proj.weight", "layers_{i}/attn/o/kernel", False),
+    ("h.{i}.attn.c_proj.bias", "layers_{i}/attn/o/bias", False),
+    ("h.{i}.ln_2.weight", "layers_{i}/mlp_norm/scale", False),
+    ("h.{i}.ln_2.bias", "layers_{i}/mlp_norm/bias", False),
+    ("h.{i}.mlp.c_fc.weight", "layers_{i}/mlp/mlp_in/kernel", False),
+    ("h.{i}.mlp.c_fc.bias", "layers_{i}/mlp/mlp_in/bias", False),
+    ("h.{i}.mlp.c_proj.weight", "layers_{i}/mlp/mlp_out/kernel", False),
+    ("h.{i}.mlp.c_proj.bias", "layers_{i}/mlp/mlp_out/bias", False),
+    ("ln_f.weight", "final_norm/scale", False),
+    ("ln_f.bias", "final_norm/bias", False),
+)
+
+GPT2 = NameMap(
+    family="GPT-2",
+    names=GPT2_NAMES,
+    prefixes=("transformer.",),  # GPT2LMHeadModel nests the stack under "transformer."
+    # attn.bias / attn.masked_bias are causal-mask buffers; lm_head is tied to wte.
+    ignored=r"h\.\d+\.attn\.(?:masked_)?bias|lm_head\.weight",
+)
+
+_QKV_RE = re.compile(r"^(.*/attn/)qkv/(kernel|bias)$")
+
+
+def split_fused_qkv(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Cuts each fused ``attn/qkv`` [D, 3D] (or bias [3D]) into ``attn/q``, ``k`` and ``v``.
+
+    GPT-2's ``c_attn`` computes ``x @ [Wq | Wk | Wv]``: its last axis is q, then k, then v.
+    """
+    out = {}
+    for path, value in flat.items():
+        m = _QKV_RE.match(path)
+        if not m:
+            out[path] = value
+            continue
+        if value.shape[-1] % 3:
+            raise ValueError(f"fused {path} has shape {value.shape}; its last axis is not 3·D")
+        for name, part in zip("qkv", np.split(value, 3, axis=-1), strict=True):
+            out[f"{m.group(1)}{name}/{m.group(2)}"] = np.ascontiguousarray(part)
+    return out
+
+
+def fuse_qkv(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inverse of :func:`split_fused_qkv`: ``attn/{q,k,v}`` -> one ``attn/qkv``."""
+    out = dict(flat)
+    for path in sorted(flat):
+        m = re.match(r"^(.*/attn/)q/(kernel|bias)$", path)
+        if m:
+            parts = [out.pop(f"{m.group(1)}{n}/{m.group(2)}") for n in "qkv"]
+            out[f"{m.group(1)}qkv/{m.group(2)}"] = np.concatenate(parts, axis=-1)
+    return out
+
 
 # --- files ---------------------------------------------------------------------------------
 
@@ -302,4 +402,75 @@ def encoder_to_hf(params: Mapping) -> dict[str, np.ndarray]:
             ) from None
         value = np.asarray(value)
         out[name] = np.ascontiguousarray(value.T if transpose else value)
+    return out
+
+
+# --- decoder families (Llama, Qwen2, GPT-2) ---------------------------------------------------
+
+
+def decoder_names(config: decoder.DecoderConfig) -> NameMap:
+    """The name table of a decoder family."""
+    return GPT2 if config.family == "gpt2" else LLAMA
+
+
+def decoder_from_flat(
+    flat: Mapping[str, np.ndarray], config: decoder.DecoderConfig, where: str
+) -> dict:
+    """Checks canonical flat decoder params against ``config`` and nests them.
+
+    A tied model's ``lm_head/kernel`` (some checkpoints store the copy) is dropped.
+    """
+    flat = dict(flat)
+    if config.tie_embeddings:
+        flat.pop("lm_head/kernel", None)
+    check_shapes(flat, decoder.param_shapes(config), where)
+    return paths.unflatten(flat)
+
+
+def load_decoder(
+    model_dir: str | os.PathLike, dtype=np.float32
+) -> tuple[decoder.DecoderConfig, dict]:
+    """Reads a Hugging Face Llama / Qwen2 / GPT-2 directory into ``(DecoderConfig, params)``.
+
+    Args:
+      model_dir: ``config.json`` plus ``model.safetensors`` or sharded
+        ``model.safetensors.index.json``.
+      dtype: numpy dtype of the returned arrays.
+
+    Returns:
+      The config and the nested params of :class:`lorax.models.decoder.Decoder` (per-layer
+      ``layers_i`` layout; GPT-2's fused c_attn already split into q, k, v).
+
+    Raises:
+      ValueError: an unsupported ``model_type``, an unknown key, a missing weight or a wrong
+        shape, naming the key or path and the expected shape.
+    """
+    config = decoder.DecoderConfig.from_hf(read_config(model_dir))
+    names = decoder_names(config)
+    flat = to_canonical(read_safetensors(model_dir), names, dtype, where=str(model_dir))
+    if config.family == "gpt2":
+        flat = split_fused_qkv(flat)
+    return config, decoder_from_flat(flat, config, str(model_dir))
+
+
+def decoder_to_hf(params: Mapping, config: decoder.DecoderConfig) -> dict[str, np.ndarray]:
+    """Canonical decoder params -> Hugging Face names (GPT-2's q, k, v fused back to c_attn).
+
+    Args:
+      params: plain arrays in the per-layer layout (merge any LoRA delta first).
+      config: the model's config (chooses the name table).
+    """
+    flat = {p: np.asarray(v) for p, v in paths.flatten(params).items()}
+    names = decoder_names(config)
+    if config.family == "gpt2":
+        flat = fuse_qkv(flat)
+    out = {}
+    for path, value in flat.items():
+        try:
+            name, transpose = names.to_hf(path)
+        except KeyError:
+            raise ValueError(f"decoder param {path} has no {names.family} name") from None
+        out[name] = np.ascontiguousarray(value.T if transpose else value)
+    if config.family == "gpt2":
+        out = {f"transformer.{k}": v for k, v in out.items()}
     return out

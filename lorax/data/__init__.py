@@ -1,14 +1,32 @@
 """Data: tasks that turn local data sets into tokenized examples, and fixed-shape batching."""
 
 from lorax.data.batching import Batcher, count_tokens
+from lorax.data.causal import (
+    CAUSAL_TASKS,
+    INSTRUCTIONS_TINY_DIR,
+    CausalExamples,
+    ChoiceExamples,
+    format_prompt,
+    train_examples,
+)
+from lorax.data.packing import ChoiceBatcher, PackedBatcher, count_lm_tokens
 from lorax.data.tasks import TASKS, Examples, PairClassification, TaskData, load_task
 
 __all__ = [
+    "CAUSAL_TASKS",
+    "INSTRUCTIONS_TINY_DIR",
     "TASKS",
     "Batcher",
+    "CausalExamples",
+    "ChoiceBatcher",
+    "ChoiceExamples",
+    "count_lm_tokens",
     "count_tokens",
     "Examples",
+    "format_prompt",
+    "PackedBatcher",
     "PairClassification",
     "TaskData",
     "load_task",
+    "train_examples",
 ]

@@ -47,12 +47,13 @@ class TaskData:
     """Every split of a task, its label names, and counts of what was read, skipped, cut.
 
     ``counts`` keys: ``<file>/file_rows`` (records read from the train or test file),
-    ``<file>/skipped_<reason>`` (reason: no_gold_label, missing_field, empty_text; the train
-    file's skips happen before the validation hold-out), ``<split>/rows`` (examples in each of
+    ``<file>/skipped_<reason>`` (reason: no_gold_label, missing_field, empty_text; causal.py's
+    instruction files add bad_json, bad_type and ``<file>/bad_utf8``; the train file's skips
+    happen before the validation hold-out), ``<split>/rows`` (examples in each of
     train/validation/test) and ``<split>/truncated`` (examples cut to max_length).
     """
 
-    splits: dict[str, Examples]  # "train", "validation", "test"
+    splits: dict[str, Any]  # "train", "validation", "test": Examples (or causal.py's kinds)
     label_names: tuple[str, ...]
     counts: dict[str, int]
 
@@ -79,7 +80,7 @@ class PairClassification:
         """See :func:`load_task`."""
         counts: dict[str, int] = {}
         raw = {
-            split: self._read(os.path.join(os.fspath(data_dir), file), split, counts)
+            split: self.read(os.path.join(os.fspath(data_dir), file), split, counts)
             for split, file in self.files.items()
         }
         train_rows = raw["train"]
@@ -89,9 +90,7 @@ class PairClassification:
                 f"task.validation_size = {validation_size} must be in 0..{usable - 1} "
                 f"(the train file has {usable} usable rows)"
             )
-        order = np.random.default_rng(VALIDATION_SEED).permutation(usable)
-        # Sorted, so both splits keep file order (the training order comes from the Batcher).
-        held, kept = np.sort(order[:validation_size]), np.sort(order[validation_size:])
+        held, kept = hold_out(usable, [validation_size])
         pick = lambda rows, idx: tuple([r[i] for i in idx] for r in rows)
         raw = {
             "train": pick(train_rows, kept),
@@ -106,8 +105,12 @@ class PairClassification:
             counts[f"{split}/rows"] = len(splits[split])
         return TaskData(splits, self.label_names, counts)
 
-    def _read(self, path: str, split: str, counts: dict[str, int]):
-        """Rows of one JSONL file as (first texts, second texts, label ids); counts skips."""
+    def read(self, path: str, split: str, counts: dict[str, int]):
+        """Rows of one JSONL file as (first texts, second texts, label ids); counts skips.
+
+        Also used by the causal ``snli_text`` task (lorax/data/causal.py), so both read, skip
+        and count the same rows.
+        """
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"{path} does not exist; the task needs the files {sorted(self.files.values())} "
@@ -154,6 +157,24 @@ class PairClassification:
         for reason, n in skipped.items():
             counts[f"{split}/skipped_{reason}"] = n
         return a_texts, b_texts, labels
+
+
+def hold_out(usable: int, sizes: Sequence[int]) -> list[np.ndarray]:
+    """Splits row indices 0..usable-1 into hold-outs of ``sizes`` rows and the rest.
+
+    Drawn with :data:`VALIDATION_SEED`, so the same rows on every call; each hold-out is the
+    next slice of one permutation, so the first (validation) does not depend on later ones.
+
+    Returns:
+      ``len(sizes) + 1`` index arrays (the hold-outs, then the remaining rows), each sorted so
+      every split keeps file order (the training order comes from the batcher).
+    """
+    order = np.random.default_rng(VALIDATION_SEED).permutation(usable)
+    bounds = np.cumsum([0, *sizes])
+    if bounds[-1] > usable:
+        raise ValueError(f"hold-outs of {list(sizes)} rows exceed the {usable} usable rows")
+    parts = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [np.sort(p) for p in [*parts, order[bounds[-1] :]]]
 
 
 def encode_pairs(
@@ -229,7 +250,8 @@ def load_task(name: str, data_dir, tokenizer, *, max_length: int, validation_siz
     """Loads task ``name`` from the files in ``data_dir``, tokenized with ``tokenizer``.
 
     Args:
-      name: a key of :data:`TASKS`.
+      name: a key of :data:`TASKS` (classification) or of
+        :data:`lorax.data.causal.CAUSAL_TASKS` (causal LM).
       data_dir: directory with the task's files (see :func:`lorax.assets.resolve`).
       tokenizer: a Hugging Face (fast) tokenizer.
       max_length: longest example in tokens; longer ones are truncated and counted.
@@ -237,10 +259,19 @@ def load_task(name: str, data_dir, tokenizer, *, max_length: int, validation_siz
         on every call, whatever the run's seed.
 
     Returns:
-      The splits "train", "validation" and "test" (the task's test file), with counts.
+      The splits "train", "validation" and "test" (the task's test file), with counts. For
+      causal tasks the splits are :class:`lorax.data.causal.CausalExamples` or
+      :class:`lorax.data.causal.ChoiceExamples` instead of :class:`Examples`.
     """
+    # Imported here: lorax.data.causal builds on this module.
+    from lorax.data.causal import CAUSAL_TASKS
+
+    if name in CAUSAL_TASKS:
+        return CAUSAL_TASKS[name].load(
+            data_dir, tokenizer, max_length=max_length, validation_size=validation_size
+        )
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; valid: {sorted(TASKS)}")
+        raise ValueError(f"unknown task {name!r}; valid: {sorted([*TASKS, *CAUSAL_TASKS])}")
     return TASKS[name].load(
         data_dir, tokenizer, max_length=max_length, validation_size=validation_size
     )
