@@ -170,27 +170,53 @@ def greedy_by_recomputation(
     return tokens[len(prompt) :]
 
 
-# --------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------- adapters
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The training config of the model.")
-_ADAPTER = flags.DEFINE_string(
-    "adapter", None, "Workdir of a training run whose adapter to apply (default: base alone)."
-)
-_PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat for several.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with temperature > 0).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_MERGE = flags.DEFINE_bool("merge", False, "Merge the adapter into the base before decoding.")
-_RAW = flags.DEFINE_bool(
-    "raw", False, "Use the prompt as is, not wrapped in the task's prompt template."
-)
+
+def load_adapter(workdir: str, base: dict) -> tuple[dict, Any]:
+    """``(delta, spec)`` of a training run's latest checkpoint, laid out like ``base``.
+
+    The spec comes from the run's own ``config.json``, so adapters with other targets and
+    ranks than the current config load as they were trained; a delta trained with
+    ``model.scan`` on is unstacked for a base with it off, and the other way round.
+
+    Raises:
+      FileNotFoundError: no config.json or no checkpoint in ``workdir``.
+      ValueError: the run was not a LoRA run, or its delta does not fit ``base``.
+    """
+    import json
+
+    import ml_collections
+
+    from lorax import lora, train
+    from lorax.checkpoints.state import Checkpointer
+
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"--adapter={workdir} has no config.json (not a lorax.train run)")
+    with open(config_path) as f:
+        spec = train.lora_spec(ml_collections.ConfigDict(json.load(f)))
+    if spec is None:
+        raise ValueError(f"--adapter={workdir} is a full fine-tuning run; it has no adapter")
+    ckpt = Checkpointer(workdir)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"--adapter={workdir} holds no checkpoint ({ckpt.directory})")
+    delta = ckpt.restore(None)["trainable"]["delta"]
+    ckpt.close()
+    delta = jax.tree_util.tree_map(jnp.asarray, delta)
+    scanned = any(paths.is_stacked(p) for p in paths.flatten(base))
+    delta = paths.stack_layers(delta) if scanned else paths.unstack_layers(delta)
+    try:
+        lora.wrap(base, delta, spec)
+    except ValueError as e:
+        raise ValueError(f"--adapter={workdir} does not fit this model: {e}") from None
+    return delta, spec
 
 
 def load_for_generation(config, adapter: str | None, merge: bool = False):
-    """``(setup, params)`` for decoding: the config's base, with the run's adapter if given."""
+    """``(setup, params)`` for decoding: the config's base, with the run's adapter if given
+    (wrapped, or merged when ``merge``)."""
     from lorax import lora, train
-    from lorax.checkpoints.state import Checkpointer
 
     setup = train.build(config, with_task=False)
     if setup.kind != "lm":
@@ -198,19 +224,49 @@ def load_for_generation(config, adapter: str | None, merge: bool = False):
     params = paths.unflatten({**paths.flatten(setup.frozen), **paths.flatten(setup.head)})
     if adapter is None:
         return setup, params
-    ckpt = Checkpointer(adapter)
-    if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"--adapter={adapter} holds no checkpoint ({ckpt.directory})")
-    saved = ckpt.restore(None)["trainable"]
-    ckpt.close()
-    trainable = jax.tree_util.tree_map(jnp.asarray, saved)
-    params = paths.unflatten(
-        {**paths.flatten(setup.frozen), **paths.flatten(trainable.get("head") or {})}
-    )
-    if setup.spec is None:
-        return setup, params
-    apply = lora.merge if merge else lora.wrap
-    return setup, apply(params, trainable["delta"], setup.spec)
+    delta, spec = load_adapter(adapter, params)
+    return setup, (lora.merge if merge else lora.wrap)(params, delta, spec)
+
+
+# --------------------------------------------------------------------------- command line
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The training config of the model.")
+_ADAPTER = flags.DEFINE_multi_string(
+    "adapter", [], "Workdir of a training run whose adapter to load; repeat for several."
+)
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat for several.")
+_PROMPT_ADAPTER = flags.DEFINE_multi_integer(
+    "prompt_adapter",
+    [],
+    "Per prompt, which adapter decodes it: 0 = the base, i = the i-th --adapter. Default: "
+    "every prompt with the base and with each adapter, side by side.",
+)
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with temperature > 0).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_MERGE = flags.DEFINE_bool(
+    "merge", False, "With one --adapter: merge it into the base before decoding."
+)
+_RAW = flags.DEFINE_bool(
+    "raw", False, "Use the prompt as is, not wrapped in the task's prompt template."
+)
+
+
+def _rows(n_prompts: int, n_adapters: int, chosen: list[int]) -> list[tuple[int, int]]:
+    """(prompt, adapter slot) per batch row."""
+    if not chosen:
+        return [(p, a) for p in range(n_prompts) for a in range(n_adapters + 1)]
+    if len(chosen) != n_prompts:
+        raise app.UsageError(
+            f"{len(chosen)} --prompt_adapter values for {n_prompts} prompts; give one per prompt"
+        )
+    bad = [a for a in chosen if not 0 <= a <= n_adapters]
+    if bad:
+        raise app.UsageError(
+            f"--prompt_adapter={bad[0]} is not in 0..{n_adapters} (0 = base, i = i-th --adapter)"
+        )
+    return list(enumerate(chosen))
 
 
 def main(argv):
@@ -219,16 +275,30 @@ def main(argv):
     if not _PROMPT.value:
         raise app.UsageError("give at least one --prompt")
     absl_logging.set_verbosity(absl_logging.WARNING)
-    config = _CONFIG.value
-    setup, params = load_for_generation(config, _ADAPTER.value, _MERGE.value)
+    from lorax import lora, serving
+
+    config, workdirs = _CONFIG.value, list(_ADAPTER.value)
+    setup, base = load_for_generation(config, None)
     tok = setup.tokenizer
     texts = list(_PROMPT.value)
-    if not _RAW.value:
+    if not _RAW.value and config.task.name == "instructions":
         from lorax import data as data_lib
 
-        if config.task.name == "instructions":
-            texts = [data_lib.format_prompt(t) for t in texts]
-    prompts = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
+        texts = [data_lib.format_prompt(t) for t in texts]
+    adapters = [load_adapter(w, base) for w in workdirs]
+    labels = ["base model", *(f"adapter {os.path.abspath(w)}" for w in workdirs)]
+    if _MERGE.value:
+        if len(adapters) != 1:
+            raise app.UsageError("--merge needs exactly one --adapter")
+        rows = [(p, 1) for p in range(len(texts))]
+        params = lora.merge(base, *adapters[0])
+    else:
+        rows = _rows(len(texts), len(adapters), list(_PROMPT_ADAPTER.value))
+        params = base
+        if adapters:
+            bank = serving.make_bank(base, adapters)
+            params = serving.wrap(base, bank, jnp.asarray([a for _, a in rows]))
+    prompts = [tok(texts[p], add_special_tokens=True)["input_ids"] for p, _ in rows]
     outs = generate(
         setup.model,
         params,
@@ -240,9 +310,8 @@ def main(argv):
         eos_id=tok.eos_token_id,
         pad_id=setup.pad_id,
     )
-    which = f"adapter {os.path.abspath(_ADAPTER.value)}" if _ADAPTER.value else "base model"
-    for text, out in zip(texts, outs, strict=True):
-        print(f"--- {which}\n{text}", end="")
+    for (p, a), out in zip(rows, outs, strict=True):
+        print(f"--- {labels[a]}\n{texts[p]}", end="")
         print(tok.decode(out, skip_special_tokens=True))
 
 

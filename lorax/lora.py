@@ -66,6 +66,29 @@ class LoraWeight:
         return merge_kernel(self.w, self.a, self.b, self.scale)
 
 
+@struct.dataclass
+class BankedLoraWeight:
+    """A frozen kernel with a bank of N low-rank updates, one chosen per batch row.
+
+    Row b computes ``x@w + (x@a[ids[b]])@b[ids[b]]``: each adapter's scale is folded into its
+    ``b``, lower ranks are zero-padded to the bank's R (exact), and slot 0 is conventionally
+    all zeros (the base alone). See :mod:`lorax.serving`.
+    """
+
+    w: jax.Array  # [D, F] frozen base kernel
+    a: jax.Array  # [N, D, R]
+    b: jax.Array  # [N, R, F], scale folded in
+    ids: jax.Array  # [B] int32: the slot of each batch row
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.w.shape
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+
 def merge_kernel(w: jax.Array, a_DR: jax.Array, b_RF: jax.Array, scale: float) -> jax.Array:
     """``w + scale·a@b``, accumulated in fp32 and cast back to ``w.dtype``."""
     delta_DF = scale * (a_DR.astype(jnp.float32) @ b_RF.astype(jnp.float32))

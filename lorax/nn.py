@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lorax.lora import LoraWeight
+from lorax.lora import BankedLoraWeight, LoraWeight
 
 Initializer = Callable[..., jax.Array]
 
@@ -32,6 +32,12 @@ def lora_matmul(module: nn.Module, x_BxD: jax.Array, kernel: Any, dtype, determi
     The low-rank branch is two skinny matmuls, never the dense ``w + a@b``.
     """
     x_BxD = x_BxD.astype(dtype)
+    if isinstance(kernel, BankedLoraWeight):  # one adapter per batch row, gathered
+        y_BxF = x_BxD @ kernel.w.astype(dtype)
+        a_BDR = jnp.take(kernel.a, kernel.ids, axis=0).astype(dtype)
+        b_BRF = jnp.take(kernel.b, kernel.ids, axis=0).astype(dtype)
+        z_BxR = jnp.einsum("b...d,bdr->b...r", x_BxD, a_BDR)
+        return y_BxF + jnp.einsum("b...r,brf->b...f", z_BxR, b_BRF).astype(y_BxF.dtype)
     if not isinstance(kernel, LoraWeight):
         return x_BxD @ jnp.asarray(kernel).astype(dtype)
     y_BxF = x_BxD @ kernel.w.astype(dtype)
@@ -89,6 +95,8 @@ class Embed(nn.Module):
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         table = self.embedding
+        if isinstance(table, BankedLoraWeight):
+            raise ValueError("an adapter bank cannot adapt the embedding table; merge it instead")
         if isinstance(table, LoraWeight):
             y = jnp.take(table.w, ids, axis=0).astype(self.dtype)
             z = jnp.take(table.a, ids, axis=0).astype(self.dtype)
@@ -99,6 +107,8 @@ class Embed(nn.Module):
         """``x @ tableᵀ`` [.., V]; for a LoraWeight table ``x@wᵀ + scale·(x@bᵀ)@aᵀ``."""
         table = self.embedding
         x_BTD = x_BTD.astype(self.dtype)
+        if isinstance(table, BankedLoraWeight):
+            raise ValueError("an adapter bank cannot adapt the embedding table; merge it instead")
         if isinstance(table, LoraWeight):
             y = x_BTD @ table.w.astype(self.dtype).T
             z = x_BTD @ table.b.astype(self.dtype).T

@@ -403,6 +403,10 @@ class MetricsLog:
             f.write(json.dumps(event, sort_keys=True) + "\n")
 
 
+def _nbytes(tree) -> int:
+    return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree)))
+
+
 def _subset(examples, n: int):
     if not n or n >= len(examples):
         return examples
@@ -558,6 +562,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "lora_params": lora_params,
         "head_params": head_params,
         "base_params": setup.base_params,
+        # What an adapter checkpoint weighs beside the base it needs (the paper's 350 GB ->
+        # 35 MB point): delta + trained head in fp32, and the frozen base as stored.
+        "adapter_bytes": _nbytes(setup.delta) + _nbytes(setup.head),
+        "base_bytes": _nbytes(setup.frozen),
         "steps": t.num_steps,
         "resumed_from": first_step,
         "wall_seconds": time.time() - start,

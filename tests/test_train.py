@@ -373,3 +373,32 @@ def test_command_line_runs_and_rejects_unknown_override(tiny_model_dir, tiny_snl
     )
     assert bad.returncode != 0
     assert "rnak" in bad.stderr
+
+
+def test_merged_encoder_export_loads_as_a_plain_bert_model(tiny_model_dir, tiny_snli_dir, tmp_path):
+    """`python -m lorax.export --merged` on an encoder run: transformers' BertModel loads the
+    checkpoint and its last hidden state equals the wrapped lorax encoder's; the classifier
+    head is written beside it."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from lorax import export, lora
+
+    workdir, out = str(tmp_path / "run"), tmp_path / "merged"
+    train_lib.train_and_evaluate(tiny_config(tiny_model_dir, tiny_snli_dir), workdir)
+    cmd = [sys.executable, "-m", "lorax.export", f"--workdir={workdir}", f"--out={out}", "--merged"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "lorax_head.safetensors").exists()
+
+    bert = transformers.BertModel.from_pretrained(out).eval()
+    ids = np.random.default_rng(0).integers(1000, 2000, (2, 9))
+    types, mask = np.zeros_like(ids), np.ones_like(ids)
+    with torch.no_grad():
+        reference = bert(torch.tensor(ids), torch.tensor(mask), torch.tensor(types))
+    _, setup, trainable = export.load_run(workdir)
+    params = lora.wrap(setup.frozen, trainable["delta"], setup.spec)
+    ours, _ = encoder.Encoder(setup.model.config).apply(
+        {"params": params["encoder"]}, ids, types, mask
+    )
+    err = float(np.abs(np.asarray(ours) - reference.last_hidden_state.numpy()).max())
+    assert err <= 1e-4

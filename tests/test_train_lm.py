@@ -200,3 +200,38 @@ def test_generate_command_applies_the_trained_adapter(tiny_llama_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     expected = setup.tokenizer.decode(adapted[0], skip_special_tokens=True)
     assert "Instruction:\nWhat is 2 plus 2?\n\nResponse:\n" + expected in out.stdout
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_merged_export_loads_in_transformers_and_matches(
+    family, tiny_llama_dir, tiny_gpt2_dir, tmp_path
+):
+    """`python -m lorax.export --merged` writes a checkpoint that transformers loads as a
+    plain LlamaForCausalLM / GPT2LMHeadModel (GPT-2's q, v re-fused into c_attn) whose logits
+    equal the wrapped (unmerged) lorax model's."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model_dir = tiny_llama_dir if family == "llama" else tiny_gpt2_dir
+    c = lm_config(model_dir, **{"train.num_steps": 3, "lora.targets": "q,v,mlp_out"})
+    workdir, out = str(tmp_path / "run"), tmp_path / "merged"
+    train_lib.train_and_evaluate(c, workdir)
+    cmd = [sys.executable, "-m", "lorax.export", f"--workdir={workdir}", f"--out={out}"]
+    done = subprocess.run([*cmd, "--merged"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "adapter" in done.stdout and "smaller" in done.stdout
+
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(torch_model).__name__ == (
+        "LlamaForCausalLM" if family == "llama" else "GPT2LMHeadModel"
+    )
+    ids = np.random.default_rng(0).integers(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        reference = torch_model(torch.tensor(ids)).logits.numpy()
+    setup, wrapped = generate.load_for_generation(c, workdir)
+    positions = np.broadcast_to(np.arange(10), (2, 10))
+    mask = decoder.causal_mask(jnp.ones((2, 10), jnp.int32))
+    logits, _ = setup.model.apply({"params": wrapped}, ids, positions, mask)
+    assert float(np.abs(np.asarray(logits) - reference).max()) <= 1e-4
+    # The adapter moved the model: the merged checkpoint is not the base's.
+    base_logits, _ = setup.model.apply({"params": setup.frozen}, ids, positions, mask)
+    assert float(np.abs(np.asarray(base_logits) - reference).max()) > 1e-4

@@ -179,6 +179,55 @@ class DecoderConfig:
             eos_token_id=_token_id(d.get("eos_token_id")),
         )
 
+    def to_hf(self) -> dict[str, Any]:
+        """The Hugging Face ``config.json`` dict of this model (``from_hf`` reads it back).
+
+        Llama-family models with q/k/v biases and no o bias are written as Qwen2.
+        """
+        common = {"vocab_size": self.vocab_size, "torch_dtype": "float32"}
+        if self.family == "gpt2":
+            return {
+                **common,
+                "model_type": "gpt2",
+                "architectures": ["GPT2LMHeadModel"],
+                "n_embd": self.hidden_size,
+                "n_layer": self.num_layers,
+                "n_head": self.num_heads,
+                "n_inner": self.intermediate_size,
+                "n_positions": self.max_position_embeddings,
+                "layer_norm_epsilon": self.norm_eps,
+                "activation_function": self.activation,
+                "resid_pdrop": self.dropout,
+                "embd_pdrop": self.dropout,
+                "attn_pdrop": self.dropout,
+                "bos_token_id": self.bos_token_id,
+                "eos_token_id": self.eos_token_id,
+            }
+        qwen = self.qkv_bias and not self.o_bias
+        out = {
+            **common,
+            "model_type": "qwen2" if qwen else "llama",
+            "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "hidden_act": self.activation,
+            "tie_word_embeddings": self.tie_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
+        if not qwen:
+            out["attention_bias"] = self.qkv_bias
+            out["mlp_bias"] = self.mlp_bias
+        return out
+
     def num_params(self) -> int:
         """Parameter count of the :class:`Decoder` (tied embeddings counted once)."""
         return sum(math.prod(s) for s in param_shapes(self).values())

@@ -1,0 +1,152 @@
+"""Exports a trained run: ``python -m lorax.export --workdir=DIR --out=OUT [--merged]``.
+
+Without ``--merged`` the adapter is written in PEFT's format (``adapter_config.json`` +
+``adapter_model.safetensors``), for ``peft.PeftModel.from_pretrained``. With ``--merged`` the
+delta is folded into the base (W0 + s·A@B) and the whole model is written as a Hugging Face
+checkpoint (``config.json`` + ``model.safetensors`` + tokenizer) that ``transformers`` loads
+as a plain model, with zero added inference latency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
+
+from lorax import assets, lora, paths
+from lorax.checkpoints.state import Checkpointer
+
+
+def load_run(workdir: str | os.PathLike):
+    """``(config, setup, trainable)`` of a run: its saved config, model and latest state.
+
+    Raises:
+      FileNotFoundError: the workdir has no ``config.json`` or no checkpoint.
+    """
+    from lorax import train  # heavy import chain; only when a run is really loaded
+
+    workdir = os.fspath(workdir)
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{workdir} has no config.json: is it a lorax.train workdir?")
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    setup = train.build(config, with_task=False)
+    ckpt = Checkpointer(workdir)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"{workdir} holds no checkpoint ({ckpt.directory})")
+    trainable = ckpt.restore(None)["trainable"]
+    ckpt.close()
+    trainable = {
+        "delta": trainable.get("delta") or {},
+        "head": trainable.get("head") or {},
+    }
+    return config, setup, jax.tree_util.tree_map(np.asarray, trainable)
+
+
+def merged_params(setup, trainable) -> dict[str, Any]:
+    """The run's full params with the delta merged in, per-layer layout, fp32 numpy."""
+    params = paths.unflatten({**paths.flatten(setup.frozen), **paths.flatten(trainable["head"])})
+    if setup.spec is not None and trainable["delta"]:
+        params = lora.merge(params, trainable["delta"], setup.spec)
+    params = paths.unstack_layers(params)
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
+
+
+def nbytes(tree: Any) -> int:
+    """Bytes of every array in a tree."""
+    return int(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(tree)))
+
+
+def export_merged(config, setup, trainable, out: str | os.PathLike) -> pathlib.Path:
+    """Writes the merged model as a Hugging Face directory; returns it.
+
+    Decoders become ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``GPT2LMHeadModel``
+    checkpoints (GPT-2's q, k, v re-fused into ``c_attn``). An encoder becomes a
+    ``BertModel`` checkpoint (its pooler taken from the original checkpoint, which the
+    classifier does not use); the classifier head, which has no ``BertModel`` name, is written
+    beside it as ``lorax_head.safetensors`` (``kernel`` [D, C], ``bias`` [C]).
+    """
+    from safetensors.numpy import save_file
+
+    from lorax import checkpoints
+    from lorax.checkpoints import hf
+
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    params = merged_params(setup, trainable)
+    model_dir = assets.resolve(config.model.name)
+    if setup.kind == "lm":
+        model_config = setup.model.config
+        tensors = hf.decoder_to_hf(params, model_config)
+        (out / "config.json").write_text(json.dumps(model_config.to_hf(), indent=2))
+    else:
+        tensors = hf.encoder_to_hf(params["encoder"])
+        _, original = checkpoints.load_pretrained(model_dir)
+        if "pooler" in original and "pooler" not in params["encoder"]:
+            tensors.update(hf.encoder_to_hf({"pooler": original["pooler"]}))
+        shutil.copy(pathlib.Path(model_dir) / "config.json", out / "config.json")
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in paths.flatten(params["head"]).items()},
+            str(out / "lorax_head.safetensors"),
+        )
+    tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    setup.tokenizer.save_pretrained(out)
+    return out
+
+
+def export_adapter(config, setup, trainable, out: str | os.PathLike) -> pathlib.Path:
+    """Writes the run's delta as a PEFT LoRA adapter directory; returns it."""
+    from lorax.checkpoints import peft
+
+    if setup.spec is None:
+        raise ValueError(
+            f"the run used method = {config.method!r}: there is no adapter to export; "
+            "use --merged to write the whole fine-tuned model"
+        )
+    model_config = setup.model.config
+    return peft.export_peft(
+        trainable["delta"], setup.spec, model_config, out, base_model_name_or_path=config.model.name
+    )
+
+
+# --------------------------------------------------------------------------- command line
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A lorax.train run directory.")
+_OUT = flags.DEFINE_string("out", None, "Directory to write.")
+_MERGED = flags.DEFINE_bool(
+    "merged", False, "Write the merged model (Hugging Face checkpoint) instead of the adapter."
+)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    config, setup, trainable = load_run(_WORKDIR.value)
+    if _MERGED.value:
+        out = export_merged(config, setup, trainable, _OUT.value)
+    else:
+        out = export_adapter(config, setup, trainable, _OUT.value)
+    files = sorted(p for p in out.iterdir() if p.is_file())
+    written = sum(p.stat().st_size for p in files)
+    print(f"wrote {out}: {', '.join(p.name for p in files)} ({written / 1e6:.2f} MB)")
+    adapter, base = nbytes(trainable["delta"]), nbytes(setup.frozen)
+    print(
+        f"adapter {adapter / 1e6:.3f} MB (fp32) beside a frozen base of {base / 1e6:.1f} MB: "
+        f"{base / max(adapter, 1):,.0f}x smaller"
+    )
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["workdir", "out"])
+    app.run(main)
