@@ -268,11 +268,15 @@ def count_tokens(batch: Mapping[str, np.ndarray]) -> int:
     return data_lib.count_tokens(batch)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(
+    config: ml_collections.ConfigDict, unit_peaks: bool = False
+) -> optax.GradientTransformation:
     """AdamW with linear warmup then decay, over the trainable tree ``{"delta", "head"}``.
 
     The clip's global norm is taken over that tree only: a norm over the whole base would
-    make XLA compute the base's gradient and lose LoRA's speed-up.
+    make XLA compute the base's gradient and lose LoRA's speed-up. ``unit_peaks`` sets both
+    peak learning rates to 1, for a caller that scales the updates by its own rates (the
+    multi-adapter step, whose adapters each have theirs).
     """
     t = config.train
 
@@ -300,13 +304,18 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
             mask=lambda tree: jax.tree_util.tree_map(lambda x: x.ndim >= 2, tree),
         )
 
-    head_lr = t.head_learning_rate or t.learning_rate
+    lr, head_lr = (1.0, 1.0) if unit_peaks else (t.learning_rate, head_learning_rate(config))
     tx = optax.multi_transform(
-        {"lora": adamw(t.learning_rate), "head": adamw(head_lr)}, {"delta": "lora", "head": "head"}
+        {"lora": adamw(lr), "head": adamw(head_lr)}, {"delta": "lora", "head": "head"}
     )
     if t.grad_clip:
         tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
     return tx
+
+
+def head_learning_rate(config: ml_collections.ConfigDict) -> float:
+    """The head's peak learning rate (``train.head_learning_rate``, 0 = the delta's)."""
+    return config.train.head_learning_rate or config.train.learning_rate
 
 
 def make_train_step(

@@ -3,7 +3,6 @@ slice of real SNLI, so each run takes seconds on a CPU."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -11,90 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from helpers import tiny_config
 
-from lorax import assets, paths
+from lorax import paths
 from lorax import train as train_lib
-from lorax.checkpoints import hf
 from lorax.checkpoints.state import Checkpointer
 from lorax.models import encoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A Hugging Face-layout BERT directory: random tiny weights, MiniLM's real tokenizer."""
-    d = tmp_path_factory.mktemp("tiny_bert")
-    cfg = {
-        "model_type": "bert",
-        "vocab_size": 30522,
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 256,
-        "max_position_embeddings": 128,
-        "type_vocab_size": 2,
-        "layer_norm_eps": 1e-12,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.1,
-        "attention_probs_dropout_prob": 0.1,
-        "pad_token_id": 0,
-    }
-    (d / "config.json").write_text(json.dumps(cfg))
-    model = encoder.Encoder(encoder.EncoderConfig.from_hf(cfg), with_pooler=True)
-    ids = jnp.zeros((1, 8), jnp.int32)
-    params = jax.jit(model.init)(jax.random.key(0), ids, ids, jnp.ones_like(ids))["params"]
-    params = jax.tree_util.tree_map(np.asarray, params)
-    save_file(hf.encoder_to_hf(params), str(d / "model.safetensors"))
-    minilm = assets.resolve("minilm-l6")
-    for name in TOKENIZER_FILES:
-        shutil.copy(minilm / name, d / name)
-    return d
-
-
-@pytest.fixture(scope="module")
-def tiny_snli_dir(tmp_path_factory):
-    """The first 600 train and 200 test rows of real SNLI (including '-' rows to skip)."""
-    d = tmp_path_factory.mktemp("tiny_snli")
-    src = assets.resolve("snli")
-    for name, n in (("train.jsonl", 600), ("test.jsonl", 200)):
-        with open(src / name) as f, open(d / name, "w") as out:
-            out.writelines(line for _, line in zip(range(n), f, strict=False))
-    return d
-
-
-def tiny_config(model_dir, data_dir, **overrides):
-    """configs/wq_wv_r4.py shrunk to seconds: tiny model, tiny data, a few steps."""
-    sys.path.insert(0, REPO)
-    from configs import wq_wv_r4
-
-    c = wq_wv_r4.get_config()
-    c.model.name = str(model_dir)
-    c.task.data = str(data_dir)
-    c.task.max_length = 64
-    c.task.buckets = (32, 64)
-    c.task.validation_size = 64
-    c.train.batch_size = 16
-    c.train.num_steps = 6
-    c.train.learning_rate = 1e-2
-    c.log_every = 1
-    c.eval_every = 0
-    c.checkpoint_every = 3
-    c.eval_batch_size = 32
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
 
 
 def read_metrics(workdir):

@@ -1,0 +1,33 @@
+"""Helpers shared by test modules (fixtures live in conftest.py)."""
+
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(model_dir, data_dir, **overrides):
+    """configs/wq_wv_r4.py shrunk to seconds: tiny model, tiny data, a few steps."""
+    sys.path.insert(0, REPO)
+    from configs import wq_wv_r4
+
+    c = wq_wv_r4.get_config()
+    c.model.name = str(model_dir)
+    c.task.data = str(data_dir)
+    c.task.max_length = 64
+    c.task.buckets = (32, 64)
+    c.task.validation_size = 64
+    c.train.batch_size = 16
+    c.train.num_steps = 6
+    c.train.learning_rate = 1e-2
+    c.log_every = 1
+    c.eval_every = 0
+    c.checkpoint_every = 3
+    c.eval_batch_size = 32
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
