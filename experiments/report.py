@@ -1,0 +1,147 @@
+"""Turns sweep results into markdown tables and PNG plots: ``python -m experiments.report``.
+
+Reads ``runs/sweeps/<study>/results.json`` for every Table 5 and Table 6 study present and
+writes ``runs/sweeps/report.md`` plus one PNG per study: test accuracy by target set (Table 5)
+and against rank (Table 6). Each cell is the median over seeds with the min–max spread, next to
+the paper's MultiNLI number on GPT-3 175B (Hu et al. 2021, Tables 5 and 6).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+from collections import defaultdict
+
+from absl import app, flags
+
+# The paper's MultiNLI validation accuracy (%), GPT-3 175B.
+PAPER_TABLE5 = {"q": 91.0, "k": 90.8, "v": 91.0, "o": 91.3, "qk": 91.3, "qv": 91.3, "qkvo": 91.7}
+PAPER_TABLE6 = {
+    ("q", 1): 90.7, ("q", 2): 90.9, ("q", 4): 91.1, ("q", 8): 90.7, ("q", 64): 90.7,
+    ("qv", 1): 91.3, ("qv", 2): 91.4, ("qv", 4): 91.3, ("qv", 8): 91.6, ("qv", 64): 91.4,
+    ("qkvo", 1): 91.2, ("qkvo", 2): 91.7, ("qkvo", 4): 91.7, ("qkvo", 8): 91.5, ("qkvo", 64): 91.4,
+}  # fmt: skip
+_NAME = re.compile(r"^(?P<targets>[qkvo]+)_r(?P<rank>\d+)_s(?P<seed>\d+)$")
+
+
+def group(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """Results by (target set, rank), seeds together."""
+    out = defaultdict(list)
+    for row in rows:
+        m = _NAME.match(row["name"])
+        if m:
+            out[m["targets"], int(m["rank"])].append(row)
+    return out
+
+
+def cell(rows: list[dict], key: str = "test_accuracy") -> str:
+    values = sorted(100 * r[key] for r in rows)
+    median = statistics.median(values)
+    spread = f" ({values[0]:.1f}–{values[-1]:.1f})" if len(values) > 1 else ""
+    return f"{median:.1f}{spread}"
+
+
+def table5(rows: list[dict]) -> str:
+    groups = group(rows)
+    order = [k for k in PAPER_TABLE5 if any(t == k for t, _ in groups)]
+    lines = [
+        "| adapted | rank | trainable params | test acc. (median, min–max) | paper MNLI |",
+        "|---|---|---|---|---|",
+    ]
+    for targets in order:
+        (rank, runs), *_ = [(r, v) for (t, r), v in groups.items() if t == targets]
+        label = ",".join(f"W{c}" for c in targets)
+        lines.append(
+            f"| {label} | {rank} | {runs[0]['lora_params']:,} | {cell(runs)} (n={len(runs)}) "
+            f"| {PAPER_TABLE5[targets]} |"
+        )
+    return "\n".join(lines)
+
+
+def table6(rows: list[dict]) -> str:
+    groups = group(rows)
+    ranks = sorted({r for _, r in groups})
+    lines = [
+        "| adapted | " + " | ".join(f"r={r}" for r in ranks) + " |",
+        "|---|" + "---|" * len(ranks),
+    ]
+    for targets in ("q", "qv", "qkvo"):
+        cells = []
+        for r in ranks:
+            runs = groups.get((targets, r))
+            paper = PAPER_TABLE6.get((targets, r))
+            ours = cell(runs) if runs else "–"
+            cells.append(f"{ours} [{paper}]" if paper else ours)
+        lines.append(f"| {','.join('W' + c for c in targets)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(study: str, rows: list[dict], path: str) -> None:
+    """Accuracy by target set (table5) or against rank (table6), seeds as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = group(rows)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if study.startswith("table5"):
+        keys = [k for k in PAPER_TABLE5 if any(t == k for t, _ in groups)]
+        for x, targets in enumerate(keys):
+            runs = next(v for (t, _), v in groups.items() if t == targets)
+            ys = [100 * r["test_accuracy"] for r in runs]
+            ax.scatter([x] * len(ys), ys, color="tab:blue")
+            ax.plot([x - 0.2, x + 0.2], [statistics.median(ys)] * 2, color="black")
+        ax.set_xticks(range(len(keys)), [",".join("W" + c for c in k) for k in keys])
+        ax.set_xlabel("adapted matrices (budget-matched)")
+    else:
+        for targets in ("q", "qv", "qkvo"):
+            points = sorted((r, v) for (t, r), v in groups.items() if t == targets)
+            if points:
+                xs = [r for r, _ in points]
+                ys = [statistics.median(100 * x["test_accuracy"] for x in v) for _, v in points]
+                ax.plot(xs, ys, marker="o", label=",".join("W" + c for c in targets))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank r")
+        ax.legend()
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(study)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(root: str) -> str:
+    """Writes report.md and the plots under ``root``; returns the markdown."""
+    parts = ["# Sweep results", ""]
+    for study in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, study, "results.json")
+        if not (study.startswith(("table5", "table6")) and os.path.exists(path)):
+            continue
+        with open(path) as f:
+            rows = json.load(f)["runs"]
+        if not rows:
+            continue
+        platform = sorted({r["platform"] for r in rows})
+        parts += [f"## {study}", "", f"{len(rows)} runs on {', '.join(platform)}.", ""]
+        parts.append(table5(rows) if study.startswith("table5") else table6(rows))
+        png = os.path.join(root, f"{study}.png")
+        plot(study, rows, png)
+        parts += ["", f"![{study}]({os.path.basename(png)})", ""]
+    text = "\n".join(parts) + "\n"
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "report.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def main(argv):
+    del argv
+    print(report(flags.FLAGS.root))
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("root", "runs/sweeps", "Directory holding the studies.")
+    app.run(main)

@@ -1,0 +1,163 @@
+"""Sweep machinery: expand a grid of runs, train them as multi-adapter jobs, resume, collect.
+
+A study is a list of :class:`Run` (a name and config overrides) over a base config. Runs whose
+``summary.json`` exists are skipped, so an interrupted sweep resumes where it stopped (a job
+cut off mid-way resumes from its own checkpoint). Pending runs are grouped into jobs of at most
+``max_adapters`` adapters, each trained in one process over one copy of the base
+(:func:`lorax.multi.train_many`). Everything lands under ``runs/sweeps/<study>/``:
+``<run name>/`` per run (the single-run layout) and ``results.json`` (one row per finished run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (model, task) -> the config file the study starts from.
+BASE_CONFIGS = {
+    ("minilm-l6", "snli"): "wq_wv_r4",
+    ("smollm2-135m", "snli_text"): "smollm2_snli_wq_wv_r4",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run of a study: a name (its directory) and dotted config overrides."""
+
+    name: str
+    overrides: Mapping[str, Any]
+
+
+def base_config(model: str, task: str) -> ml_collections.ConfigDict:
+    """The config a (model, task) study starts from; an error lists the pairs that exist."""
+    if (model, task) not in BASE_CONFIGS:
+        raise ValueError(
+            f"no base config for --model={model} --task={task}; available pairs: "
+            f"{sorted(BASE_CONFIGS)}"
+        )
+    sys.path.insert(0, REPO)
+    module = __import__(f"configs.{BASE_CONFIGS[model, task]}", fromlist=["get_config"])
+    return module.get_config()
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]):
+    """A copy of ``config`` with dotted overrides; an unknown key is an error naming it."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key, value in overrides.items():
+        node, *parents, leaf = [config, *key.split(".")]
+        for p in parents:
+            if p not in node:
+                raise KeyError(f"override {key}: {p!r} is not a config section")
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"override {key}: {leaf!r} is not a field of its section")
+        node[leaf] = value
+    return config
+
+
+def adapters_per_job(config: ml_collections.ConfigDict, requested: int) -> int:
+    """How many adapters one job trains at once: ``requested`` if > 0, else an estimate from
+    the device's memory (activations of one adapter's batch dominate; the base is shared)."""
+    if requested > 0:
+        return requested
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if not limit:  # CPU: no reported limit; a job of 8 keeps a 2-core machine busy enough
+        return 8
+    # ~34 bytes per token per width unit per layer of saved activations (fp32, no remat),
+    # a rough upper bound for these models, with half the memory kept for the base and XLA.
+    width, layers = 1024, 32
+    per_adapter = 34 * config.train.batch_size * config.task.max_length * width * layers
+    return max(1, int(0.5 * limit // per_adapter))
+
+
+def run_study(
+    study: str,
+    runs: Sequence[Run],
+    base: ml_collections.ConfigDict,
+    *,
+    root: str = "runs/sweeps",
+    max_adapters: int = 0,
+) -> list[dict[str, Any]]:
+    """Trains every unfinished run of ``study`` and writes ``results.json``; returns its rows."""
+    from lorax import multi
+
+    out = os.path.join(root, study)
+    os.makedirs(out, exist_ok=True)
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"study {study}: run names repeat: {names}")
+    configs = {r.name: apply_overrides(base, r.overrides) for r in runs}
+    pending = [r for r in runs if not os.path.exists(os.path.join(out, r.name, "summary.json"))]
+    print(f"{study}: {len(runs)} runs, {len(runs) - len(pending)} done, {len(pending)} to train")
+    per_job = adapters_per_job(base, max_adapters)
+    for start in range(0, len(pending), per_job):
+        group = pending[start : start + per_job]
+        print(f"job of {len(group)} adapters: {', '.join(r.name for r in group)}")
+        multi.train_many(
+            [configs[r.name] for r in group], [os.path.join(out, r.name) for r in group]
+        )
+    rows = collect(out, runs)
+    tmp = os.path.join(out, f"results.json.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump({"study": study, "runs": rows}, f, indent=2)
+    os.replace(tmp, os.path.join(out, "results.json"))
+    return rows
+
+
+def collect(out: str, runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """One row per finished run: its name, overrides and the summary's headline numbers."""
+    rows = []
+    for run in runs:
+        path = os.path.join(out, run.name, "summary.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            s = json.load(f)
+        rows.append({
+            "name": run.name,
+            "overrides": dict(run.overrides),
+            **{k: s[k] for k in (
+                "validation_accuracy", "test_accuracy", "lora_params", "head_params",
+                "wall_seconds", "train_seconds", "platform",
+            )},
+        })  # fmt: skip
+    return rows
+
+
+def main_for(study: str, grid) -> None:
+    """The command line of a study module: ``--model --task --seeds --steps --max_adapters``.
+
+    ``grid(seeds) -> list[Run]`` builds the study's runs.
+    """
+    from absl import app, flags
+
+    flags.DEFINE_string("model", "minilm-l6", "Model asset name.")
+    flags.DEFINE_string("task", "snli", "Task name.")
+    flags.DEFINE_integer("seeds", 3, "Seeds per grid point (0, 1, ...).")
+    flags.DEFINE_integer("steps", 0, "Override train.num_steps (0 = the base config's).")
+    flags.DEFINE_integer("max_adapters", 0, "Adapters per job (0 = sized to the device).")
+    flags.DEFINE_string("root", "runs/sweeps", "Where studies are written.")
+
+    def run(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        f = flags.FLAGS
+        base = base_config(f.model, f.task)
+        if f.steps:
+            base.train.num_steps = f.steps
+        name = f"{study}_{f.model}_{f.task}"
+        rows = run_study(name, grid(f.seeds), base, root=f.root, max_adapters=f.max_adapters)
+        print(f"{len(rows)} results in {os.path.join(f.root, name, 'results.json')}")
+
+    app.run(run)

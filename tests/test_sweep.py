@@ -1,0 +1,59 @@
+"""Sweeps (experiments/): a study trains as multi-adapter jobs, skips finished runs on resume,
+and the report renders its table and plot."""
+
+import json
+import os
+
+from helpers import tiny_config
+
+from experiments import report, sweep, table5, table6
+from lorax import multi
+
+
+def test_grids_are_the_papers():
+    t5 = table5.grid(seeds=2)
+    assert len(t5) == 7 * 2
+    budget = {(r.overrides["lora.targets"], r.overrides["lora.rank"]) for r in t5}
+    assert budget == {
+        ("q", 8),
+        ("k", 8),
+        ("v", 8),
+        ("o", 8),
+        ("q,k", 4),
+        ("q,v", 4),
+        ("q,k,v,o", 2),
+    }
+    t6 = table6.grid(seeds=1)
+    assert len(t6) == 3 * 5 and {r.overrides["lora.rank"] for r in t6} == {1, 2, 4, 8, 64}
+
+
+def test_study_runs_as_jobs_resumes_and_reports(
+    tiny_model_dir, tiny_snli_dir, tmp_path, monkeypatch
+):
+    base = tiny_config(tiny_model_dir, tiny_snli_dir)
+    base.train.num_steps = 2
+    base.checkpoint_every = 0
+    runs = [r for r in table5.grid(seeds=1) if r.name in ("q_r8_s0", "qv_r4_s0", "qkvo_r2_s0")]
+    jobs = []
+    real = multi.train_many
+
+    def spy(configs, workdirs):
+        jobs.append([os.path.basename(w) for w in workdirs])
+        return real(configs, workdirs)
+
+    monkeypatch.setattr(multi, "train_many", spy)
+    rows = sweep.run_study("table5_tiny", runs, base, root=str(tmp_path), max_adapters=2)
+    assert jobs == [["q_r8_s0", "qv_r4_s0"], ["qkvo_r2_s0"]]
+    assert [r["name"] for r in rows] == ["q_r8_s0", "qv_r4_s0", "qkvo_r2_s0"]
+    # Budget-matched: every set has 2 layers x 8 rank units x (64 + 64) on the tiny d=64 BERT.
+    assert {r["lora_params"] for r in rows} == {2 * 8 * 128}
+    results = json.loads((tmp_path / "table5_tiny" / "results.json").read_text())
+    assert len(results["runs"]) == 3
+
+    os.remove(tmp_path / "table5_tiny" / "qv_r4_s0" / "summary.json")  # as if cut off
+    sweep.run_study("table5_tiny", runs, base, root=str(tmp_path), max_adapters=2)
+    assert jobs[2:] == [["qv_r4_s0"]]  # only the unfinished run is trained again
+
+    text = report.report(str(tmp_path))
+    assert "| Wq,Wv | 4 | 2,048 |" in text and "| 91.3 |" in text
+    assert (tmp_path / "table5_tiny.png").stat().st_size > 1000
