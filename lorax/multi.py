@@ -202,16 +202,7 @@ def make_multi_train_step(forward, tx, sums_fn):
         }
         trainable = jax.tree_util.tree_map(jnp.add, state["trainable"], updates)
         trainable = {"delta": apply_mask(trainable["delta"], masks), "head": trainable["head"]}
-        finite = jnp.isfinite(sums["loss_sum"])
-        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-            lambda n, o: jnp.where(finite, n, o), new, old
-        )
-        new_state = {
-            "step": state["step"] + 1,
-            "trainable": keep(trainable, state["trainable"]),
-            "opt_state": keep(opt_state, state["opt_state"]),
-        }
-        return new_state, {**sums, "nonfinite": 1.0 - finite.astype(jnp.float32)}
+        return train_lib.next_state(state, trainable, opt_state, sums)
 
     return jax.vmap(one, in_axes=(0, None, 0, 0, 0, 0, 0, 0))
 

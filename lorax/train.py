@@ -337,18 +337,25 @@ def make_train_step(
         grads, sums = jax.grad(loss_fn, has_aux=True)(state["trainable"], frozen, batch, rng)
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
-        finite = jnp.isfinite(sums["loss_sum"])
-        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-            lambda n, o: jnp.where(finite, n, o), new, old
-        )
-        new_state = {
-            "step": state["step"] + 1,
-            "trainable": keep(trainable, state["trainable"]),
-            "opt_state": keep(opt_state, state["opt_state"]),
-        }
-        return new_state, {**sums, "nonfinite": 1.0 - finite.astype(jnp.float32)}
+        return next_state(state, trainable, opt_state, sums)
 
     return train_step
+
+
+def next_state(state, trainable, opt_state, sums) -> tuple[dict, dict]:
+    """The step's new state and metrics; a non-finite loss keeps the old trainable tree and
+    optimizer state (only the step count advances) and reports ``nonfinite = 1``."""
+    finite = jnp.isfinite(sums["loss_sum"])
+
+    def keep(new, old):
+        return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    new_state = {
+        "step": state["step"] + 1,
+        "trainable": keep(trainable, state["trainable"]),
+        "opt_state": keep(opt_state, state["opt_state"]),
+    }
+    return new_state, {**sums, "nonfinite": 1.0 - finite.astype(jnp.float32)}
 
 
 def jit_train_step(train_step: Callable, mesh) -> Callable:

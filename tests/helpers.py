@@ -24,10 +24,15 @@ def tiny_config(model_dir, data_dir, **overrides):
     c.eval_every = 0
     c.checkpoint_every = 3
     c.eval_batch_size = 32
+    return override(c, **overrides)
+
+
+def override(config, **overrides):
+    """Sets dotted fields ("train.num_steps") of a ConfigDict in place; returns it."""
     for key, value in overrides.items():
-        node = c
+        node = config
         *parents, leaf = key.split(".")
         for p in parents:
             node = node[p]
         node[leaf] = value
-    return c
+    return config

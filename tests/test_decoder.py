@@ -241,7 +241,7 @@ def test_lora_under_scan_equals_lora_per_layer():
     np.testing.assert_allclose(np.asarray(scanned), np.asarray(loop), atol=1e-4)
     assert lora.count(stacked_delta) == lora.count(delta)
     fresh = lora.init(stacked_base, spec, jax.random.key(1))
-    assert fresh["layers"]["attn"]["q"]["a"].shape == (2, 32, 4)
+    assert fresh["layers"]["attn"]["q"]["kernel"]["a"].shape == (2, 32, 4)
     # The same adapter init with scan on or off: layer i of a stack draws as layers_i.
     per_layer = paths.stack_layers(lora.init(params, spec, jax.random.key(1)))
     for path, leaf in paths.flatten(per_layer).items():

@@ -71,6 +71,7 @@ def test_smollm2_snli_config_runs_a_few_steps_on_cpu(tmp_path):
     c.eval_every = 0
     c.checkpoint_every = 0
     c.eval_batch_size = 4
+    c.task.validation_size = 4  # the final validation scores every held-out row
     c.task.max_eval_examples = 4
     c.task.max_test_examples = 4
     summary = train_lib.train_and_evaluate(c, str(tmp_path / "run"))

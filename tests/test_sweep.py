@@ -3,8 +3,10 @@ and the report renders its table and plot."""
 
 import json
 import os
+import subprocess
+import sys
 
-from helpers import tiny_config
+from helpers import REPO, tiny_config
 
 from experiments import report, sweep, table5, table6
 from lorax import multi
@@ -53,6 +55,16 @@ def test_study_runs_as_jobs_resumes_and_reports(
     os.remove(tmp_path / "table5_tiny" / "qv_r4_s0" / "summary.json")  # as if cut off
     sweep.run_study("table5_tiny", runs, base, root=str(tmp_path), max_adapters=2)
     assert jobs[2:] == [["qv_r4_s0"]]  # only the unfinished run is trained again
+
+    # §7 analysis between two runs of the study that share the q kernels (r = 8 vs r = 4).
+    study = tmp_path / "table5_tiny"
+    cmd = [sys.executable, "-m", "lorax.analysis", f"--run={study / 'q_r8_s0'}",
+           f"--run={study / 'qv_r4_s0'}", f"--out={tmp_path / 'analysis'}"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "analysis" / "subspace_similarity_layer0.png").stat().st_size > 1000
+    table = (tmp_path / "analysis" / "amplification.md").read_text()
+    assert "| q_r8_s0 | encoder/layers_0/attn/q/kernel | 8 |" in table
 
     text = report.report(str(tmp_path))
     assert "| Wq,Wv | 4 | 2,048 |" in text and "| 91.3 |" in text

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import override
 from safetensors.numpy import save_file
 
 from lorax import assets, checkpoints, generate, lora, paths
@@ -100,13 +101,7 @@ def lm_config(model_dir, **overrides):
     c.checkpoint_every = 6
     c.eval_batch_size = 8
     c.task.max_eval_examples = 16
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return override(c, **overrides)
 
 
 def _losses(workdir):
@@ -200,6 +195,25 @@ def test_generate_command_applies_the_trained_adapter(tiny_llama_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     expected = setup.tokenizer.decode(adapted[0], skip_special_tokens=True)
     assert "Instruction:\nWhat is 2 plus 2?\n\nResponse:\n" + expected in out.stdout
+
+    # Two adapters (other targets and rank) in one batch, chosen per prompt: adapter 2 for
+    # the first prompt, the base for the second.
+    other = str(tmp_path / "other")
+    c2 = lm_config(tiny_llama_dir, **{"train.num_steps": 6, "lora.targets": "v,o", "seed": 1})
+    c2.lora.rank = 4
+    train_lib.train_and_evaluate(c2, other)
+    _, second = generate.load_for_generation(c2, other)
+    by_second = generate.generate(setup.model, second, [prompt], **kw)
+    assert by_second != adapted
+    both = [*cmd[:-2], f"--adapter={other}", "--prompt=What is 2 plus 2?", "--prompt_adapter=2",
+            "--prompt_adapter=0", "--max_new_tokens=6"]  # fmt: skip
+    out = subprocess.run(both, cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    blocks = out.stdout.split("--- ")[1:]
+    assert blocks[0].startswith(f"adapter {other}")
+    assert blocks[0].endswith(setup.tokenizer.decode(by_second[0], skip_special_tokens=True) + "\n")
+    assert blocks[1].startswith("base model")
+    assert blocks[1].endswith(setup.tokenizer.decode(base[0], skip_special_tokens=True) + "\n")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
