@@ -121,22 +121,28 @@ def export_adapter(config, setup, trainable, out: str | os.PathLike) -> pathlib.
 
 # --------------------------------------------------------------------------- command line
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A lorax.train run directory.")
-_OUT = flags.DEFINE_string("out", None, "Directory to write.")
-_MERGED = flags.DEFINE_bool(
-    "merged", False, "Write the merged model (Hugging Face checkpoint) instead of the adapter."
-)
+
+def define_flags() -> None:
+    """Defines the command line's flags (only when run as a program, so importing this module
+    from another program defines none)."""
+    flags.DEFINE_string("workdir", None, "A lorax.train run directory.")
+    flags.DEFINE_string("out", None, "Directory to write.")
+    flags.DEFINE_bool(
+        "merged", False, "Write the merged model (Hugging Face checkpoint) instead of the adapter."
+    )
+    flags.mark_flags_as_required(["workdir", "out"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)
-    config, setup, trainable = load_run(_WORKDIR.value)
-    if _MERGED.value:
-        out = export_merged(config, setup, trainable, _OUT.value)
+    f = flags.FLAGS
+    config, setup, trainable = load_run(f.workdir)
+    if f.merged:
+        out = export_merged(config, setup, trainable, f.out)
     else:
-        out = export_adapter(config, setup, trainable, _OUT.value)
+        out = export_adapter(config, setup, trainable, f.out)
     files = sorted(p for p in out.iterdir() if p.is_file())
     written = sum(p.stat().st_size for p in files)
     print(f"wrote {out}: {', '.join(p.name for p in files)} ({written / 1e6:.2f} MB)")
@@ -148,5 +154,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["workdir", "out"])
+    define_flags()
     app.run(main)

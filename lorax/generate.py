@@ -230,27 +230,29 @@ def load_for_generation(config, adapter: str | None, merge: bool = False):
 
 # --------------------------------------------------------------------------- command line
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The training config of the model.")
-_ADAPTER = flags.DEFINE_multi_string(
-    "adapter", [], "Workdir of a training run whose adapter to load; repeat for several."
-)
-_PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat for several.")
-_PROMPT_ADAPTER = flags.DEFINE_multi_integer(
-    "prompt_adapter",
-    [],
-    "Per prompt, which adapter decodes it: 0 = the base, i = the i-th --adapter. Default: "
-    "every prompt with the base and with each adapter, side by side.",
-)
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with temperature > 0).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_MERGE = flags.DEFINE_bool(
-    "merge", False, "With one --adapter: merge it into the base before decoding."
-)
-_RAW = flags.DEFINE_bool(
-    "raw", False, "Use the prompt as is, not wrapped in the task's prompt template."
-)
+
+def define_flags() -> None:
+    """Defines the command line's flags (only when run as a program)."""
+    config_flags.DEFINE_config_file("config", None, "The training config of the model.")
+    flags.DEFINE_multi_string(
+        "adapter", [], "Workdir of a training run whose adapter to load; repeat for several."
+    )
+    flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat for several.")
+    flags.DEFINE_multi_integer(
+        "prompt_adapter",
+        [],
+        "Per prompt, which adapter decodes it: 0 = the base, i = the i-th --adapter. Default: "
+        "every prompt with the base and with each adapter, side by side.",
+    )
+    flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
+    flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples.")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with temperature > 0).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_bool("merge", False, "With one --adapter: merge it into the base before decoding.")
+    flags.DEFINE_bool(
+        "raw", False, "Use the prompt as is, not wrapped in the task's prompt template."
+    )
+    flags.mark_flag_as_required("config")
 
 
 def _rows(n_prompts: int, n_adapters: int, chosen: list[int]) -> list[tuple[int, int]]:
@@ -272,28 +274,29 @@ def _rows(n_prompts: int, n_adapters: int, chosen: list[int]) -> list[tuple[int,
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not _PROMPT.value:
+    if not flags.FLAGS.prompt:
         raise app.UsageError("give at least one --prompt")
     absl_logging.set_verbosity(absl_logging.WARNING)
     from lorax import lora, serving
 
-    config, workdirs = _CONFIG.value, list(_ADAPTER.value)
+    f = flags.FLAGS
+    config, workdirs = f.config, list(f.adapter)
     setup, base = load_for_generation(config, None)
     tok = setup.tokenizer
-    texts = list(_PROMPT.value)
-    if not _RAW.value and config.task.name == "instructions":
+    texts = list(f.prompt)
+    if not f.raw and config.task.name == "instructions":
         from lorax import data as data_lib
 
         texts = [data_lib.format_prompt(t) for t in texts]
     adapters = [load_adapter(w, base) for w in workdirs]
     labels = ["base model", *(f"adapter {os.path.abspath(w)}" for w in workdirs)]
-    if _MERGE.value:
+    if f.merge:
         if len(adapters) != 1:
             raise app.UsageError("--merge needs exactly one --adapter")
         rows = [(p, 1) for p in range(len(texts))]
         params = lora.merge(base, *adapters[0])
     else:
-        rows = _rows(len(texts), len(adapters), list(_PROMPT_ADAPTER.value))
+        rows = _rows(len(texts), len(adapters), list(f.prompt_adapter))
         params = base
         if adapters:
             bank = serving.make_bank(base, adapters)
@@ -303,10 +306,10 @@ def main(argv):
         setup.model,
         params,
         prompts,
-        max_new_tokens=_MAX_NEW.value,
-        temperature=_TEMPERATURE.value,
-        top_p=_TOP_P.value,
-        seed=_SEED.value,
+        max_new_tokens=f.max_new_tokens,
+        temperature=f.temperature,
+        top_p=f.top_p,
+        seed=f.seed,
         eos_id=tok.eos_token_id,
         pad_id=setup.pad_id,
     )
@@ -316,5 +319,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
+    define_flags()
     app.run(main)
