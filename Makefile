@@ -26,7 +26,7 @@ demo: fetch
 	$(BIN)/python -m lorax.train --config=$(CONFIG)
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m lorax.assets minilm-l6 snli smollm2-135m
+	$(BIN)/python -m lorax.assets minilm-l6 snli smollm2-135m rotten-tomatoes
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-test

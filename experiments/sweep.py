@@ -24,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (model, task) -> the config file the study starts from.
 BASE_CONFIGS = {
     ("minilm-l6", "snli"): "wq_wv_r4",
+    ("minilm-l6", "rotten_tomatoes"): "rotten_tomatoes_wq_wv_r4",
     ("smollm2-135m", "snli_text"): "smollm2_snli_wq_wv_r4",
 }
 

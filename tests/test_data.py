@@ -1,5 +1,6 @@
 """Tests of the SNLI task and fixed-shape batching (lorax/data/)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -294,3 +295,48 @@ def test_buckets_must_cover_the_longest_example():
         data.Batcher(_examples(), 8, (16, 32), seed=0)
     with pytest.raises(ValueError, match="positive lengths"):
         data.Batcher(_examples(), 8, (), seed=0)
+
+
+def test_real_rotten_tomatoes_counts_and_splits(tokenizer):
+    """12,808 reviews (7,403 fresh, 5,405 rotten), 1,097 plot summaries skipped; validation and
+    test held out of the one file, disjoint and the same on every call."""
+    from lorax import assets
+
+    d = assets.resolve("rotten-tomatoes")
+    task = data.load_task("rotten_tomatoes", d, tokenizer, max_length=128, validation_size=500)
+    c = task.counts
+    assert c["all/file_rows"] == 13905 and c["all/skipped_label"] == 1097
+    assert (c["train/rows"], c["validation/rows"], c["test/rows"]) == (12808 - 1780, 500, 1280)
+    labels = np.concatenate([task.splits[s].labels for s in ("train", "validation", "test")])
+    assert np.bincount(labels).tolist() == [5405, 7403]  # negative (rotten), positive (fresh)
+    assert task.label_names == ("negative", "positive")
+    again = data.load_task("rotten_tomatoes", d, tokenizer, max_length=128, validation_size=500)
+    for split in ("validation", "test"):
+        assert [x.tolist() for x in again.splits[split].input_ids] == [
+            x.tolist() for x in task.splits[split].input_ids
+        ]
+    assert set(task.splits["test"].token_type_ids[0].tolist()) == {0}  # single texts
+
+
+def test_sentence_csv_bad_rows(tmp_path, tokenizer):
+    """Multi-line quoted text is one row; empty text is skipped and counted; an unknown label
+    names its line and the valid labels."""
+    import bz2
+
+    rows = ["category,text,movie_name,has_plot_and_reviews\n"]
+    rows += [f'fresh,"good film\nnumber {i}",m,True\n' for i in range(30)]
+    rows += ['rotten,"",m,True\n', 'plot,"a plot",m,True\n']
+    (tmp_path / "rotten_tomatoes.csv.bz2").write_bytes(bz2.compress("".join(rows).encode()))
+    task = data.tasks.ROTTEN_TOMATOES
+    small = dataclasses.replace(task, test_size=5)
+    loaded = small.load(tmp_path, tokenizer, max_length=32, validation_size=5)
+    assert loaded.counts["all/file_rows"] == 32
+    assert loaded.counts["all/skipped_empty_text"] == 1
+    assert loaded.counts["all/skipped_label"] == 1
+    assert loaded.counts["train/rows"] == 20
+    rows.append('meh,"odd",m,True\n')
+    (tmp_path / "rotten_tomatoes.csv.bz2").write_bytes(bz2.compress("".join(rows).encode()))
+    with pytest.raises(
+        ValueError, match=r"line 64: category = 'meh' is not valid; valid: \['fresh'"
+    ):
+        small.load(tmp_path, tokenizer, max_length=32, validation_size=5)

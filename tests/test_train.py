@@ -1,6 +1,7 @@
 """Tests of the trainer (lorax/train.py) on a tiny random BERT with the real tokenizer and a
 slice of real SNLI, so each run takes seconds on a CPU."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -325,3 +326,34 @@ def test_merged_encoder_export_loads_as_a_plain_bert_model(tiny_model_dir, tiny_
     )
     err = float(np.abs(np.asarray(ours) - reference.last_hidden_state.numpy()).max())
     assert err <= 1e-4
+
+
+def test_rotten_tomatoes_trains_a_two_class_head(tiny_model_dir, tmp_path):
+    """The single-text task runs through the same trainer: a 2-class head, summary written."""
+    import bz2
+    import csv
+    import io
+
+    from lorax import assets
+
+    src = assets.resolve("rotten-tomatoes") / "rotten_tomatoes.csv.bz2"
+    with bz2.open(src, "rt", newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        rows = [next(reader)] + [r for r in reader][1000:1700]  # the file opens with plots
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    head = text.getvalue()
+    data_dir = tmp_path / "rt"
+    data_dir.mkdir()
+    (data_dir / "rotten_tomatoes.csv.bz2").write_bytes(bz2.compress(head.encode()))
+    c = tiny_config(tiny_model_dir, data_dir, **{"task.name": "rotten_tomatoes"})
+    c.train.num_steps = 3
+    from lorax.data import tasks
+
+    tasks.TASKS["rotten_tomatoes"] = dataclasses.replace(tasks.ROTTEN_TOMATOES, test_size=64)
+    try:
+        summary = train_lib.train_and_evaluate(c, str(tmp_path / "run"))
+    finally:
+        tasks.TASKS["rotten_tomatoes"] = tasks.ROTTEN_TOMATOES
+    assert summary["head_params"] == 64 * 2 + 2
+    assert summary["test_examples"] == 64

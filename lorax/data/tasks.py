@@ -180,14 +180,15 @@ def hold_out(usable: int, sizes: Sequence[int]) -> list[np.ndarray]:
 def encode_pairs(
     tokenizer: Any,
     first: list[str],
-    second: list[str],
+    second: list[str] | None,
     labels: list[int],
     *,
     max_length: int,
     counts: dict[str, int],
     split: str,
 ) -> Examples:
-    """Tokenizes pairs as ``[CLS] a [SEP] b [SEP]`` (segment ids 0/1) without padding.
+    """Tokenizes pairs as ``[CLS] a [SEP] b [SEP]`` (segment ids 0/1) without padding; with
+    ``second=None``, single texts as ``[CLS] a [SEP]``.
 
     The tokenizer is told explicitly not to pad or truncate: the bundled MiniLM tokenizer.json
     would otherwise pad and cut every pair to 128. Pairs longer than ``max_length`` are then
@@ -195,7 +196,7 @@ def encode_pairs(
 
     Args:
       tokenizer: a Hugging Face tokenizer (fast: batched encoding runs in Rust).
-      first, second: the pair texts.
+      first, second: the pair texts (``second`` None for single-text tasks).
       labels: class ids, one per pair.
       max_length: the longest encoding kept, special tokens included.
       counts: updated with ``<split>/truncated``.
@@ -204,11 +205,12 @@ def encode_pairs(
     Returns:
       The encoded split.
     """
-    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    pair = second is not None
+    specials = tokenizer.num_special_tokens_to_add(pair=pair)
     if max_length <= specials:
         raise ValueError(
             f"task.max_length = {max_length} leaves no room for text beside the {specials} "
-            "special tokens of a pair; use a larger max_length"
+            f"special tokens of {'a pair' if pair else 'a text'}; use a larger max_length"
         )
     kw = dict(padding=False, return_token_type_ids=True, return_attention_mask=False)
     if first:
@@ -220,7 +222,7 @@ def encode_pairs(
     if long:
         cut = tokenizer(
             [first[i] for i in long],
-            [second[i] for i in long],
+            [second[i] for i in long] if pair else None,
             truncation="longest_first",
             max_length=max_length,
             **kw,
@@ -243,7 +245,106 @@ SNLI = PairClassification(
     skip_labels=("-",),
 )
 
-TASKS: dict[str, PairClassification] = {"snli": SNLI}
+
+@dataclasses.dataclass(frozen=True)
+class SentenceClassification:
+    """Single-text classification from one CSV (bz2 allowed) without official splits.
+
+    Validation and test are held out of the file with :func:`hold_out` (fixed seed): the
+    validation rows first, then ``test_size`` test rows, the rest for training.
+
+    Attributes:
+      file: CSV file name in the data directory (``.bz2`` is decompressed on the fly).
+      text_field, label_field: CSV columns.
+      labels: label value in the file -> class name; classes are in ``label_names`` order.
+      label_names: class names, in class-index order.
+      skip_labels: label values whose rows are not examples (skipped and counted).
+      test_size: rows held out as the test split.
+    """
+
+    file: str
+    text_field: str
+    label_field: str
+    labels: dict[str, str]
+    label_names: tuple[str, ...]
+    skip_labels: tuple[str, ...] = ()
+    test_size: int = 1000
+
+    def load(self, data_dir, tokenizer, *, max_length: int, validation_size: int) -> TaskData:
+        """See :func:`load_task`."""
+        import bz2
+        import csv
+
+        path = os.path.join(os.fspath(data_dir), self.file)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} does not exist; the task needs {self.file}")
+        opener = bz2.open if path.endswith(".bz2") else open
+        counts = {"file_rows": 0, "skipped_label": 0, "skipped_empty_text": 0}
+        counts.update({"skipped_missing_field": 0, "bad_utf8": 0})
+        texts, labels = [], []
+        index = {name: i for i, name in enumerate(self.label_names)}
+        with opener(path, "rt", newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.DictReader(f)  # quoted fields may hold newlines
+            for field in (self.text_field, self.label_field):
+                if field not in (reader.fieldnames or []):
+                    raise ValueError(
+                        f"{path} has no column {field!r}; columns: {reader.fieldnames}"
+                    )
+            for row in reader:
+                counts["file_rows"] += 1
+                text, label = row.get(self.text_field), row.get(self.label_field)
+                if text is None or label is None:
+                    counts["skipped_missing_field"] += 1
+                elif label in self.skip_labels:
+                    counts["skipped_label"] += 1
+                elif label not in self.labels:
+                    raise ValueError(
+                        f"{path} line {reader.line_num}: {self.label_field} = {label!r} is not "
+                        f"valid; valid: {sorted(self.labels)}, or {list(self.skip_labels)} to skip"
+                    )
+                elif not text.strip():
+                    counts["skipped_empty_text"] += 1
+                else:
+                    counts["bad_utf8"] += "\ufffd" in text
+                    texts.append(text.strip())
+                    labels.append(index[self.labels[label]])
+        counts = {f"all/{k}": v for k, v in counts.items()}
+        if validation_size < 0 or validation_size + self.test_size >= len(texts):
+            raise ValueError(
+                f"task.validation_size = {validation_size} must be in 0.."
+                f"{len(texts) - self.test_size - 1} ({len(texts)} usable rows, "
+                f"{self.test_size} held out for test)"
+            )
+        held, test, rest = hold_out(len(texts), [validation_size, self.test_size])
+        splits = {}
+        for split, idx in (("train", rest), ("validation", held), ("test", test)):
+            splits[split] = encode_pairs(
+                tokenizer,
+                [texts[i] for i in idx],
+                None,
+                [labels[i] for i in idx],
+                max_length=max_length,
+                counts=counts,
+                split=split,
+            )
+            counts[f"{split}/rows"] = len(splits[split])
+        return TaskData(splits, self.label_names, counts)
+
+
+ROTTEN_TOMATOES = SentenceClassification(
+    file="rotten_tomatoes.csv.bz2",
+    text_field="text",
+    label_field="category",
+    labels={"rotten": "negative", "fresh": "positive"},
+    label_names=("negative", "positive"),
+    skip_labels=("plot",),  # plot summaries, not reviews
+    test_size=1280,  # 10% of the 12,808 reviews
+)
+
+TASKS: dict[str, PairClassification | SentenceClassification] = {
+    "snli": SNLI,
+    "rotten_tomatoes": ROTTEN_TOMATOES,
+}
 
 
 def load_task(name: str, data_dir, tokenizer, *, max_length: int, validation_size: int) -> TaskData:
