@@ -460,7 +460,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
     summary_path = os.path.join(workdir, "summary.json")
-    if (restored_step := ckpt.latest_step()) is not None:
+    restored_step = ckpt.latest_step()
+    if restored_step is not None and restored_step >= t.num_steps and os.path.exists(summary_path):
+        ckpt.close()  # finished (alone or in a multi-adapter job): report, train nothing
+        with open(summary_path) as f:
+            return json.load(f)
+    if restored_step is not None:
         try:
             state = ckpt.restore(state)
         except (ValueError, KeyError, TypeError) as e:
@@ -470,9 +475,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             ) from e
         log.truncate_after(restored_step)
         tqdm.tqdm.write(f"resuming from the checkpoint at step {restored_step} in {workdir}")
-        if restored_step >= t.num_steps and os.path.exists(summary_path):
-            with open(summary_path) as f:
-                return json.load(f)
     first_step = int(jax.device_get(state["step"]))
 
     task = setup.task

@@ -52,6 +52,8 @@ def test_each_adapter_of_a_job_equals_its_single_run(tiny_model_dir, tiny_snli_d
         for key in want:
             np.testing.assert_allclose(got[key], want[key], atol=1e-5, err_msg=f"{k} {key}")
         assert summaries[k]["multi_adapter_job"] == 3
+        # The single-run command on a job's workdir finds it finished and reports it.
+        assert train_lib.train_and_evaluate(configs[k], job) == summaries[k]
         assert summaries[k]["lora_params"] == sum(
             np.size(v) for p, v in want.items() if p.startswith("delta/")
         )
