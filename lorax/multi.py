@@ -382,30 +382,11 @@ def train_many(
         val, test = results["validation"][k], results["test"][k]
         for split, r in (("validation", val), ("test", test)):
             logs[k].write(step=t.num_steps, split=split, **r)
-        summary = {
-            "validation_accuracy": val["accuracy"],
-            "validation_loss": val["loss"],
-            "test_accuracy": test["accuracy"],
-            "test_loss": test["loss"],
-            "test_examples": test["count"],
-            "validation_examples": val["count"],
-            "model_kind": setup.kind,
-            "lora_params": lora.count(delta_k),
-            "head_params": lora.count(trainable_k["head"]),
-            "base_params": setup.base_params,
-            "adapter_bytes": train_lib._nbytes(delta_k) + train_lib._nbytes(trainable_k["head"]),
-            "base_bytes": train_lib._nbytes(setup.frozen),
-            "steps": t.num_steps,
-            "resumed_from": first,
-            "wall_seconds": time.time() - start,
-            "train_seconds": train_seconds,
-            "tokens_per_second": train_tokens / max(train_seconds, 1e-9),
-            "devices": mesh.devices.size,
-            "platform": jax.devices()[0].platform,
-            "data_counts": dict(task.counts),
-            "multi_adapter_job": k_adapters,
-            "config": json.loads(config.to_json_best_effort()),
-        }
+        summary = train_lib.make_summary(
+            config, setup, adapter, val, test, first_step=first, start=start,
+            train_seconds=train_seconds, train_tokens=train_tokens,
+        )  # fmt: skip
+        summary["multi_adapter_job"] = k_adapters
         train_lib._write_json_atomic(os.path.join(workdir, "summary.json"), summary)
         summaries.append(summary)
     return summaries

@@ -419,6 +419,37 @@ class MetricsLog:
             f.write(json.dumps(event, sort_keys=True) + "\n")
 
 
+def make_summary(
+    config, setup: Setup, trainable, val, test, *, first_step, start, train_seconds, train_tokens
+) -> dict[str, Any]:
+    """The ``summary.json`` of a run (alone or one adapter of a multi-adapter job)."""
+    return {
+        "validation_accuracy": val["accuracy"],
+        "validation_loss": val["loss"],
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "test_examples": test["count"],
+        "validation_examples": val["count"],
+        "model_kind": setup.kind,
+        "lora_params": lora.count(trainable["delta"]),
+        "head_params": lora.count(trainable["head"]),
+        "base_params": setup.base_params,
+        # What an adapter checkpoint weighs beside the base it needs (the paper's 350 GB ->
+        # 35 MB point): delta + trained head in fp32, and the frozen base as stored.
+        "adapter_bytes": _nbytes(trainable["delta"]) + _nbytes(trainable["head"]),
+        "base_bytes": _nbytes(setup.frozen),
+        "steps": config.train.num_steps,
+        "resumed_from": first_step,
+        "wall_seconds": time.time() - start,
+        "train_seconds": train_seconds,
+        "tokens_per_second": train_tokens / max(train_seconds, 1e-9),
+        "devices": setup.mesh.devices.size,
+        "platform": jax.devices()[0].platform,
+        "data_counts": dict(setup.task.counts),
+        "config": json.loads(config.to_json_best_effort()),
+    }
+
+
 def _nbytes(tree) -> int:
     return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree)))
 
@@ -569,31 +600,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     test_result = run_eval("test", test_split, t.num_steps)
     ckpt.close()
 
-    summary = {
-        "validation_accuracy": val_result["accuracy"],
-        "validation_loss": val_result["loss"],
-        "test_accuracy": test_result["accuracy"],
-        "test_loss": test_result["loss"],
-        "test_examples": test_result["count"],
-        "model_kind": setup.kind,
-        "validation_examples": val_result["count"],
-        "lora_params": lora_params,
-        "head_params": head_params,
-        "base_params": setup.base_params,
-        # What an adapter checkpoint weighs beside the base it needs (the paper's 350 GB ->
-        # 35 MB point): delta + trained head in fp32, and the frozen base as stored.
-        "adapter_bytes": _nbytes(setup.delta) + _nbytes(setup.head),
-        "base_bytes": _nbytes(setup.frozen),
-        "steps": t.num_steps,
-        "resumed_from": first_step,
-        "wall_seconds": time.time() - start,
-        "train_seconds": train_seconds,
-        "tokens_per_second": train_tokens / max(train_seconds, 1e-9),
-        "devices": mesh.devices.size,
-        "platform": jax.devices()[0].platform,
-        "data_counts": dict(task.counts),
-        "config": json.loads(config.to_json_best_effort()),
-    }
+    summary = make_summary(
+        config,
+        setup,
+        {"delta": setup.delta, "head": setup.head},
+        val_result,
+        test_result,
+        first_step=first_step,
+        start=start,
+        train_seconds=train_seconds,
+        train_tokens=train_tokens,
+    )
     _write_json_atomic(summary_path, summary)
     return summary
 
