@@ -1,11 +1,12 @@
 """Sweep machinery: expand a grid of runs, train them as multi-adapter jobs, resume, collect.
 
-A study is a list of :class:`Run` (a name and config overrides) over a base config. Runs whose
-``summary.json`` exists are skipped, so an interrupted sweep resumes where it stopped (a job
-cut off mid-way resumes from its own checkpoint). Pending runs are grouped into jobs of at most
-``max_adapters`` adapters, each trained in one process over one copy of the base
-(:func:`lorax.multi.train_many`). Everything lands under ``runs/sweeps/<study>/``:
-``<run name>/`` per run (the single-run layout) and ``results.json`` (one row per finished run).
+A study is a list of :class:`Run` (a name and config overrides) over a base config, cut into
+jobs of at most ``max_adapters`` consecutive runs, each trained in one process over one copy of
+the base (:func:`lorax.multi.train_many`). Runs whose ``summary.json`` exists are not trained
+again and a job whose runs are all done is skipped, so an interrupted sweep resumes where it
+stopped (a job cut off mid-way resumes from its own checkpoint). Everything lands under
+``runs/sweeps/<study>/``: ``<run name>/`` per run (the single-run layout) and ``results.json``
+(one row per finished run, rewritten atomically).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def run_study(
     max_adapters: int = 0,
 ) -> list[dict[str, Any]]:
     """Trains every unfinished run of ``study`` and writes ``results.json``; returns its rows."""
-    from lorax import multi
+    from lorax import multi, runfiles
 
     out = os.path.join(root, study)
     os.makedirs(out, exist_ok=True)
@@ -99,20 +100,22 @@ def run_study(
     if len(set(names)) != len(names):
         raise ValueError(f"study {study}: run names repeat: {names}")
     configs = {r.name: apply_overrides(base, r.overrides) for r in runs}
-    pending = [r for r in runs if not os.path.exists(os.path.join(out, r.name, "summary.json"))]
-    print(f"{study}: {len(runs)} runs, {len(runs) - len(pending)} done, {len(pending)} to train")
+    done = {r.name for r in runs if os.path.exists(os.path.join(out, r.name, "summary.json"))}
+    print(f"{study}: {len(runs)} runs, {len(done)} done, {len(runs) - len(done)} to train")
+    # Jobs are fixed slices of the whole grid, not of what is left: a job cut off after some
+    # of its adapters were written resumes as the same job from its own checkpoint, and
+    # train_many leaves the finished ones as they are.
     per_job = adapters_per_job(base, max_adapters)
-    for start in range(0, len(pending), per_job):
-        group = pending[start : start + per_job]
+    for start in range(0, len(runs), per_job):
+        group = runs[start : start + per_job]
+        if all(r.name in done for r in group):
+            continue
         print(f"job of {len(group)} adapters: {', '.join(r.name for r in group)}")
         multi.train_many(
             [configs[r.name] for r in group], [os.path.join(out, r.name) for r in group]
         )
     rows = collect(out, runs)
-    tmp = os.path.join(out, f"results.json.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump({"study": study, "runs": rows}, f, indent=2)
-    os.replace(tmp, os.path.join(out, "results.json"))
+    runfiles.write_json_atomic(os.path.join(out, "results.json"), {"study": study, "runs": rows})
     return rows
 
 

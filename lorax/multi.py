@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from lorax import lora, paths, sharding
+from lorax import lora, paths, runfiles, sharding
 from lorax import train as train_lib
 from lorax.checkpoints.state import Checkpointer
 
@@ -299,10 +299,16 @@ def train_many(
 
     Each workdir gets ``metrics.jsonl``, ``summary.json`` (the single-run keys, plus
     ``multi_adapter_job`` = K) and an adapter checkpoint at the final step; the job's stacked
-    state is checkpointed under ``<workdirs[0]>/job`` so an interrupted job resumes.
+    state is checkpointed under ``<workdirs[0]>/job`` so an interrupted job resumes. A workdir
+    that already has its ``summary.json`` (finished before the job was cut off) is not written
+    again; its summary is read back. Run the same configs and workdirs again to resume.
     """
     if len(configs) != len(workdirs):
         raise ValueError(f"{len(configs)} configs for {len(workdirs)} workdirs")
+    summary_paths = [os.path.join(w, "summary.json") for w in workdirs]
+    finished = [os.path.exists(p) for p in summary_paths]
+    if all(finished):
+        return [_read_json(p) for p in summary_paths]
     start = time.time()
     job, state = build(configs)
     setup, stack, c0 = job.setup, job.stack, configs[0]
@@ -323,12 +329,17 @@ def train_many(
 
     job_ckpt = Checkpointer(os.path.join(workdirs[0], "job"), keep=c0.keep_checkpoints)
     if job_ckpt.latest_step() is not None:
-        state = job_ckpt.restore(state)
-        tqdm.tqdm.write(f"resuming the {k_adapters}-adapter job at step {job_ckpt.latest_step()}")
-    first = int(jax.device_get(state["step"][0]))
-    logs = [train_lib.MetricsLog(os.path.join(w, "metrics.jsonl")) for w in workdirs]
-    for log in logs:
-        log.truncate_after(first)
+        restored, notes = job_ckpt.restore_latest_good(state)
+        for note in notes:
+            tqdm.tqdm.write(note)
+        if restored is not None:
+            state = restored
+            tqdm.tqdm.write(f"resuming the {k_adapters}-adapter job at step {_step(state)}")
+    first = _step(state)
+    logs = [runfiles.MetricsLog(os.path.join(w, "metrics.jsonl")) for w in workdirs]
+    for log, done in zip(logs, finished, strict=True):
+        if not done:
+            log.truncate_after(first, t.num_steps)
     task = setup.task
     batchers = [
         train_lib.make_batcher(setup, task.splits["train"], t.batch_size, c) for c in configs
@@ -346,9 +357,16 @@ def train_many(
             sums = jax.device_get(sums)
             if np.any(sums["nonfinite"]) and not t.skip_nonfinite:
                 bad = [workdirs[i] for i in np.flatnonzero(sums["nonfinite"])]
-                raise train_lib.NonFiniteLossError(f"loss is NaN/Inf at step {done} in {bad}")
+                last = job_ckpt.latest_step()
+                raise train_lib.NonFiniteLossError(
+                    f"loss is NaN/Inf at step {done} in {bad}. Last good checkpoint: "
+                    f"{'none' if last is None else f'step {last}'} in {job_ckpt.directory}. "
+                    "Set train.skip_nonfinite=True to skip such batches."
+                )
             window += np.stack([sums["loss_sum"], sums["correct"], sums["count"]], 1)
             for k, log in enumerate(logs):
+                if finished[k]:
+                    continue
                 loss, correct, count = window[k]
                 log.write(step=done, split="train", loss=loss / max(count, 1),
                           accuracy=correct / max(count, 1))  # fmt: skip
@@ -370,15 +388,22 @@ def train_many(
             examples = train_lib._subset(examples, c0.task.max_test_examples)
         results[split] = _evaluate_all(setup, forward, state, frozen, scales, examples, c0)
     for k, (config, workdir) in enumerate(zip(configs, workdirs, strict=True)):
+        if finished[k]:
+            summaries.append(_read_json(summary_paths[k]))
+            continue
         trainable_k = jax.tree_util.tree_map(lambda x, k=k: x[k], state["trainable"])
         delta_k = stack.unstack(state["trainable"]["delta"], k)
-        ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
         adapter = {"delta": delta_k, "head": trainable_k["head"]}
-        ckpt.save(t.num_steps, {"step": jnp.asarray(t.num_steps, jnp.int32), "trainable": adapter})
+        ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+        if ckpt.latest_step() != t.num_steps:  # else saved before a cut: the same adapter
+            ckpt.save(
+                t.num_steps, {"step": jnp.asarray(t.num_steps, jnp.int32), "trainable": adapter}
+            )
         ckpt.wait()
         ckpt.close()
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        runfiles.write_text_atomic(
+            os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
+        )
         val, test = results["validation"][k], results["test"][k]
         for split, r in (("validation", val), ("test", test)):
             logs[k].write(step=t.num_steps, split=split, **r)
@@ -387,9 +412,19 @@ def train_many(
             train_seconds=train_seconds, train_tokens=train_tokens,
         )  # fmt: skip
         summary["multi_adapter_job"] = k_adapters
-        train_lib._write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+        # Written last: a workdir with summary.json is finished (sweeps skip it).
+        runfiles.write_json_atomic(summary_paths[k], summary)
         summaries.append(summary)
     return summaries
+
+
+def _step(state) -> int:
+    return int(jax.device_get(state["step"][0]))
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
 
 
 def _put_stacked(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:

@@ -26,8 +26,9 @@ from ml_collections import config_flags
 
 from lorax import assets, checkpoints, evaluate, lora, paths, sharding
 from lorax import data as data_lib
-from lorax.checkpoints.state import Checkpointer
+from lorax.checkpoints.state import Checkpointer, IncompatibleCheckpointError
 from lorax.models import decoder, encoder
+from lorax.runfiles import MetricsLog, write_json_atomic, write_text_atomic
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 METHODS = ("lora", "full")
@@ -381,44 +382,6 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf and the config says to stop."""
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-class MetricsLog:
-    """Appends one JSON object per event to ``metrics.jsonl``; trims events past a resume point."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def truncate_after(self, step: int) -> None:
-        """Drops events logged after ``step`` by a run that was cut off before checkpointing."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            rows = [line for line in f if line.strip()]
-        kept = []
-        for line in rows:
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:  # a half-written last line from a killed run
-                continue
-        tmp = f"{self.path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
-
-    def write(self, **event) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(event, sort_keys=True) + "\n")
-
-
 def make_summary(
     config, setup: Setup, trainable, val, test, *, first_step, start, train_seconds, train_tokens
 ) -> dict[str, Any]:
@@ -454,6 +417,29 @@ def _nbytes(tree) -> int:
     return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree)))
 
 
+def _resume(ckpt: Checkpointer, state: dict, log: MetricsLog, num_steps: int) -> dict:
+    """The state of the newest intact checkpoint in ``ckpt`` (corrupt ones are moved aside and
+    reported), or ``state`` itself when none is left; trims ``log`` to match."""
+    try:
+        restored, notes = ckpt.restore_latest_good(state)
+    except IncompatibleCheckpointError as e:
+        raise ValueError(
+            f"{ckpt.directory} holds a checkpoint that does not fit this config ({e}); "
+            "rerun with the config that started it, or pass a new --workdir"
+        ) from e
+    for note in notes:
+        tqdm.tqdm.write(note)
+    if restored is None:
+        tqdm.tqdm.write(f"no intact checkpoint is left in {ckpt.directory}; starting at step 0")
+        log.truncate_after(0, num_steps)
+        return state
+    step = int(jax.device_get(restored["step"]))
+    fallback = " (the newest intact one)" if notes else ""
+    tqdm.tqdm.write(f"resuming from the checkpoint at step {step}{fallback} in {ckpt.directory}")
+    log.truncate_after(step, num_steps)
+    return restored
+
+
 def _subset(examples, n: int):
     if not n or n >= len(examples):
         return examples
@@ -470,8 +456,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     os.makedirs(workdir, exist_ok=True)
     setup = build(config)
     mesh, t = setup.mesh, config.train
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    write_text_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
     forward = make_forward(setup)
     tx = make_optimizer(config)
@@ -489,130 +474,128 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     key = jax.random.fold_in(jax.random.key(config.seed), 3)
 
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
-    summary_path = os.path.join(workdir, "summary.json")
-    restored_step = ckpt.latest_step()
-    if restored_step is not None and restored_step >= t.num_steps and os.path.exists(summary_path):
-        ckpt.close()  # finished (alone or in a multi-adapter job): report, train nothing
-        with open(summary_path) as f:
-            return json.load(f)
-    if restored_step is not None:
-        try:
-            state = ckpt.restore(state)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"{ckpt.directory} holds a checkpoint that does not fit this config ({e}); "
-                "rerun with the config that started it, or pass a new --workdir"
-            ) from e
-        log.truncate_after(restored_step)
-        tqdm.tqdm.write(f"resuming from the checkpoint at step {restored_step} in {workdir}")
-    first_step = int(jax.device_get(state["step"]))
+    # Closed on every way out, a Ctrl-C included: close() waits for the save in flight.
+    with Checkpointer(workdir, keep=config.keep_checkpoints) as ckpt:
+        summary_path = os.path.join(workdir, "summary.json")
+        restored_step = ckpt.latest_step()
+        if (
+            restored_step is not None
+            and restored_step >= t.num_steps
+            and os.path.exists(summary_path)
+        ):
+            # finished (alone or in a multi-adapter job): report, train nothing
+            with open(summary_path) as f:
+                return json.load(f)
+        if restored_step is not None:
+            state = _resume(ckpt, state, log, t.num_steps)
+        first_step = int(jax.device_get(state["step"]))
 
-    task = setup.task
-    batcher = make_batcher(setup, task.splits["train"], t.batch_size, config)
-    val_subset = _subset(task.splits["validation"], config.task.max_eval_examples)
+        task = setup.task
+        batcher = make_batcher(setup, task.splits["train"], t.batch_size, config)
+        val_subset = _subset(task.splits["validation"], config.task.max_eval_examples)
 
-    def run_eval(split, examples, step):
-        batches = make_batcher(setup, examples, config.eval_batch_size, config).eval_batches()
-        step_fn = eval_step_for(examples)
-        result = evaluate.evaluate(step_fn, state["trainable"], frozen, batches, mesh)
-        log.write(step=step, split=split, **result)
-        return result
+        def run_eval(split, examples, step):
+            batches = make_batcher(setup, examples, config.eval_batch_size, config).eval_batches()
+            step_fn = eval_step_for(examples)
+            result = evaluate.evaluate(step_fn, state["trainable"], frozen, batches, mesh)
+            log.write(step=step, split=split, **result)
+            return result
 
-    lora_params = lora.count(setup.delta)
-    head_params = lora.count(setup.head)
-    tqdm.tqdm.write(
-        f"trainable parameters: lora {lora_params:,}, head {head_params:,} "
-        f"(frozen base {setup.base_params:,}); {mesh.devices.size} "
-        f"{jax.devices()[0].platform} device(s)"
-    )
+        lora_params = lora.count(setup.delta)
+        head_params = lora.count(setup.head)
+        tqdm.tqdm.write(
+            f"trainable parameters: lora {lora_params:,}, head {head_params:,} "
+            f"(frozen base {setup.base_params:,}); {mesh.devices.size} "
+            f"{jax.devices()[0].platform} device(s)"
+        )
 
-    bar = tqdm.tqdm(
-        total=t.num_steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True
-    )
-    pending = None  # step N-1's metrics, fetched while step N runs
-    window = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "tokens": 0, "since": time.time()}
-    train_tokens = 0
-    loop_start = time.time()
+        bar = tqdm.tqdm(
+            total=t.num_steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True
+        )
+        pending = None  # step N-1's metrics, fetched while step N runs
+        window = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "tokens": 0, "since": time.time()}
+        train_tokens = 0
+        loop_start = time.time()
 
-    def drain(item):
-        nonlocal train_tokens
-        step, sums, tokens = item
-        sums = jax.device_get(sums)
-        if sums["nonfinite"]:
-            last = ckpt.latest_step()
-            msg = (
-                f"loss is NaN/Inf at step {step}; the state from step {step - 1} was kept. "
-                f"Last good checkpoint: {'none' if last is None else f'step {last}'} in "
-                f"{ckpt.directory}. Set train.skip_nonfinite=True to skip such batches."
-            )
-            if not t.skip_nonfinite:
-                raise NonFiniteLossError(msg)
-            tqdm.tqdm.write(f"skipping batch: {msg}")
-            log.write(step=step, split="train", skipped_nonfinite=1)
-            return
-        for k in ("loss_sum", "correct", "count"):
-            window[k] += float(sums[k])
-        window["tokens"] += tokens
-        train_tokens += tokens
+        def drain(item):
+            nonlocal train_tokens
+            step, sums, tokens = item
+            sums = jax.device_get(sums)
+            if sums["nonfinite"]:
+                last = ckpt.latest_step()
+                msg = (
+                    f"loss is NaN/Inf at step {step}; the state from step {step - 1} was kept. "
+                    f"Last good checkpoint: {'none' if last is None else f'step {last}'} in "
+                    f"{ckpt.directory}. Set train.skip_nonfinite=True to skip such batches."
+                )
+                if not t.skip_nonfinite:
+                    raise NonFiniteLossError(msg)
+                tqdm.tqdm.write(f"skipping batch: {msg}")
+                log.write(step=step, split="train", skipped_nonfinite=1)
+                return
+            for k in ("loss_sum", "correct", "count"):
+                window[k] += float(sums[k])
+            window["tokens"] += tokens
+            train_tokens += tokens
 
-    for step in range(first_step, t.num_steps):
-        batch = batcher.train_batch(step)
-        tokens = count_tokens(batch)
-        state, sums = train_step(state, frozen, sharding.put_batch(batch, mesh), key)
-        if pending is not None:
-            drain(pending)
-        pending = (step + 1, sums, tokens)  # metrics are labelled by the step count after it
-        done = step + 1
-        if done % config.log_every == 0 or done == t.num_steps:
-            drain(pending)
-            pending = None
-            elapsed = time.time() - window["since"]
-            row = {
-                "loss": window["loss_sum"] / max(window["count"], 1),
-                "accuracy": window["correct"] / max(window["count"], 1),
-                "tokens_per_second": window["tokens"] / max(elapsed, 1e-9),
-            }
-            log.write(step=done, split="train", **row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
-            window.update(loss_sum=0.0, correct=0.0, count=0.0, tokens=0, since=time.time())
-        bar.update(1)
-        if config.eval_every and done % config.eval_every == 0 and done != t.num_steps:
-            eval_start = time.time()
-            result = run_eval("validation", val_subset, done)
-            bar.write(f"step {done}: validation accuracy {result['accuracy']:.4f}")
-            paused = time.time() - eval_start  # evals do not count against train throughput
-            window["since"] += paused
-            loop_start += paused
-        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == t.num_steps:
+        for step in range(first_step, t.num_steps):
+            batch = batcher.train_batch(step)
+            tokens = count_tokens(batch)
+            state, sums = train_step(state, frozen, sharding.put_batch(batch, mesh), key)
             if pending is not None:
                 drain(pending)
+            pending = (step + 1, sums, tokens)  # metrics are labelled by the step count after it
+            done = step + 1
+            if done % config.log_every == 0 or done == t.num_steps:
+                drain(pending)
                 pending = None
-            ckpt.save(done, state)
-    if pending is not None:
-        drain(pending)
-    bar.close()
-    train_seconds = time.time() - loop_start
-    ckpt.wait()
+                elapsed = time.time() - window["since"]
+                row = {
+                    "loss": window["loss_sum"] / max(window["count"], 1),
+                    "accuracy": window["correct"] / max(window["count"], 1),
+                    "tokens_per_second": window["tokens"] / max(elapsed, 1e-9),
+                }
+                log.write(step=done, split="train", **row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
+                window.update(loss_sum=0.0, correct=0.0, count=0.0, tokens=0, since=time.time())
+            bar.update(1)
+            if config.eval_every and done % config.eval_every == 0 and done != t.num_steps:
+                eval_start = time.time()
+                result = run_eval("validation", val_subset, done)
+                bar.write(f"step {done}: validation accuracy {result['accuracy']:.4f}")
+                paused = time.time() - eval_start  # evals do not count against train throughput
+                window["since"] += paused
+                loop_start += paused
+            if (
+                config.checkpoint_every and done % config.checkpoint_every == 0
+            ) or done == t.num_steps:
+                if pending is not None:
+                    drain(pending)
+                    pending = None
+                ckpt.save(done, state)
+        if pending is not None:
+            drain(pending)
+        bar.close()
+        train_seconds = time.time() - loop_start
+        ckpt.wait()
 
-    val_result = run_eval("validation", task.splits["validation"], t.num_steps)
-    test_split = _subset(task.splits["test"], config.task.max_test_examples)
-    test_result = run_eval("test", test_split, t.num_steps)
-    ckpt.close()
+        val_result = run_eval("validation", task.splits["validation"], t.num_steps)
+        test_split = _subset(task.splits["test"], config.task.max_test_examples)
+        test_result = run_eval("test", test_split, t.num_steps)
 
-    summary = make_summary(
-        config,
-        setup,
-        {"delta": setup.delta, "head": setup.head},
-        val_result,
-        test_result,
-        first_step=first_step,
-        start=start,
-        train_seconds=train_seconds,
-        train_tokens=train_tokens,
-    )
-    _write_json_atomic(summary_path, summary)
-    return summary
+        summary = make_summary(
+            config,
+            setup,
+            {"delta": setup.delta, "head": setup.head},
+            val_result,
+            test_result,
+            first_step=first_step,
+            start=start,
+            train_seconds=train_seconds,
+            train_tokens=train_tokens,
+        )
+        write_json_atomic(summary_path, summary)
+        return summary
 
 
 # --------------------------------------------------------------------------- command line

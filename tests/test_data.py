@@ -94,12 +94,44 @@ def test_bad_rows_are_skipped_and_counted(small_dir, tokenizer):
     )
 
 
+def test_broken_lines_are_counted_not_fatal(small_dir, tokenizer):
+    """Non-UTF-8 bytes (row kept, counted), bad JSON, a JSON list, a non-string text and a
+    text far past max_length (kept, truncated, counted) in the test file: the load succeeds
+    and every case is in the counts."""
+    lines = [
+        b'{"sentence1": "a dog runs", "sentence2": "an animal moves", "gold_label": "entailment"}',
+        b'{"sentence1": "caf\xe9 \xff noir", "sentence2": "a drink", "gold_label": "neutral"}',
+        b'{"sentence1": "cut off", "sentence2": ',
+        b"[1, 2, 3]",
+        b"",
+        b'{"sentence1": 17, "sentence2": "a number", "gold_label": "neutral"}',
+        json.dumps(_row("word " * 5000, "short", "contradiction")).encode(),
+    ]
+    (small_dir / "test.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    t = data.load_task("snli", small_dir, tokenizer, max_length=64, validation_size=10)
+    c = t.counts
+    assert c["test/file_rows"] == 6  # the blank line is not a row
+    assert c["test/bad_utf8"] == 1
+    assert c["test/skipped_bad_json"] == 2
+    assert c["test/skipped_bad_type"] == 1
+    assert c["test/rows"] == 3 and c["test/truncated"] == 1
+    assert max(len(x) for x in t.splits["test"].input_ids) == 64
+
+
+def test_a_field_no_row_has_is_an_error_naming_it(small_dir, tokenizer):
+    """A file whose rows all lack a field (another data set's layout) names the field and the
+    fields it has, instead of skipping every row."""
+    _write(small_dir, [{"premise": "a", "hypothesis": "b", "label": 0}] * 3, "test.jsonl")
+    with pytest.raises(ValueError, match=r"no row has the field\(s\) \['sentence1', 'sentence2'"):
+        data.load_task("snli", small_dir, tokenizer, max_length=64, validation_size=10)
+
+
 def test_unknown_label_names_row_and_valid_labels(small_dir, tokenizer):
     """An unexpected label value is an error naming the file row and the valid labels."""
     _write(small_dir, [_row("a", "b", "entailment"), _row("a", "b", "maybe")], "test.jsonl")
     with pytest.raises(
         ValueError,
-        match=r"test.jsonl row 2 \(1-based\): gold_label = 'maybe' .* valid: \['entailment'",
+        match=r"test.jsonl line 2: gold_label = 'maybe' .* valid: \['entailment'",
     ):
         data.load_task("snli", small_dir, tokenizer, max_length=64, validation_size=10)
 

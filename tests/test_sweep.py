@@ -52,12 +52,16 @@ def test_study_runs_as_jobs_resumes_and_reports(
     results = json.loads((tmp_path / "table5_tiny" / "results.json").read_text())
     assert len(results["runs"]) == 3
 
-    os.remove(tmp_path / "table5_tiny" / "qv_r4_s0" / "summary.json")  # as if cut off
+    study = tmp_path / "table5_tiny"
+    os.remove(study / "qv_r4_s0" / "summary.json")  # as if cut off while writing the job's runs
+    kept = (study / "q_r8_s0" / "summary.json").stat().st_mtime_ns
     sweep.run_study("table5_tiny", runs, base, root=str(tmp_path), max_adapters=2)
-    assert jobs[2:] == [["qv_r4_s0"]]  # only the unfinished run is trained again
+    assert jobs[2:] == [["q_r8_s0", "qv_r4_s0"]]  # the same job again; the done one is skipped
+    assert (study / "q_r8_s0" / "summary.json").stat().st_mtime_ns == kept
+    redone = json.loads((study / "qv_r4_s0" / "summary.json").read_text())
+    assert redone["resumed_from"] == 2  # from the job's final checkpoint: no step retrained
 
     # §7 analysis between two runs of the study that share the q kernels (r = 8 vs r = 4).
-    study = tmp_path / "table5_tiny"
     cmd = [sys.executable, "-m", "lorax.analysis", f"--run={study / 'q_r8_s0'}",
            f"--run={study / 'qv_r4_s0'}", f"--out={tmp_path / 'analysis'}"]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)

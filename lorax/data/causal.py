@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import os
 import pathlib
 from collections.abc import Sequence
@@ -12,9 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from lorax.data.tasks import SNLI, TaskData, hold_out
-
-log = logging.getLogger(__name__)
+from lorax.data.tasks import SNLI, TaskData, hold_out, read_jsonl
 
 # The instruction prompt (Alpaca/Dolly layout). The response follows the prompt directly and is
 # followed by the tokenizer's eos token; only the response and eos are training targets.
@@ -30,9 +26,6 @@ SNLI_TEXT_CHOICES = (" True", " Neither", " False")  # entailment, neutral, cont
 
 # The shipped toy instruction set (written by experiments/make_instructions.py).
 INSTRUCTIONS_TINY_DIR = pathlib.Path(__file__).parent / "files" / "instructions_tiny"
-
-# Bad rows named in a warning each, per file; the rest only counted.
-_MAX_ROW_WARNINGS = 10
 
 
 @dataclasses.dataclass
@@ -177,56 +170,27 @@ def _eos_id(tokenizer: Any) -> int:
 def read_instruction_rows(path: str, split: str, counts: dict[str, int]) -> list[tuple[str, ...]]:
     """Reads (instruction, context, response) rows of a JSONL file, skipping and counting bad ones.
 
-    Read line by line with plain ``json`` so one bad line is counted, not fatal. Blank lines
-    are ignored (not rows). Bytes that are not UTF-8 are replaced (U+FFFD) and the row is kept
-    and counted under ``<split>/bad_utf8``. Skip reasons (``<split>/skipped_<reason>``):
-    ``bad_json`` (not a JSON object; named in a warning), ``missing_field`` (no instruction or
-    response, or null), ``bad_type`` (a field that is not a string), ``empty_text`` (instruction
-    or response blank). A missing, null or empty ``context`` means none.
+    Lines are read by :func:`lorax.data.tasks.read_jsonl` (bad JSON and bad UTF-8 counted).
+    Skip reasons (``<split>/skipped_<reason>``): ``missing_field`` (no instruction or
+    response, or null), ``bad_type`` (a field that is not a string), ``empty_text``
+    (instruction or response blank). A missing, null or empty ``context`` means none.
     """
     rows = []
-    skipped = {"bad_json": 0, "missing_field": 0, "bad_type": 0, "empty_text": 0}
-    file_rows = bad_utf8 = 0
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a UTF-8 byte order mark
-            if not raw.strip():
-                continue
-            file_rows += 1
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                line = raw.decode("utf-8", errors="replace")
-                bad_utf8 += 1
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                row, why = None, f"invalid JSON ({e.msg} at column {e.colno})"
-            else:
-                why = f"a JSON {type(row).__name__}, not an object"
-            if not isinstance(row, dict):
-                skipped["bad_json"] += 1
-                if skipped["bad_json"] <= _MAX_ROW_WARNINGS:
-                    log.warning("%s line %d: skipped: %s", path, line_no, why)
-                continue
-            instruction, response = row.get("instruction"), row.get("response")
-            context = row.get("context")
-            context = "" if context is None else context
-            if instruction is None or response is None:
-                skipped["missing_field"] += 1
-            elif not all(isinstance(x, str) for x in (instruction, response, context)):
-                skipped["bad_type"] += 1
-            elif not instruction.strip() or not response.strip():
-                skipped["empty_text"] += 1
-            else:
-                rows.append((instruction, context, response))
-    counts[f"{split}/file_rows"] = file_rows
-    counts[f"{split}/bad_utf8"] = bad_utf8
+    skipped = {"missing_field": 0, "bad_type": 0, "empty_text": 0}
+    for _, row in read_jsonl(path, split, counts):
+        instruction, response = row.get("instruction"), row.get("response")
+        context = row.get("context")
+        context = "" if context is None else context
+        if instruction is None or response is None:
+            skipped["missing_field"] += 1
+        elif not all(isinstance(x, str) for x in (instruction, response, context)):
+            skipped["bad_type"] += 1
+        elif not instruction.strip() or not response.strip():
+            skipped["empty_text"] += 1
+        else:
+            rows.append((instruction, context, response))
     for reason, n in skipped.items():
         counts[f"{split}/skipped_{reason}"] = n
-    if skipped["bad_json"] > _MAX_ROW_WARNINGS:
-        log.warning("%s: %d lines skipped as bad JSON in all", path, skipped["bad_json"])
     return rows
 
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Bad rows named in a warning each, per file; the rest only counted.
+MAX_ROW_WARNINGS = 10
 
 # The validation hold-out is drawn with this fixed seed, never the run's seed, so every run of
 # every seed in a sweep is validated on the same rows.
@@ -47,10 +53,11 @@ class TaskData:
     """Every split of a task, its label names, and counts of what was read, skipped, cut.
 
     ``counts`` keys: ``<file>/file_rows`` (records read from the train or test file),
-    ``<file>/skipped_<reason>`` (reason: no_gold_label, missing_field, empty_text; causal.py's
-    instruction files add bad_json, bad_type and ``<file>/bad_utf8``; the train file's skips
-    happen before the validation hold-out), ``<split>/rows`` (examples in each of
-    train/validation/test) and ``<split>/truncated`` (examples cut to max_length).
+    ``<file>/skipped_<reason>`` (reason: bad_json, missing_field, bad_type, empty_text, and
+    no_gold_label for SNLI; the train file's skips happen before the validation hold-out),
+    ``<file>/bad_utf8`` (rows kept with undecodable bytes replaced), ``<split>/rows``
+    (examples in each of train/validation/test) and ``<split>/truncated`` (examples cut to
+    max_length).
     """
 
     splits: dict[str, Any]  # "train", "validation", "test": Examples (or causal.py's kinds)
@@ -116,47 +123,81 @@ class PairClassification:
                 f"{path} does not exist; the task needs the files {sorted(self.files.values())} "
                 "in its data directory"
             )
-        import datasets  # heavy; loads JSONL into Arrow
-
-        datasets.disable_progress_bars()  # one bar per file would interleave with training's
-
-        # A throwaway cache dir: the JSON builder writes Arrow files even with keep_in_memory,
-        # and one cache entry per (possibly temporary) input file would pile up in ~/.cache.
-        # Local files never reach the network (a test checks this with sockets disabled).
-        with tempfile.TemporaryDirectory(prefix="lorax-json-") as tmp:
-            table = datasets.load_dataset(
-                "json", data_files=path, split="train", keep_in_memory=True, cache_dir=tmp
-            )
-        for field in (*self.text_fields, self.label_field):
-            if field not in table.column_names:
-                raise ValueError(f"{path} has no field {field!r}; fields: {table.column_names}")
-        # to_dict: one Arrow->Python conversion per column, ~10x faster than iterating rows.
-        columns = table.select_columns([*self.text_fields, self.label_field]).to_dict()
+        fields = (*self.text_fields, self.label_field)
         index = {name: i for i, name in enumerate(self.label_names)}
         a_texts, b_texts, labels = [], [], []
-        skipped = {"no_gold_label": 0, "missing_field": 0, "empty_text": 0}
-        rows = zip(*(columns[f] for f in (*self.text_fields, self.label_field)), strict=True)
-        for row, (a, b, label) in enumerate(rows, start=1):
+        skipped = {"no_gold_label": 0, "missing_field": 0, "bad_type": 0, "empty_text": 0}
+        seen: set[str] = set()
+        for line_no, row in read_jsonl(path, split, counts):
+            seen.update(row)
+            a, b, label = (row.get(f) for f in fields)
             if label is None or a is None or b is None:
                 skipped["missing_field"] += 1
             elif label in self.skip_labels:
                 skipped["no_gold_label"] += 1
-            elif not str(a).strip() or not str(b).strip():
+            elif not isinstance(a, str) or not isinstance(b, str):
+                skipped["bad_type"] += 1
+            elif not a.strip() or not b.strip():
                 skipped["empty_text"] += 1
-            elif label not in index:
+            elif not isinstance(label, str) or label not in index:
+                # Not skipped: a label outside the task's set means the file does not match
+                # the task (e.g. integer labels), which no amount of skipping would fix.
                 raise ValueError(
-                    f"{path} row {row} (1-based): {self.label_field} = {label!r} is not a valid "
+                    f"{path} line {line_no}: {self.label_field} = {label!r} is not a valid "
                     f"label; valid: {list(self.label_names)}, or {list(self.skip_labels)} "
                     "for rows to skip"
                 )
             else:
-                a_texts.append(str(a))
-                b_texts.append(str(b))
+                a_texts.append(a)
+                b_texts.append(b)
                 labels.append(index[label])
-        counts[f"{split}/file_rows"] = len(table)
+        absent = [f for f in fields if f not in seen]
+        if absent and counts[f"{split}/file_rows"]:
+            raise ValueError(f"{path}: no row has the field(s) {absent}; fields: {sorted(seen)}")
         for reason, n in skipped.items():
             counts[f"{split}/skipped_{reason}"] = n
         return a_texts, b_texts, labels
+
+
+def read_jsonl(path: str, split: str, counts: dict[str, int]) -> Iterator[tuple[int, dict]]:
+    """Yields ``(line number, object)`` for each JSON object line of ``path``.
+
+    Read line by line with plain ``json``, so one bad line is counted, never fatal: blank
+    lines are ignored; bytes that are not UTF-8 are replaced (U+FFFD) and the row kept and
+    counted under ``<split>/bad_utf8``; a line that is not a JSON object is skipped, counted
+    under ``<split>/skipped_bad_json`` and named in a warning (the first few per file).
+    ``<split>/file_rows`` counts the non-blank lines.
+    """
+    file_rows = bad_utf8 = bad_json = 0
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte order mark
+            if not raw.strip():
+                continue
+            file_rows += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = raw.decode("utf-8", errors="replace")
+                bad_utf8 += 1
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                row, why = None, f"invalid JSON ({e.msg} at column {e.colno})"
+            else:
+                why = f"a JSON {type(row).__name__}, not an object"
+            if not isinstance(row, dict):
+                bad_json += 1
+                if bad_json <= MAX_ROW_WARNINGS:
+                    log.warning("%s line %d: skipped: %s", path, line_no, why)
+                continue
+            yield line_no, row
+    counts[f"{split}/file_rows"] = file_rows
+    counts[f"{split}/bad_utf8"] = bad_utf8
+    counts[f"{split}/skipped_bad_json"] = bad_json
+    if bad_json > MAX_ROW_WARNINGS:
+        log.warning("%s: %d lines skipped as bad JSON in all", path, bad_json)
 
 
 def hold_out(usable: int, sizes: Sequence[int]) -> list[np.ndarray]:
