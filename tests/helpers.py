@@ -36,3 +36,23 @@ def override(config, **overrides):
             node = node[p]
         node[leaf] = value
     return config
+
+
+def train_until_interrupted(config, workdir, step: int, monkeypatch) -> None:
+    """Runs ``train_and_evaluate`` as if Ctrl-C arrived when batch ``step`` is fetched, i.e.
+    after steps 0..step-1 ran and their checkpoints were written."""
+    import pytest
+
+    from lorax import train
+
+    real = train.data_lib.Batcher.train_batch
+
+    def dying(self, i):
+        if i == step:
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, i)
+
+    with monkeypatch.context() as m:
+        m.setattr(train.data_lib.Batcher, "train_batch", dying)
+        with pytest.raises(KeyboardInterrupt):
+            train.train_and_evaluate(config, str(workdir))

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import REPO, tiny_config
+from helpers import REPO, tiny_config, train_until_interrupted
 
 from lorax import paths
 from lorax import train as train_lib
@@ -230,17 +230,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     train_lib.train_and_evaluate(config, str(straight))
 
-    real = train_lib.data_lib.Batcher.train_batch
-
-    def dying(self, step):
-        if step == 5:
-            raise KeyboardInterrupt("simulated kill")
-        return real(self, step)
-
-    monkeypatch.setattr(train_lib.data_lib.Batcher, "train_batch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        train_lib.train_and_evaluate(config, str(cut))
-    monkeypatch.setattr(train_lib.data_lib.Batcher, "train_batch", real)
+    train_until_interrupted(config, cut, 5, monkeypatch)
     _corrupt(cut / "checkpoints" / "4", how)
     # Resumed in a new process, as after a crash: this one's TensorStore cache still holds the
     # step-4 arrays it wrote and would serve them without reading the damaged files.
