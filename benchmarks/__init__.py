@@ -1,0 +1,1 @@
+"""Throughput, model FLOP utilisation and memory of lorax's train steps, beside PEFT + PyTorch."""
