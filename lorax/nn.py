@@ -1,7 +1,11 @@
-"""Dense, embedding and attention building blocks that understand LoraWeight kernels.
+"""Dense, embedding and attention building blocks that understand LoraWeight and quantized kernels.
 
 Shape letters: B batch, T query length, S key length, D model width, H heads, K kv heads,
 E head width, F output width, R LoRA rank, V vocabulary.
+
+A kernel may be a plain array, a :class:`~lorax.quant.QuantizedWeight` (dequantized to the
+compute dtype inside the step, just before its matmul), or a LoRA node whose base ``w`` is
+either; LoRA on a quantized base is QLoRA.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lorax import quant
 from lorax.lora import BankedLoraWeight, LoraWeight
 
 Initializer = Callable[..., jax.Array]
@@ -26,21 +31,84 @@ def _lora_dropout(module: nn.Module, x: jax.Array, rate: float, deterministic: b
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def take_rows(table: Any, ids: jax.Array, dtype) -> jax.Array:
+    """``table[ids]`` in ``dtype`` for a plain or quantized table [V, D].
+
+    A quantized table whose rows are whole blocks has just the needed rows' codes gathered
+    and dequantized; otherwise (blocks that straddle rows) the whole table is dequantized.
+    """
+    if not quant.is_quantized(table):
+        return jnp.take(jnp.asarray(table), ids, axis=0).astype(dtype)
+    v, d = table.shape
+    if table.codes.ndim == 1 and d % table.block == 0:
+        rows = quant.QuantizedWeight(
+            jnp.take(table.codes.reshape(v, -1), ids, axis=0),
+            jnp.take(table.scales.reshape(v, -1), ids, axis=0),
+            table.kind,
+            table.block,
+            (d,),
+            table.dtype,
+        )
+        return quant.dequantize(rows, dtype)
+    return jnp.take(quant.dequantize(table, dtype), ids, axis=0)
+
+
+def base_matmul(x_BxD: jax.Array, w: Any, transpose: bool = False) -> jax.Array:
+    """``x@w`` (``x@wᵀ`` with ``transpose``) in ``x``'s dtype, for a plain or quantized ``w``.
+
+    A quantized ``w`` is dequantized under ``jax.checkpoint``: the backward pass dequantizes
+    it again rather than saving the dense kernel as a residual, at the price of a second
+    dequantize. Under ``nn.scan`` this is what keeps the dense kernels of every layer from
+    being stacked for the backward pass (SmolLM2-135M, scanned, grad w.r.t. a q,v delta:
+    405 MiB less XLA temp memory than without it, i.e. the whole dense base).
+    """
+    if not quant.is_quantized(w):
+        w = jnp.asarray(w).astype(x_BxD.dtype)
+        return x_BxD @ (w.T if transpose else w)
+
+    @jax.checkpoint
+    def matmul(x_BxD, w):
+        w_DF = quant.dequantize(w, x_BxD.dtype)
+        return x_BxD @ (w_DF.T if transpose else w_DF)
+
+    return matmul(x_BxD, w)
+
+
+def kernel_param(module: nn.Module, name: str, init: Initializer, shape, dtype) -> Any:
+    """``module.param(name, init, shape, dtype)`` that also accepts a quantized kernel.
+
+    Flax checks a param's shape by its first leaf, which for a QuantizedWeight (or a LoRA
+    node over one) is the packed codes; such a kernel is checked by its dense shape here.
+    """
+    if module.has_variable("params", name):
+        value = module.get_variable("params", name)
+        base = value.w if isinstance(value, LoraWeight | BankedLoraWeight) else value
+        if quant.is_quantized(base):
+            if tuple(base.shape) != tuple(shape):
+                raise ValueError(
+                    f"quantized param {name!r} of {module.scope.path_text or '/'} has shape "
+                    f"{tuple(base.shape)}; the module needs {tuple(shape)}"
+                )
+            return value
+    return module.param(name, init, shape, dtype)
+
+
 def lora_matmul(module: nn.Module, x_BxD: jax.Array, kernel: Any, dtype, deterministic: bool):
     """``x@w`` for a plain kernel; ``x@w + scale·(drop(x)@a)@b`` for a LoraWeight.
 
-    The low-rank branch is two skinny matmuls, never the dense ``w + a@b``.
+    The low-rank branch is two skinny matmuls, never the dense ``w + a@b``. Any ``w`` may be
+    a QuantizedWeight (see :func:`base_matmul`).
     """
     x_BxD = x_BxD.astype(dtype)
     if isinstance(kernel, BankedLoraWeight):  # one adapter per batch row, gathered
-        y_BxF = x_BxD @ kernel.w.astype(dtype)
+        y_BxF = base_matmul(x_BxD, kernel.w)
         a_BDR = jnp.take(kernel.a, kernel.ids, axis=0).astype(dtype)
         b_BRF = jnp.take(kernel.b, kernel.ids, axis=0).astype(dtype)
         z_BxR = jnp.einsum("b...d,bdr->b...r", x_BxD, a_BDR)
         return y_BxF + jnp.einsum("b...r,brf->b...f", z_BxR, b_BRF).astype(y_BxF.dtype)
     if not isinstance(kernel, LoraWeight):
-        return x_BxD @ jnp.asarray(kernel).astype(dtype)
-    y_BxF = x_BxD @ kernel.w.astype(dtype)
+        return base_matmul(x_BxD, kernel)
+    y_BxF = base_matmul(x_BxD, kernel.w)
     xd_BxD = _lora_dropout(module, x_BxD, kernel.dropout, deterministic)
     z_BxR = xd_BxD @ kernel.a.astype(dtype)
     return y_BxF + (kernel.scale * (z_BxR @ kernel.b.astype(dtype))).astype(y_BxF.dtype)
@@ -65,8 +133,8 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        kernel = self.param(
-            "kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype
+        kernel = kernel_param(
+            self, "kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype
         )
         y = lora_matmul(self, x, kernel, self.dtype, deterministic)
         if self.use_bias:
@@ -89,8 +157,12 @@ class Embed(nn.Module):
     embedding_init: Initializer = nn.initializers.normal(stddev=0.02)
 
     def setup(self):
-        self.embedding = self.param(
-            "embedding", self.embedding_init, (self.num_embeddings, self.features), self.param_dtype
+        self.embedding = kernel_param(
+            self,
+            "embedding",
+            self.embedding_init,
+            (self.num_embeddings, self.features),
+            self.param_dtype,
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -98,10 +170,10 @@ class Embed(nn.Module):
         if isinstance(table, BankedLoraWeight):
             raise ValueError("an adapter bank cannot adapt the embedding table; merge it instead")
         if isinstance(table, LoraWeight):
-            y = jnp.take(table.w, ids, axis=0).astype(self.dtype)
+            y = take_rows(table.w, ids, self.dtype)
             z = jnp.take(table.a, ids, axis=0).astype(self.dtype)
             return y + table.scale * (z @ table.b.astype(self.dtype))
-        return jnp.take(jnp.asarray(table), ids, axis=0).astype(self.dtype)
+        return take_rows(table, ids, self.dtype)
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
         """``x @ tableᵀ`` [.., V]; for a LoraWeight table ``x@wᵀ + scale·(x@bᵀ)@aᵀ``."""
@@ -110,10 +182,10 @@ class Embed(nn.Module):
         if isinstance(table, BankedLoraWeight):
             raise ValueError("an adapter bank cannot adapt the embedding table; merge it instead")
         if isinstance(table, LoraWeight):
-            y = x_BTD @ table.w.astype(self.dtype).T
+            y = base_matmul(x_BTD, table.w, transpose=True)
             z = x_BTD @ table.b.astype(self.dtype).T
             return y + table.scale * (z @ table.a.astype(self.dtype).T)
-        return x_BTD @ jnp.asarray(table).astype(self.dtype).T
+        return base_matmul(x_BTD, table, transpose=True)
 
 
 class Attention(nn.Module):
