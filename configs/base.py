@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.trainable = ("^head/",)  # regexes of base leaves trained beside the delta (the head)
     c.train.batch_size = 32  # global batch (examples, or packed rows for causal-LM tasks),
-    # split over every device on the "data" mesh axis
+    # split over the mesh.data × mesh.fsdp devices (a multiple of their product)
     c.train.num_steps = 2000  # optimizer steps
     c.train.learning_rate = 5e-4  # peak learning rate of the delta
     c.train.head_learning_rate = 0.0  # peak learning rate of the trainable base leaves (0 = same)
@@ -68,11 +68,19 @@ def get_config() -> ml_collections.ConfigDict:
     # --- logging, evaluation, checkpoints -----------------------------------------------------
     c.log_every = 25  # steps between metrics.jsonl rows and progress-bar updates
     c.eval_every = 500  # steps between validation evals (0 = only at the end)
-    c.eval_batch_size = 128  # examples per eval batch (divisible by the device count)
+    c.eval_batch_size = 128  # examples per eval batch (a multiple of mesh.data × mesh.fsdp)
     c.checkpoint_every = 250  # steps between adapter checkpoints (0 = only at the end)
     c.keep_checkpoints = 2  # most recent checkpoints kept on disk
 
     # --- devices -----------------------------------------------------------------------------
+    # data × fsdp × tensor must equal the number of visible devices (all hosts together);
+    # -1 on one axis = the rest of them. See lorax/sharding.py for what each axis splits.
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # devices on the "data" axis; -1 = every visible device
+    c.mesh.data = -1  # pure data parallel: batch split, params copied on every position
+    c.mesh.fsdp = 1  # data parallel too, and every large kernel split over it (FSDP / ZeRO-3)
+    c.mesh.tensor = 1  # Megatron tensor parallel: q/k/v/up/gate split by output, o/down by input
+    c.mesh.distributed = False  # multi-host: call jax.distributed.initialize() before training
+    c.mesh.coordinator_address = ""  # "host:port" of process 0 ("" = auto-detect: Slurm, MPI, TPU)
+    c.mesh.num_processes = 0  # processes (hosts) in the run (0 = auto-detect)
+    c.mesh.process_id = -1  # this process's index, 0..num_processes-1 (-1 = auto-detect)
     return c

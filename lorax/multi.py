@@ -10,6 +10,10 @@ step multiplies gradients and parameters by the mask anyway, so they stay exactl
 their Adam moments. Each adapter's scale (alpha/r) multiplies its ``b`` inside the step, so one
 compiled step serves every scale. The step is ``jax.vmap`` over (state, batch, rng, learning
 rates, mask, scales) with the base broadcast: one copy of the base for all K.
+
+On a device mesh the base is sharded as in a single run (:mod:`lorax.sharding`), each stacked
+factor and Adam moment beside its kernel with the K axis whole (the rules never split leading
+axes), and each adapter's batch split over data × fsdp.
 """
 
 from __future__ import annotations
@@ -231,7 +235,8 @@ class Job:
 
 def build(configs: Sequence[ml_collections.ConfigDict]) -> tuple[Job, dict]:
     """Checks the configs, loads the base and task once, and returns the job and the stacked
-    initial state (each adapter initialised exactly as its single run would be)."""
+    initial state (each adapter initialised exactly as its single run would be), placed on
+    the job's mesh."""
     configs = list(configs)
     check_compatible(configs)
     setup = train_lib.build(configs[0])
@@ -241,7 +246,7 @@ def build(configs: Sequence[ml_collections.ConfigDict]) -> tuple[Job, dict]:
     for config, spec in zip(configs, specs, strict=True):
         key = jax.random.key(config.seed)
         deltas.append(lora.init(setup.frozen, spec, jax.random.fold_in(key, 2)))
-        heads.append(_head_for_seed(setup, config))
+        heads.append(jax.tree_util.tree_map(np.asarray, _head_for_seed(setup, config)))
     job = Job(configs, setup, stack, heads)
     tx = train_lib.make_optimizer(configs[0], unit_peaks=True)
     states = []
@@ -251,8 +256,27 @@ def build(configs: Sequence[ml_collections.ConfigDict]) -> tuple[Job, dict]:
             "step": jnp.zeros((), jnp.int32), "trainable": trainable,
             "opt_state": tx.init(trainable),
         })  # fmt: skip
-    state = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
-    return job, state
+    state = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *states)
+    # each leaf sharded as its single-run leaf; the rules never split the leading K axis
+    return job, sharding.put(state, setup.mesh)
+
+
+def jit_multi_train_step(step, mesh, state: Any, frozen: Any):
+    """Jits a :func:`make_multi_train_step` step with explicit shardings; donates the state.
+
+    The state and base follow the rules, the [K, B, ...] batch is split along B, and the
+    per-adapter keys, rates, masks and scales are replicated.
+    """
+    state_sh = sharding.tree_shardings(state, mesh)
+    rep = sharding.replicated(mesh)
+    batch_sh = sharding.batch_sharding(mesh, leading=1)
+    frozen_sh = sharding.tree_shardings(frozen, mesh)
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, frozen_sh, batch_sh, rep, rep, rep, rep, rep),
+        out_shardings=(state_sh, rep),
+        donate_argnums=(0,),
+    )
 
 
 def _pad_one(stack: Stack, delta: Any) -> Any:
@@ -318,14 +342,14 @@ def train_many(
     union = dataclasses.replace(setup, spec=stack.union_spec(c0.lora.dropout))
     forward = train_lib.make_forward(union)
     tx = train_lib.make_optimizer(c0, unit_peaks=True)
-    step_fn = jax.jit(
-        make_multi_train_step(forward, tx, train_lib.train_sums(setup)), donate_argnums=(0,)
+    frozen = setup.frozen  # placed in its shardings by train.build()
+    step_fn = jit_multi_train_step(
+        make_multi_train_step(forward, tx, train_lib.train_sums(setup)), mesh, state, frozen
     )
     masks, scales = stack.masks_and_scales()
     lrs = jnp.asarray([c.train.learning_rate for c in configs], jnp.float32)
     head_lrs = jnp.asarray([train_lib.head_learning_rate(c) for c in configs], jnp.float32)
     keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 3) for c in configs])
-    frozen = sharding.put_replicated(setup.frozen, mesh)
 
     job_ckpt = Checkpointer(os.path.join(workdirs[0], "job"), keep=c0.keep_checkpoints)
     if job_ckpt.latest_step() is not None:
@@ -350,7 +374,7 @@ def train_many(
     for step in range(first, t.num_steps):
         batches = [b.train_batch(step) for b in batchers]
         train_tokens += sum(train_lib.count_tokens(b) for b in batches)
-        batch = _put_stacked(pad_and_stack_batches(batches), mesh)
+        batch = sharding.put_batch(pad_and_stack_batches(batches), mesh, leading=1)
         state, sums = step_fn(state, frozen, batch, keys, lrs, head_lrs, masks, scales)
         done = step + 1
         if done % c0.log_every == 0 or done == t.num_steps:
@@ -425,12 +449,6 @@ def _step(state) -> int:
 def _read_json(path: str) -> Any:
     with open(path) as f:
         return json.load(f)
-
-
-def _put_stacked(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """A [K, B, ...] batch with B split over the "data" axis."""
-    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.DATA))
-    return {k: jax.make_array_from_process_local_data(spec, v) for k, v in batch.items()}
 
 
 def _evaluate_all(setup, forward, state, frozen, scales, examples, config) -> list[dict]:

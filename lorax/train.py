@@ -1,13 +1,17 @@
 """Fine-tunes a pretrained model with LoRA: ``python -m lorax.train --config=configs/FILE.py``.
 
 The core is :func:`train_and_evaluate`, which tests and notebooks call directly; ``main`` only
-parses flags. The step differentiates the delta and the trainable head alone; the frozen base
-is an argument that is never donated and never differentiated.
+parses flags (and joins a multi-host run when ``mesh.distributed``). The step differentiates
+the delta and the trainable head alone; the frozen base is an argument that is never donated
+and never differentiated. Every array lives on a (data, fsdp, tensor) device mesh in the
+shardings :mod:`lorax.sharding`'s rules give it: the base is placed straight into them, and
+the step is jitted with those shardings in and out.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -103,7 +107,7 @@ class Setup:
     head: dict  # base leaves that are trained (nested): the task head, or everything for "full"
     delta: dict  # the LoRA delta ({} for full fine-tuning)
     task: data_lib.TaskData | None
-    mesh: jax.sharding.Mesh
+    mesh: jax.sharding.Mesh  # frozen, head and delta are already placed on it (sharding.RULES)
     base_params: int  # parameters of the pretrained base model
     tokenizer: Any = None
 
@@ -140,12 +144,15 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
     """Loads the model, checks the LoRA spec against it, then loads and tokenizes the task.
 
     Everything that can be wrong in a config is checked here, before any training compute.
+    The frozen base goes from the host straight into its shardings on the mesh, each device
+    receiving only its share (with ``model.scan``, :func:`paths.stack_layers` still stacks
+    the layers on the default device first); the head and the new delta are placed beside it.
     ``with_task=False`` skips the data (for generation from a trained adapter).
     """
     _choice(config.method, METHODS, "method")
     compute_dtype = _choice(config.model.dtype, DTYPES, "model.dtype")
     base_dtype = _choice(config.model.base_dtype, DTYPES, "model.base_dtype")
-    mesh = sharding.make_mesh(config.mesh.data)
+    mesh = sharding.mesh_from_config(config.mesh)
     sharding.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
     sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     spec = lora_spec(config)
@@ -180,11 +187,14 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
     head_flat, frozen_flat = paths.select(
         paths.flatten(params), tuple(config.train.trainable), what="train.trainable pattern"
     )
-    frozen = jax.tree_util.tree_map(
-        lambda x: jnp.asarray(x, base_dtype), paths.unflatten(frozen_flat)
+    # Cast on the host, then each device receives only its slice.
+    frozen = sharding.put(
+        jax.tree_util.tree_map(lambda x: np.asarray(x, base_dtype), paths.unflatten(frozen_flat)),
+        mesh,
     )
-    head = jax.tree_util.tree_map(jnp.asarray, paths.unflatten(head_flat))
+    head = sharding.put(jax.tree_util.tree_map(np.asarray, paths.unflatten(head_flat)), mesh)
     delta = {} if spec is None else lora.init(frozen, spec, jax.random.fold_in(key, 2))
+    delta = sharding.put(jax.tree_util.tree_map(np.asarray, delta), mesh)
 
     tokenizer = checkpoints.load_tokenizer(model_dir)
     task = None
@@ -204,11 +214,14 @@ def make_forward(setup: Setup) -> Callable:
 
     The params the model sees are the frozen leaves, the trainable head leaves and, when LoRA
     is on, the delta wrapped around its kernels as LoraWeight nodes (never merged). Logits
-    are [B, C] for a classifier and [B, T, V] for a causal LM.
+    are [B, C] for a classifier and [B, T, V] for a causal LM. On a mesh with an fsdp axis
+    the params are first gathered to their compute layout (:func:`sharding.gather_fsdp`).
     """
-    model, spec, kind = setup.model, setup.spec, setup.kind
+    model, spec, kind, mesh = setup.model, setup.spec, setup.kind, setup.mesh
 
     def forward(trainable, frozen, batch, rng, train: bool):
+        frozen = sharding.gather_fsdp(frozen, mesh)
+        trainable = sharding.gather_fsdp(trainable, mesh)
         params = paths.unflatten({**paths.flatten(frozen), **paths.flatten(trainable["head"])})
         if spec is not None:
             params = lora.wrap(params, trainable["delta"], spec)
@@ -359,20 +372,49 @@ def next_state(state, trainable, opt_state, sums) -> tuple[dict, dict]:
     return new_state, {**sums, "nonfinite": 1.0 - finite.astype(jnp.float32)}
 
 
-def jit_train_step(train_step: Callable, mesh) -> Callable:
-    """Jits the step: state replicated and donated, base replicated and kept, batch split."""
+def jit_train_step(train_step: Callable, mesh, state: Any = None, frozen: Any = None) -> Callable:
+    """Jits ``train_step(state, frozen, batch, key)`` with explicit shardings; donates the state.
+
+    Args:
+      train_step: from :func:`make_train_step`.
+      mesh: the device mesh.
+      state, frozen: trees of arrays or ``jax.ShapeDtypeStruct`` s shaped like the step's
+        state and base; their shardings come from :data:`lorax.sharding.RULES`, the batch is
+        split over data × fsdp and the state comes back in the shardings it went in. Left
+        out (both), jit takes the shardings of the arguments it is called with.
+    """
     rep = sharding.replicated(mesh)
-    return jax.jit(train_step, donate_argnums=(0,), out_shardings=(rep, rep))
+    if state is None and frozen is None:
+        return jax.jit(train_step, donate_argnums=(0,), out_shardings=(None, rep))
+    state_sh = sharding.tree_shardings(state, mesh)
+    frozen_sh = sharding.tree_shardings(frozen, mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh), rep),
+        out_shardings=(state_sh, rep),
+        donate_argnums=(0,),
+    )
 
 
-def initial_state(setup: Setup, tx: optax.GradientTransformation) -> dict[str, Any]:
-    """Step 0's ``{"step", "trainable", "opt_state"}``: the new delta, the head, fresh moments."""
-    trainable = {"delta": setup.delta, "head": setup.head}
+def fresh_state(trainable: Any, tx: optax.GradientTransformation) -> dict[str, Any]:
+    """``{"step": 0, "trainable": trainable, "opt_state": tx.init(trainable)}``."""
     return {
         "step": jnp.zeros((), jnp.int32),
         "trainable": trainable,
         "opt_state": tx.init(trainable),
     }
+
+
+def initial_state(setup: Setup, tx: optax.GradientTransformation) -> dict[str, Any]:
+    """Step 0's ``{"step", "trainable", "opt_state"}``: the new delta, the head, fresh moments.
+
+    Built by one jitted call straight into the shardings the rules give each leaf (Adam's
+    moments beside the leaf they belong to), never whole on one device first.
+    """
+    trainable = {"delta": setup.delta, "head": setup.head}
+    init = functools.partial(fresh_state, tx=tx)
+    shardings = sharding.tree_shardings(jax.eval_shape(init, trainable), setup.mesh)
+    return jax.jit(init, out_shardings=shardings)(trainable)
 
 
 # --------------------------------------------------------------------------- the run
@@ -407,6 +449,10 @@ def make_summary(
         "train_seconds": train_seconds,
         "tokens_per_second": train_tokens / max(train_seconds, 1e-9),
         "devices": setup.mesh.devices.size,
+        "mesh": {axis: int(n) for axis, n in setup.mesh.shape.items()},
+        # What one device holds of the frozen base: shrinks as mesh.fsdp and mesh.tensor grow.
+        "base_bytes_per_device": sharding.bytes_per_device(setup.frozen),
+        "processes": jax.process_count(),
         "platform": jax.devices()[0].platform,
         "data_counts": dict(setup.task.counts),
         "config": json.loads(config.to_json_best_effort()),
@@ -456,11 +502,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     os.makedirs(workdir, exist_ok=True)
     setup = build(config)
     mesh, t = setup.mesh, config.train
-    write_text_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    primary = jax.process_index() == 0  # on several hosts, one writes the run's files
+    if primary:
+        write_text_atomic(
+            os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
+        )
 
     forward = make_forward(setup)
     tx = make_optimizer(config)
-    train_step = jit_train_step(make_train_step(forward, tx, train_sums(setup)), mesh)
+    state = initial_state(setup, tx)
+    frozen = setup.frozen  # placed in its shardings by build()
+    train_step = jit_train_step(
+        make_train_step(forward, tx, train_sums(setup)), mesh, state, frozen
+    )
     eval_steps = {}  # one jitted eval step per kind of split
 
     def eval_step_for(examples):
@@ -469,11 +523,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             eval_steps[fn] = evaluate.make_eval_step(forward, mesh, fn)
         return eval_steps[fn]
 
-    state = sharding.put_replicated(initial_state(setup, tx), mesh)
-    frozen = sharding.put_replicated(setup.frozen, mesh)
     key = jax.random.fold_in(jax.random.key(config.seed), 3)
 
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+    log = MetricsLog(os.path.join(workdir, "metrics.jsonl")) if primary else _NoLog()
     # Closed on every way out, a Ctrl-C included: close() waits for the save in flight.
     with Checkpointer(workdir, keep=config.keep_checkpoints) as ckpt:
         summary_path = os.path.join(workdir, "summary.json")
@@ -506,7 +558,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         tqdm.tqdm.write(
             f"trainable parameters: lora {lora_params:,}, head {head_params:,} "
             f"(frozen base {setup.base_params:,}); {mesh.devices.size} "
-            f"{jax.devices()[0].platform} device(s)"
+            f"{jax.devices()[0].platform} device(s), mesh {sharding.describe(mesh)}, frozen base "
+            f"{sharding.bytes_per_device(frozen) / 2**20:.1f} MiB per device of "
+            f"{_nbytes(frozen) / 2**20:.1f} MiB"
         )
 
         bar = tqdm.tqdm(
@@ -594,8 +648,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             train_seconds=train_seconds,
             train_tokens=train_tokens,
         )
-        write_json_atomic(summary_path, summary)
+        if primary:
+            write_json_atomic(summary_path, summary)
         return summary
+
+
+class _NoLog:
+    """The metrics log of a process other than the first in a multi-host run: writes nothing."""
+
+    def write(self, **event) -> None:
+        pass
+
+    def truncate_after(self, step: int, final_step: int | None = None) -> None:
+        pass
 
 
 # --------------------------------------------------------------------------- command line
@@ -615,6 +680,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
+    if flags.FLAGS.config.mesh.distributed:  # before anything touches a device
+        sharding.initialize_distributed(flags.FLAGS.config.mesh)
     config_path = config_flags.get_config_filename(flags.FLAGS["config"])
     workdir = flags.FLAGS.workdir or os.path.join(
         "runs", os.path.splitext(os.path.basename(config_path))[0]

@@ -112,8 +112,11 @@ def _jitted_step(config):
     setup = train_lib.build(config)
     tx = train_lib.make_optimizer(config)
     forward = train_lib.make_forward(setup)
-    step = train_lib.jit_train_step(train_lib.make_train_step(forward, tx), setup.mesh)
-    return setup, step, train_lib.initial_state(setup, tx)
+    state = train_lib.initial_state(setup, tx)
+    step = train_lib.jit_train_step(
+        train_lib.make_train_step(forward, tx), setup.mesh, state, setup.frozen
+    )
+    return setup, step, state
 
 
 def _step_flops(config, batch):
@@ -182,39 +185,6 @@ def test_resume_after_kill_ends_with_the_same_adapter(
         np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
     steps = [r["step"] for r in read_metrics(resumed) if r["split"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]
-
-
-def test_eight_fake_devices_follow_the_one_device_loss_curve(
-    tiny_model_dir, tiny_snli_dir, tmp_path
-):
-    """On 8 fake CPU devices (batch split 8 ways) the loss of 5 steps matches the 1-device
-    run within 1e-4 relative."""
-    script = f"""
-import json, sys
-sys.path.insert(0, {REPO!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
-import jax
-assert jax.device_count() == 8, jax.devices()
-from test_train import tiny_config
-from lorax import train
-for n in (1, 8):
-    c = tiny_config({str(tiny_model_dir)!r}, {str(tiny_snli_dir)!r},
-                    **{{"mesh.data": n, "model.dropout": 0.1, "lora.dropout": 0.1}})
-    c.train.num_steps = 5
-    train.train_and_evaluate(c, {str(tmp_path)!r} + f"/d{{n}}")
-"""
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=REPO)
-    one, eight = (
-        [r["loss"] for r in read_metrics(tmp_path / f"d{n}") if r["split"] == "train"]
-        for n in (1, 8)
-    )
-    assert len(one) == len(eight) == 5
-    np.testing.assert_allclose(eight, one, rtol=1e-4)
-    assert json.loads((tmp_path / "d8" / "summary.json").read_text())["devices"] == 8
 
 
 def test_nonfinite_loss_stops_with_step_and_checkpoint(tiny_model_dir, tiny_snli_dir, tmp_path):
