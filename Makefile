@@ -30,8 +30,8 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check lorax tests configs experiments
-	$(BIN)/ruff format --check lorax tests configs experiments
+	$(BIN)/ruff check lorax tests configs experiments benchmarks
+	$(BIN)/ruff format --check lorax tests configs experiments benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

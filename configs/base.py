@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.head_dropout = 0.1  # dropout on the pooled vector before the classifier head
     c.model.scan = False  # decoders: run the layers under nn.scan (compiles one layer, not L)
     c.model.remat = False  # decoders: recompute each layer's activations in the backward pass
+    c.model.quantize = ""  # QLoRA base: "" (none), "nf4" or "int8" attention and MLP kernels,
+    # dequantized inside each matmul (lorax/quant.py); needs method = "lora"
+    c.model.quant_block = 64  # weights per absmax scale in the quantized kernels (even)
 
     # --- task and data -----------------------------------------------------------------------
     c.task = ml_collections.ConfigDict()

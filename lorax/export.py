@@ -39,6 +39,8 @@ def load_run(workdir: str | os.PathLike):
         raise FileNotFoundError(f"{workdir} has no config.json: is it a lorax.train workdir?")
     with open(config_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
+    # The run's mesh was for the machine it trained on; exporting needs no particular one.
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     setup = train.build(config, with_task=False)
     ckpt = Checkpointer(workdir)
     if ckpt.latest_step() is None:

@@ -143,7 +143,8 @@ def make_mesh(
 
 def mesh_from_config(mesh_config: Mapping[str, Any]) -> Mesh:
     """The mesh a config's ``mesh`` section describes (``mesh.data``, ``.fsdp``, ``.tensor``)."""
-    return make_mesh(int(mesh_config["data"]), int(mesh_config["fsdp"]), int(mesh_config["tensor"]))
+    get = lambda axis, default: int(mesh_config.get(axis, default))  # older configs: data only
+    return make_mesh(get(DATA, -1), get(FSDP, 1), get(TENSOR, 1))
 
 
 def initialize_distributed(mesh_config: Mapping[str, Any]) -> None:

@@ -28,7 +28,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from lorax import assets, checkpoints, evaluate, lora, paths, sharding
+from lorax import assets, checkpoints, evaluate, lora, paths, quant, sharding
 from lorax import data as data_lib
 from lorax.checkpoints.state import Checkpointer, IncompatibleCheckpointError
 from lorax.models import decoder, encoder
@@ -153,9 +153,17 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
     compute_dtype = _choice(config.model.dtype, DTYPES, "model.dtype")
     base_dtype = _choice(config.model.base_dtype, DTYPES, "model.base_dtype")
     mesh = sharding.mesh_from_config(config.mesh)
-    sharding.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
-    sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    if with_task:  # no batches otherwise (export, generation)
+        sharding.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
+        sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     spec = lora_spec(config)
+    if config.model.get("quantize"):
+        quant.check_kind_block(config.model.quantize, config.model.quant_block)
+        if spec is None:
+            raise ValueError(
+                f"model.quantize = {config.model.quantize!r} needs method = 'lora' (a quantized "
+                f"base is frozen; method = {config.method!r} trains it); or set model.quantize = ''"
+            )
     if with_task:
         _check_task_name(config)
 
@@ -187,9 +195,18 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
     head_flat, frozen_flat = paths.select(
         paths.flatten(params), tuple(config.train.trainable), what="train.trainable pattern"
     )
+    frozen = paths.unflatten(frozen_flat)
+    if config.model.get("quantize"):  # QLoRA: from the fp32 weights, standing for base_dtype ones
+        frozen = quant.quantize_tree(
+            frozen, config.model.quantize, config.model.quant_block, dtype=base_dtype
+        )
     # Cast on the host, then each device receives only its slice.
     frozen = sharding.put(
-        jax.tree_util.tree_map(lambda x: np.asarray(x, base_dtype), paths.unflatten(frozen_flat)),
+        jax.tree_util.tree_map(
+            lambda x: x if quant.is_quantized(x) else np.asarray(x, base_dtype),
+            frozen,
+            is_leaf=quant.is_quantized,
+        ),
         mesh,
     )
     head = sharding.put(jax.tree_util.tree_map(np.asarray, paths.unflatten(head_flat)), mesh)
@@ -442,7 +459,11 @@ def make_summary(
         # What an adapter checkpoint weighs beside the base it needs (the paper's 350 GB ->
         # 35 MB point): delta + trained head in fp32, and the frozen base as stored.
         "adapter_bytes": _nbytes(trainable["delta"]) + _nbytes(trainable["head"]),
+        # Quantized kernels count at their packed size (codes + scales); base_bytes_dense is
+        # what the same frozen leaves weigh unquantized in model.base_dtype.
         "base_bytes": _nbytes(setup.frozen),
+        "base_bytes_dense": quant.dense_nbytes(setup.frozen),
+        "base_quantize": config.model.get("quantize") or "none",
         "steps": config.train.num_steps,
         "resumed_from": first_step,
         "wall_seconds": time.time() - start,
