@@ -157,3 +157,15 @@ def write(record: Mapping[str, Any], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
+
+
+def publish(record: Mapping[str, Any], results_dir: str, record_path: str = "") -> str:
+    """Prints a run's header and table, appends it to the results file (returned), and also
+    writes it alone to ``record_path`` if given."""
+    print(header(record))
+    print(table(record["modes"]))
+    path = append(record, results_dir)
+    if record_path:
+        write(record, record_path)
+    print(f"appended to {path}")
+    return path

@@ -388,12 +388,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     record = run(args)
-    print(records.header(record))
-    print(records.table(record["modes"]))
-    path = records.append(record, args.results_dir)
-    if args.record:
-        records.write(record, args.record)
-    print(f"appended to {path}")
+    records.publish(record, args.results_dir, args.record)
     return record
 
 
