@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import tiny_config, train_until_interrupted
 
 from lorax import paths
 from lorax import train as train_lib
@@ -163,17 +163,7 @@ def test_resume_after_kill_ends_with_the_same_adapter(
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_lib.train_and_evaluate(config, str(straight))
 
-    real = train_lib.data_lib.Batcher.train_batch
-
-    def dying(self, step):
-        if step == 4:
-            raise KeyboardInterrupt("simulated kill")
-        return real(self, step)
-
-    monkeypatch.setattr(train_lib.data_lib.Batcher, "train_batch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        train_lib.train_and_evaluate(config, str(resumed))
-    monkeypatch.setattr(train_lib.data_lib.Batcher, "train_batch", real)
+    train_until_interrupted(config, resumed, 4, monkeypatch)
     summary = train_lib.train_and_evaluate(config, str(resumed))
     assert summary["resumed_from"] == 3
 
