@@ -138,7 +138,7 @@ class Checkpointer:
             saved = dict(saved[INTEGRITY])
         except Exception as e:  # noqa: BLE001 -- any read failure means the files are bad
             raise CorruptCheckpointError(
-                f"{where}: its integrity record is unreadable ({e})"
+                f"{where}: its integrity record is unreadable ({_first_line(e)})"
             ) from e
         if state_like is not None:
             self._check_fits(state_like, saved["leaves"], where)
