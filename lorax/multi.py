@@ -381,11 +381,9 @@ def train_many(
             sums = jax.device_get(sums)
             if np.any(sums["nonfinite"]) and not t.skip_nonfinite:
                 bad = [workdirs[i] for i in np.flatnonzero(sums["nonfinite"])]
-                last = job_ckpt.latest_step()
                 raise train_lib.NonFiniteLossError(
-                    f"loss is NaN/Inf at step {done} in {bad}. Last good checkpoint: "
-                    f"{'none' if last is None else f'step {last}'} in {job_ckpt.directory}. "
-                    "Set train.skip_nonfinite=True to skip such batches."
+                    f"loss is NaN/Inf at step {done} in {bad}. "
+                    + train_lib.nonfinite_advice(job_ckpt)
                 )
             window += np.stack([sums["loss_sum"], sums["correct"], sums["count"]], 1)
             for k, log in enumerate(logs):

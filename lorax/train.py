@@ -441,6 +441,15 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf and the config says to stop."""
 
 
+def nonfinite_advice(ckpt: Checkpointer) -> str:
+    """The end of a NaN/Inf message: where the last good checkpoint is, and the way to skip."""
+    last = ckpt.latest_step()
+    return (
+        f"Last good checkpoint: {'none' if last is None else f'step {last}'} in "
+        f"{ckpt.directory}. Set train.skip_nonfinite=True to skip such batches."
+    )
+
+
 def make_summary(
     config, setup: Setup, trainable, val, test, *, first_step, start, train_seconds, train_tokens
 ) -> dict[str, Any]:
@@ -597,11 +606,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             step, sums, tokens = item
             sums = jax.device_get(sums)
             if sums["nonfinite"]:
-                last = ckpt.latest_step()
                 msg = (
                     f"loss is NaN/Inf at step {step}; the state from step {step - 1} was kept. "
-                    f"Last good checkpoint: {'none' if last is None else f'step {last}'} in "
-                    f"{ckpt.directory}. Set train.skip_nonfinite=True to skip such batches."
+                    + nonfinite_advice(ckpt)
                 )
                 if not t.skip_nonfinite:
                     raise NonFiniteLossError(msg)
