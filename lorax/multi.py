@@ -352,18 +352,10 @@ def train_many(
     keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 3) for c in configs])
 
     job_ckpt = Checkpointer(os.path.join(workdirs[0], "job"), keep=c0.keep_checkpoints)
-    if job_ckpt.latest_step() is not None:
-        restored, notes = job_ckpt.restore_latest_good(state)
-        for note in notes:
-            tqdm.tqdm.write(note)
-        if restored is not None:
-            state = restored
-            tqdm.tqdm.write(f"resuming the {k_adapters}-adapter job at step {_step(state)}")
-    first = _step(state)
     logs = [runfiles.MetricsLog(os.path.join(w, "metrics.jsonl")) for w in workdirs]
-    for log, done in zip(logs, finished, strict=True):
-        if not done:
-            log.truncate_after(first, t.num_steps)
+    unfinished = [log for log, done in zip(logs, finished, strict=True) if not done]
+    state = train_lib.resume(job_ckpt, state, unfinished, t.num_steps)
+    first = _step(state)
     task = setup.task
     batchers = [
         train_lib.make_batcher(setup, task.splits["train"], t.batch_size, c) for c in configs

@@ -493,27 +493,35 @@ def _nbytes(tree) -> int:
     return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree)))
 
 
-def _resume(ckpt: Checkpointer, state: dict, log: MetricsLog, num_steps: int) -> dict:
+def resume(ckpt: Checkpointer, state: dict, logs: list[MetricsLog], num_steps: int) -> dict:
     """The state of the newest intact checkpoint in ``ckpt`` (corrupt ones are moved aside and
-    reported), or ``state`` itself when none is left; trims ``log`` to match."""
-    try:
-        restored, notes = ckpt.restore_latest_good(state)
-    except IncompatibleCheckpointError as e:
-        raise ValueError(
-            f"{ckpt.directory} holds a checkpoint that does not fit this config ({e}); "
-            "rerun with the config that started it, or pass a new --workdir"
-        ) from e
+    reported), or ``state`` itself when there is none; trims each of ``logs`` to match, so
+    rows a cut-off run logged after its last checkpoint (or before its first) are not kept
+    twice. Serves single runs and multi-adapter jobs (whose ``step`` has a K axis)."""
+    restored, notes = None, []
+    if ckpt.latest_step() is not None:
+        try:
+            restored, notes = ckpt.restore_latest_good(state)
+        except IncompatibleCheckpointError as e:
+            raise ValueError(
+                f"{ckpt.directory} holds a checkpoint that does not fit this config ({e}); "
+                "rerun with the config that started it, or pass a new --workdir"
+            ) from e
     for note in notes:
         tqdm.tqdm.write(note)
     if restored is None:
-        tqdm.tqdm.write(f"no intact checkpoint is left in {ckpt.directory}; starting at step 0")
-        log.truncate_after(0, num_steps)
-        return state
-    step = int(jax.device_get(restored["step"]))
-    fallback = " (the newest intact one)" if notes else ""
-    tqdm.tqdm.write(f"resuming from the checkpoint at step {step}{fallback} in {ckpt.directory}")
-    log.truncate_after(step, num_steps)
-    return restored
+        if notes:
+            tqdm.tqdm.write(f"no intact checkpoint is left in {ckpt.directory}; starting at 0")
+        step = 0
+    else:
+        step = int(np.asarray(jax.device_get(restored["step"])).flat[0])
+        fallback = " (the newest intact one)" if notes else ""
+        tqdm.tqdm.write(
+            f"resuming from the checkpoint at step {step}{fallback} in {ckpt.directory}"
+        )
+    for log in logs:
+        log.truncate_after(step, num_steps)
+    return state if restored is None else restored
 
 
 def _subset(examples, n: int):
@@ -568,8 +576,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # finished (alone or in a multi-adapter job): report, train nothing
             with open(summary_path) as f:
                 return json.load(f)
-        if restored_step is not None:
-            state = _resume(ckpt, state, log, t.num_steps)
+        state = resume(ckpt, state, [log], t.num_steps)
         first_step = int(jax.device_get(state["step"]))
 
         task = setup.task
