@@ -37,7 +37,28 @@ def get_config() -> ml_collections.ConfigDict:
     c.task.max_test_examples = 0  # cap on test rows in the final eval (0 = all; smoke tests)
 
     # --- method ------------------------------------------------------------------------------
-    c.method = "lora"  # "lora": train a low-rank delta + head; "full": train every base leaf
+    # What is trained beside the head (lorax/methods.py): "lora" (a low-rank delta),
+    # "full" (every base leaf), "top_k_layers" (the last k layers), "bitfit" (the biases),
+    # "adapter_houlsby" (bottlenecks after attention and MLP), "adapter_lin" (after the MLP),
+    # "prefix" (key/value prefixes in every layer), "prompt" (a soft prompt before the input),
+    # "ptuning" (a soft prompt computed by a small MLP encoder)
+    c.method = "lora"
+    c.top_k_layers = ml_collections.ConfigDict()
+    c.top_k_layers.k = 2  # method "top_k_layers": how many of the last layers are trained
+    c.adapter = ml_collections.ConfigDict()
+    c.adapter.size = 16  # methods "adapter_*": bottleneck width
+    c.adapter.activation = "relu"  # between down- and up-projection: "relu", "gelu", "tanh"
+    c.prefix = ml_collections.ConfigDict()
+    c.prefix.length = 10  # method "prefix": key/value positions added to every layer
+    c.prefix.reparam = True  # produce the prefixes from a [P, D] table by a tanh MLP
+    c.prefix.hidden = 512  # that MLP's width
+    c.prompt = ml_collections.ConfigDict()
+    c.prompt.length = 20  # method "prompt": soft-prompt positions before each example
+    c.prompt.init = "vocab"  # "vocab" (embeddings of random tokens) or "random" (std 0.02)
+    c.ptuning = ml_collections.ConfigDict()
+    c.ptuning.length = 20  # method "ptuning": soft-prompt positions
+    c.ptuning.init = "vocab"  # init of the table the encoder reads, as prompt.init
+    c.ptuning.hidden = 256  # the prompt encoder's (MLP D -> h -> h -> D) width
 
     # --- LoRA (used when method == "lora") ---------------------------------------------------
     c.lora = ml_collections.ConfigDict()

@@ -135,6 +135,10 @@ def collect(out: str, runs: Sequence[Run]) -> list[dict[str, Any]]:
                 "validation_accuracy", "test_accuracy", "lora_params", "head_params",
                 "wall_seconds", "train_seconds", "platform",
             )},
+            # newer summaries only (the method comparison's columns)
+            **{k: s.get(k) for k in (
+                "method", "delta_params", "base_bytes", "step_memory_bytes", "step_seconds_median",
+            )},
         })  # fmt: skip
     return rows
 

@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
-from lorax import assets, lora, paths
+from lorax import assets, paths
 from lorax.checkpoints.state import Checkpointer
 
 
@@ -55,10 +55,13 @@ def load_run(workdir: str | os.PathLike):
 
 
 def merged_params(setup, trainable) -> dict[str, Any]:
-    """The run's full params with the delta merged in, per-layer layout, fp32 numpy."""
+    """The run's full params with the delta merged in, per-layer layout, fp32 numpy.
+
+    Raises ValueError for a method whose delta cannot be merged (adapters, prefixes, prompts).
+    """
     params = paths.unflatten({**paths.flatten(setup.frozen), **paths.flatten(trainable["head"])})
-    if setup.spec is not None and trainable["delta"]:
-        params = lora.merge(params, trainable["delta"], setup.spec)
+    if setup.transform is not None:
+        params = setup.transform.merge(params, trainable["delta"])
     params = paths.unstack_layers(params)
     return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
 

@@ -195,9 +195,13 @@ def load_adapter(workdir: str, base: dict) -> tuple[dict, Any]:
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"--adapter={workdir} has no config.json (not a lorax.train run)")
     with open(config_path) as f:
-        spec = train.lora_spec(ml_collections.ConfigDict(json.load(f)))
+        run_config = ml_collections.ConfigDict(json.load(f))
+    spec = train.lora_spec(run_config)
     if spec is None:
-        raise ValueError(f"--adapter={workdir} is a full fine-tuning run; it has no adapter")
+        raise ValueError(
+            f"--adapter={workdir} is a method = {run_config.method!r} run; generation takes "
+            "LoRA adapters (export a full or partial fine-tuning run with --merged instead)"
+        )
     ckpt = Checkpointer(workdir)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"--adapter={workdir} holds no checkpoint ({ckpt.directory})")

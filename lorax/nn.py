@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from lorax import quant
 from lorax.lora import BankedLoraWeight, LoraWeight
+from lorax.methods import Bottleneck
 
 Initializer = Callable[..., jax.Array]
 
@@ -82,7 +83,7 @@ def kernel_param(module: nn.Module, name: str, init: Initializer, shape, dtype) 
     """
     if module.has_variable("params", name):
         value = module.get_variable("params", name)
-        base = value.w if isinstance(value, LoraWeight | BankedLoraWeight) else value
+        base = value.w if isinstance(value, LoraWeight | BankedLoraWeight | Bottleneck) else value
         if quant.is_quantized(base):
             if tuple(base.shape) != tuple(shape):
                 raise ValueError(
@@ -117,6 +118,8 @@ def lora_matmul(module: nn.Module, x_BxD: jax.Array, kernel: Any, dtype, determi
 class Dense(nn.Module):
     """``y = x@kernel + bias`` with kernel [D, F]; the kernel may be a LoraWeight.
 
+    A :class:`~lorax.methods.Bottleneck` kernel adds its adapter to ``y`` (after the bias).
+
     Attributes:
       features: F.
       use_bias: whether to add a bias [F].
@@ -136,11 +139,14 @@ class Dense(nn.Module):
         kernel = kernel_param(
             self, "kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype
         )
+        adapter = kernel if isinstance(kernel, Bottleneck) else None
+        if adapter is not None:
+            kernel = adapter.w
         y = lora_matmul(self, x, kernel, self.dtype, deterministic)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             y = y + jnp.asarray(bias).astype(self.dtype)
-        return y
+        return y if adapter is None else adapter.adapt(y, self.dtype)
 
 
 class Embed(nn.Module):
@@ -186,6 +192,24 @@ class Embed(nn.Module):
             z = x_BTD @ table.b.astype(self.dtype).T
             return y + table.scale * (z @ table.a.astype(self.dtype).T)
         return base_matmul(x_BTD, table, transpose=True)
+
+
+def _with_prefix(prefix, k_BSKE, v_BSKE, mask_B1TS):
+    """Prepends ``prefix["k"]``, ``prefix["v"]`` [P, K·E] to every row's keys and values.
+
+    Every query sees every prefix position, so the mask gains P True columns in front.
+    """
+    b, _, kv, e = k_BSKE.shape
+    parts = []
+    for name, x_BSKE in (("k", k_BSKE), ("v", v_BSKE)):
+        p_PKE = jnp.asarray(prefix[name]).astype(x_BSKE.dtype).reshape(-1, kv, e)
+        p_BPKE = jnp.broadcast_to(p_PKE[None], (b, *p_PKE.shape))
+        parts.append(jnp.concatenate([p_BPKE, x_BSKE], axis=1))
+    if mask_B1TS is not None:
+        p = parts[0].shape[1] - k_BSKE.shape[1]
+        seen = jnp.ones((*mask_B1TS.shape[:-1], p), bool)
+        mask_B1TS = jnp.concatenate([seen, mask_B1TS], axis=-1)
+    return parts[0], parts[1], mask_B1TS
 
 
 class Attention(nn.Module):
@@ -257,8 +281,12 @@ class Attention(nn.Module):
                 v_cache, v_BTKE.astype(v_cache.dtype), index, axis=1
             )
         mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
+        keys, values = k_BTKE, v_BTKE
+        if self.has_variable("params", "prefix"):  # prefix tuning: P more keys and values
+            prefix = self.get_variable("params", "prefix")
+            keys, values, mask = _with_prefix(prefix, keys, values, mask)
         out_BTHE = jax.nn.dot_product_attention(
-            q_BTHE, k_BTKE.astype(q_BTHE.dtype), v_BTKE.astype(q_BTHE.dtype), mask=mask
+            q_BTHE, keys.astype(q_BTHE.dtype), values.astype(q_BTHE.dtype), mask=mask
         )
         o_bias = self.use_bias if self.o_bias is None else self.o_bias
         y_BTD = dense(x_BTD.shape[-1], "o", o_bias)(out_BTHE.reshape(b, t, h * e), deterministic)

@@ -28,14 +28,14 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from lorax import assets, checkpoints, evaluate, lora, paths, quant, sharding
+from lorax import assets, checkpoints, evaluate, lora, methods, paths, quant, sharding
 from lorax import data as data_lib
 from lorax.checkpoints.state import Checkpointer, IncompatibleCheckpointError
 from lorax.models import decoder, encoder
 from lorax.runfiles import MetricsLog, write_json_atomic, write_text_atomic
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-METHODS = ("lora", "full")
+METHODS = methods.METHODS
 
 
 # --------------------------------------------------------------------------- config parsing
@@ -76,7 +76,7 @@ def _parse_layers(text: str) -> tuple[int, ...]:
 
 
 def lora_spec(config: ml_collections.ConfigDict) -> lora.LoraSpec | None:
-    """The LoRA spec a config describes (None for full fine-tuning)."""
+    """The LoRA spec a config describes (None for every other method)."""
     if config.method != "lora":
         return None
     c = config.lora
@@ -102,14 +102,23 @@ class Setup:
 
     model: Any  # encoder.EncoderClassifier or decoder.Decoder
     kind: str  # "classify" (encoder + head) or "lm" (causal LM)
-    spec: lora.LoraSpec | None
+    spec: lora.LoraSpec | None  # the LoRA spec (method = "lora"), else None
     frozen: dict  # base leaves that are never trained (nested)
-    head: dict  # base leaves that are trained (nested): the task head, or everything for "full"
-    delta: dict  # the LoRA delta ({} for full fine-tuning)
+    head: dict  # base leaves trained beside the delta (train.trainable): the task head
+    delta: dict  # the method's trainable tree (lorax.methods), e.g. the LoRA delta
     task: data_lib.TaskData | None
     mesh: jax.sharding.Mesh  # frozen, head and delta are already placed on it (sharding.RULES)
     base_params: int  # parameters of the pretrained base model
     tokenizer: Any = None
+    method: methods.Method | None = None  # a method other than LoRA (None: LoRA by ``spec``)
+
+    @property
+    def transform(self) -> methods.Method | None:
+        """The method that turns ``(frozen + head, delta)`` into the model's params; None when
+        there is no delta (``spec`` None and no other method: every trained leaf is head)."""
+        if self.method is not None:
+            return self.method
+        return None if self.spec is None else methods.LoRA(self.spec)
 
     @property
     def pad_id(self) -> int:
@@ -156,7 +165,8 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
     if with_task:  # no batches otherwise (export, generation)
         sharding.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
         sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-    spec = lora_spec(config)
+    method = methods.from_config(config)
+    spec = method.spec if isinstance(method, methods.LoRA) else None
     if config.model.get("quantize"):
         quant.check_kind_block(config.model.quantize, config.model.quant_block)
         if spec is None:
@@ -210,7 +220,9 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
         mesh,
     )
     head = sharding.put(jax.tree_util.tree_map(np.asarray, paths.unflatten(head_flat)), mesh)
-    delta = {} if spec is None else lora.init(frozen, spec, jax.random.fold_in(key, 2))
+    delta = method.init(frozen, jax.random.fold_in(key, 2))
+    if method.replaces_base:  # the delta holds those base leaves now (fp32 copies)
+        frozen = methods.drop_replaced(frozen, delta)
     delta = sharding.put(jax.tree_util.tree_map(np.asarray, delta), mesh)
 
     tokenizer = checkpoints.load_tokenizer(model_dir)
@@ -223,25 +235,38 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
             max_length=config.task.max_length,
             validation_size=config.task.validation_size,
         )
-    return Setup(model, kind, spec, frozen, head, delta, task, mesh, base_params, tokenizer)
+    return Setup(
+        model,
+        kind,
+        spec,
+        frozen,
+        head,
+        delta,
+        task,
+        mesh,
+        base_params,
+        tokenizer,
+        None if spec is not None else method,
+    )
 
 
 def make_forward(setup: Setup) -> Callable:
     """``forward(trainable, frozen, batch, rng, train) -> logits``.
 
-    The params the model sees are the frozen leaves, the trainable head leaves and, when LoRA
-    is on, the delta wrapped around its kernels as LoraWeight nodes (never merged). Logits
+    The params the model sees are the frozen leaves, the trainable head leaves and the
+    method's delta applied to them (for LoRA: wrapped around its kernels as LoraWeight nodes,
+    never merged; see :mod:`lorax.methods` for the others). Logits
     are [B, C] for a classifier and [B, T, V] for a causal LM. On a mesh with an fsdp axis
     the params are first gathered to their compute layout (:func:`sharding.gather_fsdp`).
     """
-    model, spec, kind, mesh = setup.model, setup.spec, setup.kind, setup.mesh
+    model, method, kind, mesh = setup.model, setup.transform, setup.kind, setup.mesh
 
     def forward(trainable, frozen, batch, rng, train: bool):
         frozen = sharding.gather_fsdp(frozen, mesh)
         trainable = sharding.gather_fsdp(trainable, mesh)
         params = paths.unflatten({**paths.flatten(frozen), **paths.flatten(trainable["head"])})
-        if spec is not None:
-            params = lora.wrap(params, trainable["delta"], spec)
+        if method is not None:
+            params = method.apply(params, trainable["delta"])
         rngs = {"dropout": rng} if train else {}
         if kind == "lm":
             logits, _ = model.apply(
@@ -451,7 +476,17 @@ def nonfinite_advice(ckpt: Checkpointer) -> str:
 
 
 def make_summary(
-    config, setup: Setup, trainable, val, test, *, first_step, start, train_seconds, train_tokens
+    config,
+    setup: Setup,
+    trainable,
+    val,
+    test,
+    *,
+    first_step,
+    start,
+    train_seconds,
+    train_tokens,
+    step_stats: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``summary.json`` of a run (alone or one adapter of a multi-adapter job)."""
     return {
@@ -462,7 +497,11 @@ def make_summary(
         "test_examples": test["count"],
         "validation_examples": val["count"],
         "model_kind": setup.kind,
-        "lora_params": lora.count(trainable["delta"]),
+        "method": config.method,
+        # lora_params: the LoRA delta's size (0 for other methods); delta_params: the
+        # trained tree of whichever method ran; head_params: train.trainable's leaves.
+        "lora_params": lora.count(trainable["delta"]) if setup.spec is not None else 0,
+        "delta_params": lora.count(trainable["delta"]),
         "head_params": lora.count(trainable["head"]),
         "base_params": setup.base_params,
         # What an adapter checkpoint weighs beside the base it needs (the paper's 350 GB ->
@@ -478,6 +517,7 @@ def make_summary(
         "wall_seconds": time.time() - start,
         "train_seconds": train_seconds,
         "tokens_per_second": train_tokens / max(train_seconds, 1e-9),
+        **(step_stats or {}),
         "devices": setup.mesh.devices.size,
         "mesh": {axis: int(n) for axis, n in setup.mesh.shape.items()},
         # What one device holds of the frozen base: shrinks as mesh.fsdp and mesh.tensor grow.
@@ -590,10 +630,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             log.write(step=step, split=split, **result)
             return result
 
-        lora_params = lora.count(setup.delta)
-        head_params = lora.count(setup.head)
         tqdm.tqdm.write(
-            f"trainable parameters: lora {lora_params:,}, head {head_params:,} "
+            f"trainable parameters: {config.method} {lora.count(setup.delta):,}, "
+            f"head {lora.count(setup.head):,} "
             f"(frozen base {setup.base_params:,}); {mesh.devices.size} "
             f"{jax.devices()[0].platform} device(s), mesh {sharding.describe(mesh)}, frozen base "
             f"{sharding.bytes_per_device(frozen) / 2**20:.1f} MiB per device of "
@@ -606,6 +645,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         pending = None  # step N-1's metrics, fetched while step N runs
         window = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "tokens": 0, "since": time.time()}
         train_tokens = 0
+        step_times, step_memory = [], None  # wall time of each step after the first
         loop_start = time.time()
 
         def drain(item):
@@ -630,7 +670,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         for step in range(first_step, t.num_steps):
             batch = batcher.train_batch(step)
             tokens = count_tokens(batch)
-            state, sums = train_step(state, frozen, sharding.put_batch(batch, mesh), key)
+            step_start = time.time()
+            batch = sharding.put_batch(batch, mesh)
+            if step == first_step:
+                step_memory = step_memory_bytes(train_step, state, frozen, batch, key)
+            state, sums = train_step(state, frozen, batch, key)
             if pending is not None:
                 drain(pending)
             pending = (step + 1, sums, tokens)  # metrics are labelled by the step count after it
@@ -648,6 +692,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
                 window.update(loss_sum=0.0, correct=0.0, count=0.0, tokens=0, since=time.time())
             bar.update(1)
+            if step > first_step:  # each iteration waits for one step's metrics: one step
+                step_times.append(time.time() - step_start)
             if config.eval_every and done % config.eval_every == 0 and done != t.num_steps:
                 eval_start = time.time()
                 result = run_eval("validation", val_subset, done)
@@ -682,10 +728,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             start=start,
             train_seconds=train_seconds,
             train_tokens=train_tokens,
+            step_stats={
+                # median wall time of a step (fetching the previous step's metrics included)
+                "step_seconds_median": float(np.median(step_times)) if step_times else None,
+                "step_memory_bytes": step_memory,
+            },
         )
         if primary:
             write_json_atomic(summary_path, summary)
         return summary
+
+
+def step_memory_bytes(jitted: Callable, *args) -> int | None:
+    """Memory one train step needs on a device, in bytes, for these arguments' shapes.
+
+    XLA's accounting of the compiled step (the same on CPU, GPU and TPU, so methods compare
+    alike on any machine): arguments + outputs - donated (aliased) buffers + temporaries,
+    the frozen base included. Costs one extra compile; None if the backend cannot say.
+    """
+    try:
+        analysis = jitted.lower(*args).compile().memory_analysis()
+    except Exception:  # noqa: BLE001 -- a backend without the analysis: nothing to report
+        return None
+    if analysis is None:
+        return None
+    return int(
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        - analysis.alias_size_in_bytes
+        + analysis.temp_size_in_bytes
+    )
 
 
 class _NoLog:

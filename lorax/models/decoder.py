@@ -419,6 +419,29 @@ def init_cache(
     }
 
 
+def _with_prompt(prompt_PD, x_BTD, positions_BT, mask_BTS):
+    """Puts a soft prompt [P, D] before every row (Lester et al. 2021).
+
+    The prompt takes positions 0..P-1 and the tokens' positions move up by P; prompt
+    positions see earlier prompt positions, and every token sees the whole prompt (each packed
+    segment of a row, too) besides what ``mask_BTS`` lets it see.
+    """
+    b, t, d = x_BTD.shape
+    p = prompt_PD.shape[0]
+    prompt_BPD = jnp.broadcast_to(jnp.asarray(prompt_PD, x_BTD.dtype)[None], (b, p, d))
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=positions_BT.dtype), (b, p))
+    top_BPS = jnp.concatenate(
+        [jnp.broadcast_to(jnp.tril(jnp.ones((p, p), bool)), (b, p, p)), jnp.zeros((b, p, t), bool)],
+        axis=2,
+    )
+    bottom_BTS = jnp.concatenate([jnp.ones((b, t, p), bool), mask_BTS], axis=2)
+    return (
+        jnp.concatenate([prompt_BPD, x_BTD], axis=1),
+        jnp.concatenate([positions, positions_BT + p], axis=1),
+        jnp.concatenate([top_BPS, bottom_BTS], axis=1),
+    )
+
+
 class Decoder(nn.Module):
     """A causal LM. ``__call__`` returns ``(logits_BTV in fp32, updated cache or None)``.
 
@@ -456,17 +479,28 @@ class Decoder(nn.Module):
           deterministic: False turns on dropout and LoRA dropout ("dropout" rng).
         """
         c = self.config
+        prompt_PD = (
+            self.get_variable("params", "prompt") if self.has_variable("params", "prompt") else None
+        )
+        p = 0 if prompt_PD is None else prompt_PD.shape[0]
+        if p and cache is not None:
+            raise ValueError(
+                "a soft prompt (method 'prompt' or 'ptuning') is not supported with a KV cache; "
+                "score or train without one, or decode with a LoRA adapter"
+            )
         if (
             c.positions == "learned"
             and cache is None
-            and input_ids_BT.shape[1] > (c.max_position_embeddings)
+            and input_ids_BT.shape[1] + p > (c.max_position_embeddings)
         ):
             raise ValueError(
-                f"sequence length {input_ids_BT.shape[1]} exceeds max_position_embeddings "
-                f"{c.max_position_embeddings}"
+                f"sequence length {input_ids_BT.shape[1]} (with a soft prompt of {p}) exceeds "
+                f"max_position_embeddings {c.max_position_embeddings}"
             )
         embed = _Embeddings(c, self.dtype, name="embed")
-        x_BTD = embed(input_ids_BT, positions_BT)
+        x_BTD = embed(input_ids_BT, positions_BT + p)
+        if p:
+            x_BTD, positions_BT, mask_BTS = _with_prompt(prompt_PD, x_BTD, positions_BT, mask_BTS)
         x_BTD = nn.Dropout(c.dropout)(x_BTD, deterministic=deterministic)
 
         block = Block
@@ -500,7 +534,7 @@ class Decoder(nn.Module):
                     new_k.append(out[0])
                     new_v.append(out[1])
             new = (jnp.stack(new_k), jnp.stack(new_v), None) if new_k else None
-        x_BTD = _norm(c, self.dtype, "final_norm")(x_BTD)
+        x_BTD = _norm(c, self.dtype, "final_norm")(x_BTD[:, p:])
         if c.tie_embeddings:
             logits_BTV = embed.attend(x_BTD)
         else:

@@ -110,12 +110,23 @@ class _Embeddings(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, ids_BT, types_BT):
+    def __call__(self, ids_BT, types_BT, prompt_PD=None):
+        """Embeds ``ids``; a soft prompt [P, D] goes before each row's tokens (positions
+        0..P-1, segment 0), as Hugging Face BERT embeds ``inputs_embeds`` (Lester et al. 2021).
+        """
         c = self.config
         embed = lambda n, name: lnn.Embed(n, c.hidden_size, dtype=self.dtype, name=name)  # noqa: E731
-        positions_1T = jnp.arange(ids_BT.shape[1])[None, :]
+        x_BTD = embed(c.vocab_size, "token")(ids_BT)
+        if prompt_PD is not None:
+            b, p = ids_BT.shape[0], prompt_PD.shape[0]
+            prompt_BPD = jnp.broadcast_to(
+                jnp.asarray(prompt_PD, x_BTD.dtype), (b, p, x_BTD.shape[-1])
+            )
+            x_BTD = jnp.concatenate([prompt_BPD, x_BTD], axis=1)
+            types_BT = jnp.concatenate([jnp.zeros((b, p), types_BT.dtype), types_BT], axis=1)
+        positions_1T = jnp.arange(x_BTD.shape[1])[None, :]
         x_BTD = (
-            embed(c.vocab_size, "token")(ids_BT)
+            x_BTD
             + embed(c.max_position_embeddings, "position")(positions_1T)
             + embed(c.type_vocab_size, "type")(types_BT)
         )
@@ -169,21 +180,30 @@ class Encoder(nn.Module):
             the "dropout" rng: ``apply(..., deterministic=False, rngs={"dropout": key})``.
 
         Returns:
-          ``(hidden_BTD, pooled_BD)``: the last hidden state in ``dtype``, and BERT's pooler
-          output (tanh(dense(hidden[:, 0]))) when ``with_pooler``, else None.
+          ``(hidden_BTD, pooled_BD)``: the last hidden state in ``dtype`` (of the input's
+          tokens only, when a ``prompt`` param [P, D] puts a soft prompt before them), and
+          BERT's pooler output (tanh(dense(hidden[:, 0]))) when ``with_pooler``, else None.
         """
         c = self.config
-        t = input_ids_BT.shape[1]
+        prompt_PD = (
+            self.get_variable("params", "prompt") if self.has_variable("params", "prompt") else None
+        )
+        p = 0 if prompt_PD is None else prompt_PD.shape[0]
+        t = input_ids_BT.shape[1] + p
         if t > c.max_position_embeddings:
             raise ValueError(
-                f"sequence length {t} exceeds max_position_embeddings {c.max_position_embeddings}"
+                f"sequence length {t} (with a soft prompt of {p}) exceeds max_position_embeddings "
+                f"{c.max_position_embeddings}"
             )
-        x_BTD = _Embeddings(c, self.dtype, name="embed")(input_ids_BT, token_type_ids_BT)
+        x_BTD = _Embeddings(c, self.dtype, name="embed")(input_ids_BT, token_type_ids_BT, prompt_PD)
         x_BTD = nn.Dropout(c.hidden_dropout)(x_BTD, deterministic=deterministic)
         keys_BS = attention_mask_BT.astype(bool)
+        if p:  # every token sees the prompt
+            keys_BS = jnp.concatenate([jnp.ones((keys_BS.shape[0], p), bool), keys_BS], axis=1)
         mask_BTS = jnp.broadcast_to(keys_BS[:, None, :], (x_BTD.shape[0], t, t))
         for i in range(c.num_layers):
             x_BTD = _Layer(c, self.dtype, name=f"layers_{i}")(x_BTD, mask_BTS, deterministic)
+        x_BTD = x_BTD[:, p:]  # the prompt's outputs are not pooled or returned
         pooled_BD = None
         if self.with_pooler:
             pooled_BD = jnp.tanh(
