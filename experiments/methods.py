@@ -61,15 +61,20 @@ def run_study(name: str, grid: Sequence[sweep.Run], base, root: str) -> list[dic
 
     out = os.path.join(root, name)
     os.makedirs(out, exist_ok=True)
+
+    def write_results():  # after every run, so a long study can be reported while it runs
+        rows = sweep.collect(out, grid)
+        runfiles.write_json_atomic(os.path.join(out, "results.json"), {"runs": rows})
+        return rows
+
     for i, run in enumerate(grid):
         workdir = os.path.join(out, run.name)
         if os.path.exists(os.path.join(workdir, "summary.json")):
             continue
         print(f"[{i + 1}/{len(grid)}] {run.name}", flush=True)
         train.train_and_evaluate(sweep.apply_overrides(base, run.overrides), workdir)
-    rows = sweep.collect(out, grid)
-    runfiles.write_json_atomic(os.path.join(out, "results.json"), {"runs": rows})
-    return rows
+        write_results()
+    return write_results()
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """Turns sweep results into markdown tables and PNG plots: ``python -m experiments.report``.
 
-Reads ``runs/sweeps/<study>/results.json`` for every Table 5 and Table 6 study present and
-writes ``runs/sweeps/report.md`` plus one PNG per study: test accuracy by target set (Table 5)
-and against rank (Table 6). Each cell is the median over seeds with the min–max spread, next to
-the paper's MultiNLI number on GPT-3 175B (Hu et al. 2021, Tables 5 and 6).
+Reads ``runs/sweeps/<study>/results.json`` for every Table 5, Table 6 and method-comparison
+(``experiments.methods``) study present and writes ``runs/sweeps/report.md`` plus one PNG per
+Table 5/6 study: test accuracy by target set (Table 5) and against rank (Table 6). Each cell
+is the median over seeds with the min–max spread, next to the paper's MultiNLI number on
+GPT-3 175B (Hu et al. 2021, Tables 5 and 6), or its RoBERTa-base MNLI one (Table 2).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ PAPER_TABLE6 = {
     ("qv", 1): 91.3, ("qv", 2): 91.4, ("qv", 4): 91.3, ("qv", 8): 91.6, ("qv", 64): 91.4,
     ("qkvo", 1): 91.2, ("qkvo", 2): 91.7, ("qkvo", 4): 91.7, ("qkvo", 8): 91.5, ("qkvo", 64): 91.4,
 }  # fmt: skip
+# The paper's Table 2, RoBERTa-base on MNLI (matched accuracy, %), for the methods it shares.
+PAPER_TABLE2 = {"full": 87.6, "bitfit": 84.7, "lora": 87.5}
 _NAME = re.compile(r"^(?P<targets>[qkvo]+)_r(?P<rank>\d+)_s(?P<seed>\d+)$")
 
 
@@ -78,6 +81,33 @@ def table6(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def methods_table(rows: list[dict]) -> str:
+    """One row per method: trainable parameters, test accuracy over seeds, base and step
+    memory, median step time; beside the paper's Table 2 where it has the method."""
+    by_method = defaultdict(list)
+    for row in rows:
+        by_method[row["name"].rsplit("_s", 1)[0]].append(row)
+    lines = [
+        "| method | trainable params (+ head) | test acc. % (median, min–max) | frozen base MiB "
+        "| step memory MiB | step ms (median) | paper, RoBERTa-base MNLI |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, runs in by_method.items():
+        r0 = runs[0]
+
+        def median(key, scale=1.0, runs=runs):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            return f"{scale * statistics.median(values):.0f}" if values else "–"
+
+        lines.append(
+            f"| {name} | {r0['delta_params']:,} (+ {r0['head_params']:,}) | {cell(runs)} "
+            f"(n={len(runs)}) | {r0['base_bytes'] / 2**20:.0f} | "
+            f"{median('step_memory_bytes', 2**-20)} | {median('step_seconds_median', 1e3)} | "
+            f"{PAPER_TABLE2.get(name, '–')} |"
+        )
+    return "\n".join(lines)
+
+
 def plot(study: str, rows: list[dict], path: str) -> None:
     """Accuracy by target set (table5) or against rank (table6), seeds as points."""
     import matplotlib
@@ -118,7 +148,7 @@ def report(root: str) -> str:
     parts = ["# Sweep results", ""]
     for study in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         path = os.path.join(root, study, "results.json")
-        if not (study.startswith(("table5", "table6")) and os.path.exists(path)):
+        if not (study.startswith(("table5", "table6", "methods")) and os.path.exists(path)):
             continue
         with open(path) as f:
             rows = json.load(f)["runs"]
@@ -126,6 +156,9 @@ def report(root: str) -> str:
             continue
         platform = sorted({r["platform"] for r in rows})
         parts += [f"## {study}", "", f"{len(rows)} runs on {', '.join(platform)}.", ""]
+        if study.startswith("methods"):
+            parts += [methods_table(rows), ""]
+            continue
         parts.append(table5(rows) if study.startswith("table5") else table6(rows))
         png = os.path.join(root, f"{study}.png")
         plot(study, rows, png)

@@ -2,6 +2,8 @@
 outputs alone where the method promises it, training moves the method's parameters and nothing
 else, and bad settings fail before any compute, naming the field."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -223,3 +225,29 @@ def test_merge_is_offered_only_where_the_method_allows(tiny_model_dir, tiny_snli
         else:
             with pytest.raises(ValueError, match="cannot be merged"):
                 setup.transform.merge(params, setup.delta)
+
+
+def test_method_study_trains_each_method_and_reports_the_table(
+    tiny_model_dir, tiny_snli_dir, tmp_path
+):
+    """experiments.methods on the tiny model: one run per (method, seed), results.json rows with
+    the table's columns, a rerun trains nothing, and the report renders a row per method."""
+    from experiments import methods as study
+    from experiments import report
+
+    base = tiny_config(tiny_model_dir, tiny_snli_dir, **SMALL, **{"train.num_steps": 2})
+    grid = study.runs(["bitfit", "qlora"], seeds=2)
+    assert [r.name for r in grid] == ["bitfit_s0", "qlora_s0", "bitfit_s1", "qlora_s1"]
+    rows = study.run_study("methods_tiny", grid, base, str(tmp_path))
+    assert len(rows) == 4
+    for row in rows:
+        assert row["step_memory_bytes"] > 0 and row["step_seconds_median"] > 0
+    by = {r["name"]: r for r in rows}
+    assert by["qlora_s0"]["base_bytes"] < by["bitfit_s0"]["base_bytes"]  # packed NF4 kernels
+    stamp = os.path.getmtime(tmp_path / "methods_tiny" / "bitfit_s0" / "summary.json")
+    study.run_study("methods_tiny", grid, base, str(tmp_path))  # all done: trains nothing
+    assert os.path.getmtime(tmp_path / "methods_tiny" / "bitfit_s0" / "summary.json") == stamp
+    text = report.report(str(tmp_path))
+    assert "| bitfit |" in text and "| qlora |" in text and "(n=2)" in text
+    with pytest.raises(ValueError, match="unknown methods"):
+        study.runs(["lora", "adapters"], seeds=1)

@@ -200,7 +200,7 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(tiny_model_dir, tiny_snli
         ({"train.batch_size": 12, "mesh.data": -1}, None),  # valid on one device
         ({"train.trainable": ("^nohead/",)}, "train.trainable pattern '\\^nohead/' matches no"),
         ({"task.name": "mnli"}, "task.name = 'mnli' is not a known task"),
-        ({"method": "prefix"}, "method = 'prefix' is not valid"),
+        ({"method": "prefix_tuning"}, "method = 'prefix_tuning' is not valid"),
         ({"model.dtype": "float16"}, "model.dtype = 'float16' is not valid"),
         ({"model.name": "no-such-model"}, "no-such-model"),
     ],
