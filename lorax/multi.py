@@ -57,14 +57,13 @@ def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def check_compatible(configs: Sequence[ml_collections.ConfigDict]) -> None:
-    """Raises unless the configs differ only in :data:`PER_ADAPTER_FIELDS` (and are LoRA)."""
+    """Raises unless the configs differ only in :data:`PER_ADAPTER_FIELDS` (so they share one
+    method, and for a method other than LoRA, one delta shape)."""
     if not configs:
         raise ValueError("a multi-adapter job needs at least one config")
     first = _flat_config(configs[0])
     allowed = {f.replace(".", "/") for f in PER_ADAPTER_FIELDS}
     for i, config in enumerate(configs):
-        if config.method != "lora":
-            raise ValueError(f"config {i}: method = {config.method!r}; a job trains LoRA only")
         other = _flat_config(config)
         for key in sorted(set(first) | set(other)):
             if key not in allowed and first.get(key) != other.get(key):
@@ -144,12 +143,13 @@ def _padded_shapes(stack: Stack, path: str) -> tuple[tuple[int, ...], tuple[int,
 
 
 def _per_kernel(delta: Any, per_path: dict[str, jax.Array], fn) -> Any:
-    """Applies ``fn(a_or_b_leaf, name, value_for_path)`` at every adapted kernel."""
+    """Applies ``fn(a_or_b_leaf, name, value_for_path)`` at every adapted kernel (leaves of
+    paths without a value, e.g. every leaf of a method other than LoRA, pass unchanged)."""
     flat = paths.flatten(delta)
     out = {}
     for key, leaf in flat.items():
         path, _, part = key.rpartition("/")
-        out[key] = fn(leaf, part, per_path[path])
+        out[key] = fn(leaf, part, per_path[path]) if path in per_path else leaf
     return paths.unflatten(out)
 
 
@@ -229,8 +229,24 @@ class Job:
 
     configs: list[ml_collections.ConfigDict]
     setup: train_lib.Setup  # the base, task and model, shared (its delta/spec: adapter 0's)
-    stack: Stack
+    stack: Stack | None  # None for a method other than LoRA: its deltas share one shape
     heads: list[dict]
+
+    def forward(self):
+        """The forward pass every adapter's slice runs (LoRA: over the padded union)."""
+        if self.stack is None:
+            return train_lib.make_forward(self.setup)
+        union = self.stack.union_spec(self.configs[0].lora.dropout)
+        return train_lib.make_forward(dataclasses.replace(self.setup, spec=union))
+
+    def masks_and_scales(self):
+        return ({}, {}) if self.stack is None else self.stack.masks_and_scales()
+
+    def unstack(self, stacked_delta, k: int):
+        """Adapter k's delta in its own shapes."""
+        if self.stack is None:
+            return jax.tree_util.tree_map(lambda x: x[k], stacked_delta)
+        return self.stack.unstack(stacked_delta, k)
 
 
 def build(configs: Sequence[ml_collections.ConfigDict]) -> tuple[Job, dict]:
@@ -240,18 +256,26 @@ def build(configs: Sequence[ml_collections.ConfigDict]) -> tuple[Job, dict]:
     configs = list(configs)
     check_compatible(configs)
     setup = train_lib.build(configs[0])
-    specs = [train_lib.lora_spec(c) for c in configs]
-    stack = Stack.build(setup.frozen, specs)
+    method = setup.transform
+    stack = None
+    if setup.spec is not None:
+        stack = Stack.build(setup.frozen, [train_lib.lora_spec(c) for c in configs])
     deltas, heads = [], []
-    for config, spec in zip(configs, specs, strict=True):
-        key = jax.random.key(config.seed)
-        deltas.append(lora.init(setup.frozen, spec, jax.random.fold_in(key, 2)))
+    for config in configs:
+        key = jax.random.fold_in(jax.random.key(config.seed), 2)
+        if stack is not None:
+            deltas.append(lora.init(setup.frozen, train_lib.lora_spec(config), key))
+        elif method is None or method.replaces_base:  # the pretrained leaves, for every seed
+            deltas.append(setup.delta)
+        else:
+            deltas.append(method.init(setup.frozen, key))
         heads.append(jax.tree_util.tree_map(np.asarray, _head_for_seed(setup, config)))
     job = Job(configs, setup, stack, heads)
     tx = train_lib.make_optimizer(configs[0], unit_peaks=True)
     states = []
     for k in range(len(configs)):
-        trainable = {"delta": _pad_one(stack, deltas[k]), "head": heads[k]}
+        delta = deltas[k] if stack is None else _pad_one(stack, deltas[k])
+        trainable = {"delta": delta, "head": heads[k]}
         states.append({
             "step": jnp.zeros((), jnp.int32), "trainable": trainable,
             "opt_state": tx.init(trainable),
@@ -319,7 +343,7 @@ def _head_for_seed(setup: train_lib.Setup, config) -> dict:
 def train_many(
     configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """Trains K compatible LoRA configs at once; writes each workdir as a single run would.
+    """Trains K compatible configs at once; writes each workdir as a single run would.
 
     Each workdir gets ``metrics.jsonl``, ``summary.json`` (the single-run keys, plus
     ``multi_adapter_job`` = K) and an adapter checkpoint at the final step; the job's stacked
@@ -335,18 +359,17 @@ def train_many(
         return [_read_json(p) for p in summary_paths]
     start = time.time()
     job, state = build(configs)
-    setup, stack, c0 = job.setup, job.stack, configs[0]
+    setup, c0 = job.setup, configs[0]
     k_adapters, t, mesh = len(configs), c0.train, setup.mesh
     for w in workdirs:
         os.makedirs(w, exist_ok=True)
-    union = dataclasses.replace(setup, spec=stack.union_spec(c0.lora.dropout))
-    forward = train_lib.make_forward(union)
+    forward = job.forward()
     tx = train_lib.make_optimizer(c0, unit_peaks=True)
     frozen = setup.frozen  # placed in its shardings by train.build()
     step_fn = jit_multi_train_step(
         make_multi_train_step(forward, tx, train_lib.train_sums(setup)), mesh, state, frozen
     )
-    masks, scales = stack.masks_and_scales()
+    masks, scales = job.masks_and_scales()
     lrs = jnp.asarray([c.train.learning_rate for c in configs], jnp.float32)
     head_lrs = jnp.asarray([train_lib.head_learning_rate(c) for c in configs], jnp.float32)
     keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 3) for c in configs])
@@ -406,7 +429,7 @@ def train_many(
             summaries.append(_read_json(summary_paths[k]))
             continue
         trainable_k = jax.tree_util.tree_map(lambda x, k=k: x[k], state["trainable"])
-        delta_k = stack.unstack(state["trainable"]["delta"], k)
+        delta_k = job.unstack(state["trainable"]["delta"], k)
         adapter = {"delta": delta_k, "head": trainable_k["head"]}
         ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
         if ckpt.latest_step() != t.num_steps:  # else saved before a cut: the same adapter

@@ -98,3 +98,38 @@ def test_incompatible_configs_are_refused(tiny_model_dir, tiny_snli_dir):
     configs[1].train.batch_size = 32
     with pytest.raises(ValueError, match=r"config 1 differs from config 0 at train.batch_size"):
         multi.check_compatible(configs)
+
+
+@pytest.mark.parametrize("method", ["bitfit", "adapter_houlsby", "prompt"])
+def test_a_job_of_another_method_equals_its_single_runs(
+    method, tiny_model_dir, tiny_snli_dir, tmp_path
+):
+    """Two adapters of one method other than LoRA (same delta shapes; different seeds and
+    learning rates) trained as one job end where their single runs end (1e-5)."""
+    configs = []
+    for seed, lr in ((0, 1e-2), (1, 3e-3)):
+        c = tiny_config(tiny_model_dir, tiny_snli_dir, method=method)
+        c.train.num_steps, c.checkpoint_every = 3, 0
+        c.adapter.size, c.prompt.length = 4, 3
+        c.seed, c.train.learning_rate = seed, lr
+        configs.append(c)
+    singles = [str(tmp_path / f"single{k}") for k in range(2)]
+    for c, w in zip(configs, singles, strict=True):
+        train_lib.train_and_evaluate(c, w)
+    jobs = [str(tmp_path / f"job{k}") for k in range(2)]
+    summaries = multi.train_many(configs, jobs)
+    for k, (single, job) in enumerate(zip(singles, jobs, strict=True)):
+        want, got = _final(single), _final(job)
+        assert want.keys() == got.keys(), k
+        for key in want:
+            if key.endswith("attn/k/bias"):
+                # softmax ignores a key bias (it adds q·b to every score of a row), so its
+                # gradient is rounding noise, which Adam scales up to full-size steps: the
+                # padding of a job's batches changes that noise. Its gradient is ~0 in both.
+                continue
+            np.testing.assert_allclose(got[key], want[key], atol=1e-5, err_msg=f"{k} {key}")
+        assert summaries[k]["method"] == method and summaries[k]["delta_params"] > 0
+    other = tiny_config(tiny_model_dir, tiny_snli_dir, **configs[0].to_dict())
+    other.method = "lora"
+    with pytest.raises(ValueError, match="differs from config 0 at method"):
+        multi.check_compatible([configs[0], other])
