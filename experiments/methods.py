@@ -27,6 +27,7 @@ from lorax import runfiles
 # prompt-style methods a much larger one (Lester et al. 2021 use 0.3 with Adafactor).
 METHOD_RUNS: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora"},
+    "lora_bf16": {"method": "lora", "model.base_dtype": "bfloat16"},  # QLoRA's usual reference
     "qlora": {"method": "lora", "model.quantize": "nf4"},
     "full": {"method": "full", "train.learning_rate": 5e-5},
     "top_k_layers": {"method": "top_k_layers", "top_k_layers.k": 2, "train.learning_rate": 1e-4},
