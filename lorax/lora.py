@@ -39,8 +39,21 @@ INITS = ("kaiming", "gaussian")
 _NAME_RE = re.compile(r"^\w+$")
 
 
+class WrappedKernel:
+    """A pytree node that stands where a kernel ``w`` was (LoRA, an adapter bank, a bottleneck
+    adapter): it reports ``w``'s shape and dtype, so code that sizes params still works."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.w.shape
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+
 @struct.dataclass
-class LoraWeight:
+class LoraWeight(WrappedKernel):
     """A frozen kernel with its low-rank update; a pytree node whose leaves are (w, a, b).
 
     ``w`` comes first so Flax's param shape check (which compares leaves in order) sees the
@@ -53,21 +66,13 @@ class LoraWeight:
     scale: float = struct.field(pytree_node=False, default=1.0)
     dropout: float = struct.field(pytree_node=False, default=0.0)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.w.shape
-
-    @property
-    def dtype(self):
-        return self.w.dtype
-
     def materialize(self) -> jax.Array:
         """``w + scale·a@b`` in ``w``'s dtype (the sum itself is taken in fp32)."""
         return merge_kernel(self.w, self.a, self.b, self.scale)
 
 
 @struct.dataclass
-class BankedLoraWeight:
+class BankedLoraWeight(WrappedKernel):
     """A frozen kernel with a bank of N low-rank updates, one chosen per batch row.
 
     Row b computes ``x@w + (x@a[ids[b]])@b[ids[b]]``: each adapter's scale is folded into its
@@ -79,14 +84,6 @@ class BankedLoraWeight:
     a: jax.Array  # [N, D, R]
     b: jax.Array  # [N, R, F], scale folded in
     ids: jax.Array  # [B] int32: the slot of each batch row
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.w.shape
-
-    @property
-    def dtype(self):
-        return self.w.dtype
 
 
 def merge_kernel(w: jax.Array, a_DR: jax.Array, b_RF: jax.Array, scale: float) -> jax.Array:

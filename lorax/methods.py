@@ -200,7 +200,7 @@ def drop_replaced(base: Mapping[str, Any], delta: Mapping[str, Any]) -> dict[str
 
 
 @struct.dataclass
-class Bottleneck:
+class Bottleneck(lora.WrappedKernel):
     """A layer's kernel with an adapter on that layer's output; a pytree node.
 
     The layer computes ``y = x@w + bias`` and then ``y + up(act(down(norm(y))))``, where
@@ -216,14 +216,6 @@ class Bottleneck:
     norm_scale: jax.Array | None = None  # [F] (Lin)
     norm_bias: jax.Array | None = None  # [F] (Lin)
     activation: str = struct.field(pytree_node=False, default="relu")
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.w.shape
-
-    @property
-    def dtype(self):
-        return self.w.dtype
 
     def adapt(self, y_BxF: jax.Array, dtype) -> jax.Array:
         """``y + up(act(down(norm(y))))`` in ``dtype`` (the LayerNorm's statistics in fp32)."""

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax import quant
-from lorax.lora import BankedLoraWeight, LoraWeight
+from lorax.lora import BankedLoraWeight, LoraWeight, WrappedKernel
 from lorax.methods import Bottleneck
 
 Initializer = Callable[..., jax.Array]
@@ -83,7 +83,7 @@ def kernel_param(module: nn.Module, name: str, init: Initializer, shape, dtype) 
     """
     if module.has_variable("params", name):
         value = module.get_variable("params", name)
-        base = value.w if isinstance(value, LoraWeight | BankedLoraWeight | Bottleneck) else value
+        base = value.w if isinstance(value, WrappedKernel) else value
         if quant.is_quantized(base):
             if tuple(base.shape) != tuple(shape):
                 raise ValueError(
