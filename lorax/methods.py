@@ -396,7 +396,12 @@ class Prefix(Method):
         return {
             "prefix_encoder": {
                 "embedding": jax.random.normal(_key(key, "embedding"), (self.length, d)),
-                **_mlp_init(_key(key, "mlp"), [d, self.hidden, sum(self._widths(sites))]),
+                # The last layer starts at zero, so every prefix key and value starts at 0:
+                # the model starts near the base (a zero key takes a little of each row's
+                # attention, a zero value adds nothing), not swamped by random prefixes.
+                **_mlp_init(
+                    _key(key, "mlp"), [d, self.hidden, sum(self._widths(sites))], zero_last=True
+                ),
             }
         }
 
