@@ -16,6 +16,7 @@ Results land in ``runs/sweeps/methods_<model>_<task>/``: a directory per run and
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,7 +65,7 @@ def run_study(name: str, grid: Sequence[sweep.Run], base, root: str) -> list[dic
     os.makedirs(out, exist_ok=True)
 
     def write_results():  # after every run, so a long study can be reported while it runs
-        rows = sweep.collect(out, grid)
+        rows = sweep.collect(out, [*grid, *_other_finished_runs(out, grid)])
         runfiles.write_json_atomic(os.path.join(out, "results.json"), {"runs": rows})
         return rows
 
@@ -76,6 +77,23 @@ def run_study(name: str, grid: Sequence[sweep.Run], base, root: str) -> list[dic
         train.train_and_evaluate(sweep.apply_overrides(base, run.overrides), workdir)
         write_results()
     return write_results()
+
+
+def _other_finished_runs(out: str, grid: Sequence[sweep.Run]) -> list[sweep.Run]:
+    """Finished runs of the study that ``grid`` does not name (an earlier command's, e.g. more
+    seeds of some methods), so results.json always holds every finished run."""
+    names = {r.name for r in grid}
+    found = []
+    for entry in sorted(os.listdir(out)):
+        m = re.match(r"^(?P<method>.+)_s(?P<seed>\d+)$", entry)
+        if (
+            m
+            and entry not in names
+            and m["method"] in METHOD_RUNS
+            and os.path.exists(os.path.join(out, entry, "summary.json"))
+        ):
+            found.append(runs([m["method"]], int(m["seed"]) + 1)[-1])
+    return found
 
 
 def main() -> None:

@@ -273,6 +273,8 @@ def test_method_study_trains_each_method_and_reports_the_table(
     stamp = os.path.getmtime(tmp_path / "methods_tiny" / "bitfit_s0" / "summary.json")
     study.run_study("methods_tiny", grid, base, str(tmp_path))  # all done: trains nothing
     assert os.path.getmtime(tmp_path / "methods_tiny" / "bitfit_s0" / "summary.json") == stamp
+    # A later command over fewer methods keeps the earlier runs in results.json.
+    assert len(study.run_study("methods_tiny", study.runs(["qlora"], 1), base, str(tmp_path))) == 4
     text = report.report(str(tmp_path))
     assert "| bitfit |" in text and "| qlora |" in text and "(n=2)" in text
     with pytest.raises(ValueError, match="unknown methods"):
