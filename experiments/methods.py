@@ -65,7 +65,10 @@ def run_study(name: str, grid: Sequence[sweep.Run], base, root: str) -> list[dic
     os.makedirs(out, exist_ok=True)
 
     def write_results():  # after every run, so a long study can be reported while it runs
-        rows = sweep.collect(out, [*grid, *_other_finished_runs(out, grid)])
+        every = [*grid, *_other_finished_runs(out, grid)]
+        order = list(METHOD_RUNS)  # rows by method, then seed, whatever order they ran in
+        every.sort(key=lambda r: (order.index(r.name.rsplit("_s", 1)[0]), r.overrides["seed"]))
+        rows = sweep.collect(out, every)
         runfiles.write_json_atomic(os.path.join(out, "results.json"), {"runs": rows})
         return rows
 

@@ -279,3 +279,27 @@ def test_method_study_trains_each_method_and_reports_the_table(
     assert "| bitfit |" in text and "| qlora |" in text and "(n=2)" in text
     with pytest.raises(ValueError, match="unknown methods"):
         study.runs(["lora", "adapters"], seeds=1)
+
+
+def test_partial_method_exports_merged_and_adapters_refuse(tiny_model_dir, tiny_snli_dir, tmp_path):
+    """`lorax.export --merged` of a BitFit run writes a Hugging Face directory whose biases are
+    the trained ones and whose other weights are the pretrained ones; an adapter run is
+    refused with the reason."""
+    from lorax import export
+
+    for method in ("bitfit", "adapter_lin"):
+        config = tiny_config(tiny_model_dir, tiny_snli_dir, method=method, **SMALL)
+        config.train.num_steps = 2
+        train_lib.train_and_evaluate(config, str(tmp_path / method))
+    config, setup, trainable = export.load_run(str(tmp_path / "bitfit"))
+    out = export.export_merged(config, setup, trainable, tmp_path / "merged")
+    _, exported = checkpoints.load_pretrained(out)
+    _, pretrained = checkpoints.load_pretrained(tiny_model_dir)
+    trained = {p.removeprefix("encoder/"): v for p, v in paths.flatten(trainable["delta"]).items()}
+    for path, value in paths.flatten(exported).items():
+        want = trained.get(path, paths.flatten(pretrained)[path])
+        np.testing.assert_allclose(value, want, atol=1e-7, err_msg=path)
+    assert any(not np.array_equal(v, paths.flatten(pretrained)[p]) for p, v in trained.items())
+    config, setup, trainable = export.load_run(str(tmp_path / "adapter_lin"))
+    with pytest.raises(ValueError, match="cannot be merged"):
+        export.export_merged(config, setup, trainable, tmp_path / "merged_adapter")
