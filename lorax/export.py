@@ -59,7 +59,7 @@ def merged_params(setup, trainable) -> dict[str, Any]:
 
     Raises ValueError for a method whose delta cannot be merged (adapters, prefixes, prompts).
     """
-    params = paths.unflatten({**paths.flatten(setup.frozen), **paths.flatten(trainable["head"])})
+    params = paths.overlay(setup.frozen, trainable["head"])
     if setup.transform is not None:
         params = setup.transform.merge(params, trainable["delta"])
     params = paths.unstack_layers(params)

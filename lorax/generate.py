@@ -225,7 +225,7 @@ def load_for_generation(config, adapter: str | None, merge: bool = False):
     setup = train.build(config, with_task=False)
     if setup.kind != "lm":
         raise ValueError(f"model.name = {config.model.name!r} is not a causal LM")
-    params = paths.unflatten({**paths.flatten(setup.frozen), **paths.flatten(setup.head)})
+    params = paths.overlay(setup.frozen, setup.head)
     if adapter is None:
         return setup, params
     delta, spec = load_adapter(adapter, params)

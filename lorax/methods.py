@@ -184,7 +184,7 @@ class Partial(Method):
         return paths.unflatten({p: jnp.asarray(flat[p], jnp.float32) for p in self.selected(base)})
 
     def apply(self, base, delta):
-        return paths.unflatten({**paths.flatten(base), **paths.flatten(delta)})
+        return paths.overlay(base, delta)
 
     def merge(self, base, delta):
         return self.apply(base, delta)
@@ -424,7 +424,7 @@ class Prefix(Method):
         return out
 
     def apply(self, base, delta):
-        return paths.unflatten({**paths.flatten(base), **self.prefixes(base, delta)})
+        return paths.overlay(base, self.prefixes(base, delta))
 
 
 # --------------------------------------------------------------------------- prompt tuning
@@ -442,7 +442,7 @@ class Prompt(Method):
       name: "prompt" (the [P, D] prompt is trained) or "ptuning" (a [P, D] table is trained
         with an MLP encoder D -> hidden -> hidden -> D, added to the table as a residual
         whose last layer starts at zero, so both methods start from the same prompt).
-      init: "vocab" (rows of the token table at random ids, Lester et al.'s better choice)
+      init_from: "vocab" (rows of the token table at random ids, Lester et al.'s better choice)
         or "random" (normal, std 0.02).
       hidden: the P-tuning encoder's width.
     """
@@ -501,7 +501,7 @@ class Prompt(Method):
 
     def apply(self, base, delta):
         path, _ = self.site(base)
-        return paths.unflatten({**paths.flatten(base), path: self.prompt(delta)})
+        return paths.overlay(base, {path: self.prompt(delta)})
 
 
 # --------------------------------------------------------------------------- from a config

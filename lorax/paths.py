@@ -26,6 +26,15 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return traverse_util.unflatten_dict(dict(flat), sep=SEP)
 
 
+def overlay(base: Mapping[str, Any], *trees: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with every leaf of ``trees`` put in at its path (later trees win); a tree may
+    be nested or already flat (``{"a/b/kernel": leaf}``)."""
+    flat = flatten(base)
+    for tree in trees:
+        flat.update(flatten(tree))
+    return unflatten(flat)
+
+
 def compile_patterns(patterns: Iterable[str]) -> list[re.Pattern[str]]:
     """Compiles regexes, naming the pattern that fails to parse."""
     compiled = []

@@ -264,7 +264,7 @@ def make_forward(setup: Setup) -> Callable:
     def forward(trainable, frozen, batch, rng, train: bool):
         frozen = sharding.gather_fsdp(frozen, mesh)
         trainable = sharding.gather_fsdp(trainable, mesh)
-        params = paths.unflatten({**paths.flatten(frozen), **paths.flatten(trainable["head"])})
+        params = paths.overlay(frozen, trainable["head"])
         if method is not None:
             params = method.apply(params, trainable["delta"])
         rngs = {"dropout": rng} if train else {}

@@ -130,8 +130,7 @@ def test_training_moves_only_the_methods_parameters(
 
     # The params the model runs on, against the pretrained tree, path by path.
     method_obj = setup.transform
-    frozen_and_head = {**paths.flatten(setup.frozen), **paths.flatten(head)}
-    ran = paths.flatten(method_obj.apply(paths.unflatten(frozen_and_head), delta))
+    ran = paths.flatten(method_obj.apply(paths.overlay(setup.frozen, head), delta))
     _, base = checkpoints.load_pretrained(config.model.name)
     pretrained = {"encoder/" + p: v for p, v in paths.flatten(base).items()}
     changed = {
@@ -201,7 +200,7 @@ def test_adapters_are_the_identity_on_a_scanned_decoder(tiny_llama_dir):  # noqa
              "segment_ids": jnp.ones_like(ids)}  # fmt: skip
     trainable = {"delta": setup.delta, "head": setup.head}
     with_adapters = train_lib.make_forward(setup)(trainable, setup.frozen, batch, None, False)
-    params = paths.unflatten({**paths.flatten(setup.frozen), **paths.flatten(setup.head)})
+    params = paths.overlay(setup.frozen, setup.head)
     want, _ = setup.model.apply(
         {"params": params}, ids, batch["positions"], decoder.causal_mask(batch["segment_ids"])
     )
@@ -243,7 +242,7 @@ def test_merge_is_offered_only_where_the_method_allows(tiny_model_dir, tiny_snli
     prompts cannot be merged, and say which methods can."""
     for method in ("bitfit", "adapter_houlsby", "prompt"):
         setup = train_lib.build(tiny_config(tiny_model_dir, tiny_snli_dir, method=method, **SMALL))
-        params = paths.unflatten({**paths.flatten(setup.frozen), **paths.flatten(setup.head)})
+        params = paths.overlay(setup.frozen, setup.head)
         if method == "bitfit":
             merged = paths.flatten(setup.transform.merge(params, setup.delta))
             assert all(isinstance(v, jax.Array | np.ndarray) for v in merged.values())
