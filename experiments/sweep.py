@@ -22,12 +22,27 @@ import ml_collections
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (model, task) -> the config file the study starts from.
+# (model, task) -> the config file a study starts from: the demo-sized configs (the method
+# comparison) and the CPU budget of the paper's Table 5 / 6 studies (configs/study_*.py).
 BASE_CONFIGS = {
     ("minilm-l6", "snli"): "wq_wv_r4",
     ("minilm-l6", "rotten_tomatoes"): "rotten_tomatoes_wq_wv_r4",
     ("smollm2-135m", "snli_text"): "smollm2_snli_wq_wv_r4",
 }
+STUDY_CONFIGS = {
+    **BASE_CONFIGS,
+    ("minilm-l6", "snli"): "study_snli",
+    ("minilm-l6", "rotten_tomatoes"): "study_rotten_tomatoes",
+}
+
+
+def alpha_overrides(rank: int, per_rank: bool) -> dict[str, float]:
+    """LoRA's alpha in the paper's studies. The convention (Hu et al. 2021, §4.1): alpha is set
+    once, to the first rank tried, and not retuned when r changes, so the scale alpha/r falls
+    as r grows. lorax's studies keep the base config's ``lora.alpha`` (8, configs/base.py) at
+    every rank, as the Table 5 configs (configs/wq_r8.py, ...) do: no override. ``per_rank``
+    is the ablation alpha = 2r (scale 2 at every rank)."""
+    return {"lora.alpha": 2.0 * rank} if per_rank else {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,15 +53,15 @@ class Run:
     overrides: Mapping[str, Any]
 
 
-def base_config(model: str, task: str) -> ml_collections.ConfigDict:
-    """The config a (model, task) study starts from; an error lists the pairs that exist."""
-    if (model, task) not in BASE_CONFIGS:
+def base_config(model: str, task: str, table=BASE_CONFIGS) -> ml_collections.ConfigDict:
+    """The config a (model, task) study starts from (``table`` maps the pairs to config
+    files); an error lists the pairs that exist."""
+    if (model, task) not in table:
         raise ValueError(
-            f"no base config for --model={model} --task={task}; available pairs: "
-            f"{sorted(BASE_CONFIGS)}"
+            f"no base config for --model={model} --task={task}; available pairs: {sorted(table)}"
         )
     sys.path.insert(0, REPO)
-    module = __import__(f"configs.{BASE_CONFIGS[model, task]}", fromlist=["get_config"])
+    module = __import__(f"configs.{table[model, task]}", fromlist=["get_config"])
     return module.get_config()
 
 
@@ -143,10 +158,13 @@ def collect(out: str, runs: Sequence[Run]) -> list[dict[str, Any]]:
     return rows
 
 
-def main_for(study: str, grid) -> None:
-    """The command line of a study module: ``--model --task --seeds --steps --max_adapters``.
+def main_for(study: str, grid, *, per_job: int = 0, target_sets: Sequence[str] = ()) -> None:
+    """The command line of a study module: ``--model --task --seeds --steps --max_adapters
+    --alpha_per_rank`` (and ``--targets`` where ``target_sets`` are given).
 
-    ``grid(seeds) -> list[Run]`` builds the study's runs.
+    ``grid(seeds, alpha_per_rank[, target_sets]) -> list[Run]`` builds the study's runs;
+    ``per_job`` is the study's own job size (its grid is ordered so that jobs of that size
+    stay the same jobs when a study is extended), 0 = sized to the device.
     """
     from absl import app, flags
 
@@ -154,18 +172,30 @@ def main_for(study: str, grid) -> None:
     flags.DEFINE_string("task", "snli", "Task name.")
     flags.DEFINE_integer("seeds", 3, "Seeds per grid point (0, 1, ...).")
     flags.DEFINE_integer("steps", 0, "Override train.num_steps (0 = the base config's).")
-    flags.DEFINE_integer("max_adapters", 0, "Adapters per job (0 = sized to the device).")
+    flags.DEFINE_integer("max_adapters", per_job, "Adapters per job (0 = sized to the device).")
+    flags.DEFINE_bool("alpha_per_rank", False, "Ablation: alpha = 2r instead of a fixed alpha.")
     flags.DEFINE_string("root", "runs/sweeps", "Where studies are written.")
+    if target_sets:
+        short = [t.replace(",", "") for t in target_sets]
+        flags.DEFINE_list("targets", short, f"Target sets to run, of {short}.")
 
     def run(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         f = flags.FLAGS
-        base = base_config(f.model, f.task)
+        base = base_config(f.model, f.task, STUDY_CONFIGS)
         if f.steps:
             base.train.num_steps = f.steps
-        name = f"{study}_{f.model}_{f.task}"
-        rows = run_study(name, grid(f.seeds), base, root=f.root, max_adapters=f.max_adapters)
+        name = f"{study}_{f.model}_{f.task}" + ("_alpha2r" if f.alpha_per_rank else "")
+        if target_sets:
+            by_short = {t.replace(",", ""): t for t in target_sets}
+            unknown = sorted(set(f.targets) - set(by_short))
+            if unknown:
+                raise app.UsageError(f"--targets {unknown} unknown; valid: {sorted(by_short)}")
+            runs = grid(f.seeds, f.alpha_per_rank, [by_short[t] for t in f.targets])
+        else:
+            runs = grid(f.seeds, f.alpha_per_rank)
+        rows = run_study(name, runs, base, root=f.root, max_adapters=f.max_adapters)
         print(f"{len(rows)} results in {os.path.join(f.root, name, 'results.json')}")
 
     app.run(run)

@@ -384,31 +384,34 @@ def train_many(
         train_lib.make_batcher(setup, task.splits["train"], t.batch_size, c) for c in configs
     ]
     train_tokens, loop_start = 0, time.time()
-    window = np.zeros((k_adapters, 3))  # loss_sum, correct, count
+    window = None  # the metric sums of the steps since the last log row, kept on the device
     bar = tqdm.tqdm(total=t.num_steps, initial=first, desc=f"train x{k_adapters}", unit="step")
     for step in range(first, t.num_steps):
         batches = [b.train_batch(step) for b in batchers]
         train_tokens += sum(train_lib.count_tokens(b) for b in batches)
         batch = sharding.put_batch(pad_and_stack_batches(batches), mesh, leading=1)
         state, sums = step_fn(state, frozen, batch, keys, lrs, head_lrs, masks, scales)
+        # a skipped (non-finite) step adds nothing to the window's mean
+        kept = {k: jnp.where(sums["nonfinite"] > 0, 0.0, sums[k]) for k in _WINDOW}
+        kept["nonfinite"] = sums["nonfinite"]
+        window = kept if window is None else jax.tree_util.tree_map(jnp.add, window, kept)
         done = step + 1
         if done % c0.log_every == 0 or done == t.num_steps:
-            sums = jax.device_get(sums)
+            sums, window = jax.device_get(window), None
             if np.any(sums["nonfinite"]) and not t.skip_nonfinite:
                 bad = [workdirs[i] for i in np.flatnonzero(sums["nonfinite"])]
                 raise train_lib.NonFiniteLossError(
-                    f"loss is NaN/Inf at step {done} in {bad}. "
+                    f"loss is NaN/Inf at or before step {done} in {bad}. "
                     + train_lib.nonfinite_advice(job_ckpt)
                 )
-            window += np.stack([sums["loss_sum"], sums["correct"], sums["count"]], 1)
             for k, log in enumerate(logs):
                 if finished[k]:
                     continue
-                loss, correct, count = window[k]
+                loss, correct, count = (float(sums[key][k]) for key in _WINDOW)
                 log.write(step=done, split="train", loss=loss / max(count, 1),
                           accuracy=correct / max(count, 1))  # fmt: skip
-            bar.set_postfix(loss=f"{window[:, 0].sum() / max(window[:, 2].sum(), 1):.4f}")
-            window[:] = 0
+            total = sums["loss_sum"].sum() / max(sums["count"].sum(), 1)
+            bar.set_postfix(loss=f"{total:.4f}")
         bar.update(1)
         if (c0.checkpoint_every and done % c0.checkpoint_every == 0) or done == t.num_steps:
             job_ckpt.save(done, state)
@@ -453,6 +456,9 @@ def train_many(
         runfiles.write_json_atomic(summary_paths[k], summary)
         summaries.append(summary)
     return summaries
+
+
+_WINDOW = ("loss_sum", "correct", "count")
 
 
 def _step(state) -> int:

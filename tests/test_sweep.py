@@ -25,8 +25,18 @@ def test_grids_are_the_papers():
         ("q,v", 4),
         ("q,k,v,o", 2),
     }
+    # Seed-major: a job of 7 is one seed's whole table.
+    assert [r.name.rsplit("_s", 1)[1] for r in t5] == ["0"] * 7 + ["1"] * 7
     t6 = table6.grid(seeds=1)
     assert len(t6) == 3 * 5 and {r.overrides["lora.rank"] for r in t6} == {1, 2, 4, 8, 64}
+    # One alpha for every rank (the paper's convention: the base config's), or the 2r ablation.
+    assert all("lora.alpha" not in r.overrides for r in t5 + t6)
+    assert {r.overrides["lora.alpha"] / r.overrides["lora.rank"] for r in table5.grid(1, True)} == {
+        2.0
+    }
+    # Extending Table 6 by a target set appends whole jobs of 5: the earlier jobs stay as they were.
+    some, every = table6.grid(2, target_sets=("q", "q,v")), table6.grid(2)
+    assert every[: len(some)] == some and len(some) % len(table6.RANKS) == 0
 
 
 def test_study_runs_as_jobs_resumes_and_reports(
