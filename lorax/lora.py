@@ -19,9 +19,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 from lorax import paths
+from lorax.kernels import LoraWeight, merge_kernel
 
 # Canonical target names -> regexes over "/"-joined param paths. Every model family in
 # lorax.models uses these module names, so a target set means the same thing on every model.
@@ -37,59 +37,6 @@ CANONICAL_TARGETS: dict[str, str] = {
 }
 INITS = ("kaiming", "gaussian")
 _NAME_RE = re.compile(r"^\w+$")
-
-
-class WrappedKernel:
-    """A pytree node that stands where a kernel ``w`` was (LoRA, an adapter bank, a bottleneck
-    adapter): it reports ``w``'s shape and dtype, so code that sizes params still works."""
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.w.shape
-
-    @property
-    def dtype(self):
-        return self.w.dtype
-
-
-@struct.dataclass
-class LoraWeight(WrappedKernel):
-    """A frozen kernel with its low-rank update; a pytree node whose leaves are (w, a, b).
-
-    ``w`` comes first so Flax's param shape check (which compares leaves in order) sees the
-    kernel's own shape.
-    """
-
-    w: jax.Array  # [D, F] frozen base kernel (possibly bf16)
-    a: jax.Array  # [D, R]
-    b: jax.Array  # [R, F]
-    scale: float = struct.field(pytree_node=False, default=1.0)
-    dropout: float = struct.field(pytree_node=False, default=0.0)
-
-    def materialize(self) -> jax.Array:
-        """``w + scale·a@b`` in ``w``'s dtype (the sum itself is taken in fp32)."""
-        return merge_kernel(self.w, self.a, self.b, self.scale)
-
-
-@struct.dataclass
-class BankedLoraWeight(WrappedKernel):
-    """A frozen kernel with a bank of N low-rank updates, one chosen per batch row.
-
-    Row b computes ``x@w + (x@a[ids[b]])@b[ids[b]]``: each adapter's scale is folded into its
-    ``b``, lower ranks are zero-padded to the bank's R (exact), and slot 0 is conventionally
-    all zeros (the base alone). See :mod:`lorax.serving`.
-    """
-
-    w: jax.Array  # [D, F] frozen base kernel
-    a: jax.Array  # [N, D, R]
-    b: jax.Array  # [N, R, F], scale folded in
-    ids: jax.Array  # [B] int32: the slot of each batch row
-
-
-def merge_kernel(w: jax.Array, a_DR: jax.Array, b_RF: jax.Array, scale: float) -> jax.Array:
-    """``w + scale·a@b``, accumulated in fp32 and cast back to ``w.dtype``."""
-    delta_DF = scale * (a_DR.astype(jnp.float32) @ b_RF.astype(jnp.float32))
-    return (w.astype(jnp.float32) + delta_DF).astype(w.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,15 +33,15 @@ import dataclasses
 import math
 import re
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from lorax import lora, paths, quant
+from lorax.kernels import ACTIVATIONS, Bottleneck
 
 METHODS = (
     "lora",
@@ -54,11 +54,6 @@ METHODS = (
     "prompt",
     "ptuning",
 )
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "tanh": jnp.tanh,
-}
 
 
 # --------------------------------------------------------------------------- the interface
@@ -197,38 +192,6 @@ def drop_replaced(base: Mapping[str, Any], delta: Mapping[str, Any]) -> dict[str
 
 
 # --------------------------------------------------------------------------- adapters
-
-
-@struct.dataclass
-class Bottleneck(lora.WrappedKernel):
-    """A layer's kernel with an adapter on that layer's output; a pytree node.
-
-    The layer computes ``y = x@w + bias`` and then ``y + up(act(down(norm(y))))``, where
-    ``norm`` is a LayerNorm (Lin et al.) or nothing (Houlsby et al.). Leaves may carry a
-    leading [L] axis in a scanned stack of layers.
-    """
-
-    w: Any  # [D, F] the frozen kernel (first, so Flax's shape check sees its shape)
-    down: jax.Array  # [F, M]
-    down_bias: jax.Array  # [M]
-    up: jax.Array  # [M, F], zero at init
-    up_bias: jax.Array  # [F]
-    norm_scale: jax.Array | None = None  # [F] (Lin)
-    norm_bias: jax.Array | None = None  # [F] (Lin)
-    activation: str = struct.field(pytree_node=False, default="relu")
-
-    def adapt(self, y_BxF: jax.Array, dtype) -> jax.Array:
-        """``y + up(act(down(norm(y))))`` in ``dtype`` (the LayerNorm's statistics in fp32)."""
-        h = y_BxF
-        if self.norm_scale is not None:
-            h32 = h.astype(jnp.float32)
-            mean = jnp.mean(h32, -1, keepdims=True)
-            var = jnp.mean(jnp.square(h32 - mean), -1, keepdims=True)
-            h = (h32 - mean) * jax.lax.rsqrt(var + 1e-5) * self.norm_scale + self.norm_bias
-        h = h.astype(dtype) @ self.down.astype(dtype) + self.down_bias.astype(dtype)
-        h = ACTIVATIONS[self.activation](h)
-        h = h @ self.up.astype(dtype) + self.up_bias.astype(dtype)
-        return (y_BxF + h).astype(y_BxF.dtype)
 
 
 ADAPTER_SITES = {

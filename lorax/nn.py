@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax import quant
-from lorax.lora import BankedLoraWeight, LoraWeight, WrappedKernel
-from lorax.methods import Bottleneck
+from lorax.kernels import BankedLoraWeight, Bottleneck, LoraWeight, WrappedKernel
 
 Initializer = Callable[..., jax.Array]
 
@@ -118,7 +117,7 @@ def lora_matmul(module: nn.Module, x_BxD: jax.Array, kernel: Any, dtype, determi
 class Dense(nn.Module):
     """``y = x@kernel + bias`` with kernel [D, F]; the kernel may be a LoraWeight.
 
-    A :class:`~lorax.methods.Bottleneck` kernel adds its adapter to ``y`` (after the bias).
+    A :class:`~lorax.kernels.Bottleneck` kernel adds its adapter to ``y`` (after the bias).
 
     Attributes:
       features: F.

@@ -5,7 +5,7 @@ Shape letters: N bank slots, D / F a kernel's input / output width, R the bank's
 A bank holds, at every kernel any of its adapters targets, ``a`` [N, D, R] and ``b`` [N, R, F]
 with each adapter's scale folded into ``b`` and lower ranks zero-padded, so every adapter has
 exactly its own ΔW. Slot 0 is all zeros: the base alone. :func:`wrap` puts
-:class:`lorax.lora.BankedLoraWeight` nodes into the params with a slot id per row, so one batch
+:class:`lorax.kernels.BankedLoraWeight` nodes into the params with a slot id per row, so one batch
 mixes adapters freely, and since the bank's shapes do not depend on which adapter sits in a slot
 or which rows use it, neither choosing nor replacing adapters recompiles anything.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax import lora, paths
+from lorax import kernels, lora, paths
 
 
 @dataclasses.dataclass
@@ -156,5 +156,5 @@ def wrap(base: Mapping[str, Any], bank: Bank, ids_B: jax.Array) -> dict[str, Any
     for path, f in bank.factors.items():
         stack = f["a"].shape[:-3]
         ids = jnp.broadcast_to(ids_B, (*stack, ids_B.shape[0]))  # nn.scan slices every leaf
-        flat[path] = lora.BankedLoraWeight(flat[path], f["a"], f["b"], ids)
+        flat[path] = kernels.BankedLoraWeight(flat[path], f["a"], f["b"], ids)
     return paths.unflatten(flat)

@@ -324,6 +324,11 @@ def init_params(model: EncoderClassifier, encoder_params: dict, key: jax.Array) 
                 f"pretrained encoder/{path} has shape {tuple(got[path].shape)}; "
                 f"the model needs {tuple(want[path].shape)}"
             )
-    d = want["embed/norm/scale"].shape[0]
-    head = _head(model.num_classes, model.dtype).init(key, jnp.zeros((1, d), jnp.float32))
-    return {"encoder": paths.unflatten(got), "head": head["params"]}
+    return {"encoder": paths.unflatten(got), "head": init_head(model, key)}
+
+
+def init_head(model: EncoderClassifier, key: jax.Array) -> dict:
+    """A fresh classifier head ``{"kernel": [D, C], "bias": [C]}`` in fp32, drawn from ``key``
+    (a run's head for its seed: :func:`init_params` and each adapter of a multi-adapter job)."""
+    d = model.config.hidden_size
+    return _head(model.num_classes, model.dtype).init(key, jnp.zeros((1, d), jnp.float32))["params"]
