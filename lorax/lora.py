@@ -270,20 +270,20 @@ def _check_fits(base_flat, delta_flat, sites) -> None:
                 f"delta leaf {key} is not an adapter factor; delta leaves end in '/a' or '/b'"
             )
         got.setdefault(path, [None, None])[part == "b"] = jnp.shape(leaf)
-    for path in sorted(set(expected) | set(got)):
-        if path not in got:
-            raise ValueError(f"delta has no adapter for {path}, which the spec targets")
-        if path not in expected:
-            raise ValueError(
-                f"delta has an adapter for {path}, which the spec does not target"
-                + ("" if path in base_flat else " and the base does not contain")
-            )
-        if tuple(got[path]) != expected[path]:
-            raise ValueError(
-                f"delta for {path} has shapes a{got[path][0]} b{got[path][1]}; "
-                f"the base kernel and spec need a{expected[path][0]} "
-                f"b{expected[path][1]}"
-            )
+
+    def unexpected(path, **_):
+        return f"delta has an adapter for {path}, which the spec does not target" + (
+            "" if path in base_flat else " and the base does not contain"
+        )
+
+    paths.check_tree(
+        {p: tuple(ab) for p, ab in got.items()},
+        expected,
+        missing="delta has no adapter for {path}, which the spec targets",
+        unexpected=unexpected,
+        mismatch="delta for {path} has shapes a{got[0]} b{got[1]}; "
+        "the base kernel and spec need a{want[0]} b{want[1]}",
+    )
 
 
 def wrap(base: Mapping[str, Any], delta: Mapping[str, Any], spec: LoraSpec) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -96,6 +96,58 @@ def describe_paths(flat: Mapping[str, Any], limit: int = 12) -> str:
     return shown + (f", … ({len(paths)} in all)" if len(paths) > limit else "")
 
 
+Message = str | Callable[..., str]
+
+
+def check_tree(
+    got: Mapping[str, Any],
+    want: Mapping[str, Any],
+    *,
+    where: str = "",
+    missing: Message = "{where}: lacks {path} {want}, which the model needs",
+    unexpected: Message = (
+        "{where}: has {path}, which the model does not have (model params look like: {sample})"
+    ),
+    mismatch: Message = "{where}: {path} has shape {got}; the model needs {want}",
+    error: type[Exception] = ValueError,
+) -> None:
+    """Raises ``error`` naming the first path (sorted) at which two flat trees disagree.
+
+    A path of ``want`` absent from ``got`` is *missing*, a path of ``got`` absent from ``want``
+    is *unexpected*, and a path in both whose leaves differ is a *mismatch*. Leaves with a
+    ``shape`` (arrays, ``jax.ShapeDtypeStruct``) are compared by ``tuple(shape)``, any other
+    leaf (a shape tuple, a ``"float32[4, 3]"`` string) as it is.
+
+    Args:
+      got: what was found, flat ``{path: leaf}`` (see :func:`flatten`).
+      want: what is needed, in the same form.
+      where: what ``got`` came from (a file, a directory), for the message.
+      missing, unexpected, mismatch: the message of each case: a ``str.format`` template, or
+        a callable given the same fields as keywords. The fields: ``where``, ``path``, ``got``
+        and ``want`` (the two leaves, by shape, None where absent) and ``sample`` (a few of
+        ``want``'s paths, see :func:`describe_paths`).
+      error: the exception type raised.
+    """
+
+    def spec(leaf: Any) -> Any:
+        return tuple(leaf.shape) if hasattr(leaf, "shape") else leaf
+
+    for path in sorted(set(got) | set(want)):
+        g = spec(got[path]) if path in got else None
+        w = spec(want[path]) if path in want else None
+        if path not in got:
+            message = missing
+        elif path not in want:
+            message = unexpected
+        elif g == w:
+            continue
+        else:
+            message = mismatch
+        fields = {"where": where, "path": path, "got": g, "want": w}
+        fields["sample"] = describe_paths(want, limit=4)
+        raise error(message(**fields) if callable(message) else message.format(**fields))
+
+
 _LAYER_RE = re.compile(r"(?:^|/)layers_(\d+)(?:/|$)")
 
 
@@ -168,3 +220,8 @@ def layer_path(stacked_path: str, i: int) -> str:
     if stacked_path.startswith(STACKED_PREFIX):
         return f"layers_{i}/" + stacked_path[len(STACKED_PREFIX) :]
     return stacked_path.replace(f"/{STACKED_PREFIX}", f"/layers_{i}/", 1)
+
+
+def nbytes(tree: Any) -> int:
+    """Bytes held by a tree's array leaves (a quantized kernel counts its codes and scales)."""
+    return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree)))

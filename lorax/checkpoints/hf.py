@@ -330,22 +330,17 @@ def check_shapes(
       where: the checkpoint, for the message.
       optional: path prefixes that may be absent (e.g. "pooler/").
     """
-    for path in sorted(want):
-        if path not in flat:
-            if path.startswith(tuple(optional)):
-                continue
-            raise ValueError(f"{where}: checkpoint lacks the weight for {path} {tuple(want[path])}")
-        if tuple(flat[path].shape) != tuple(want[path]):
-            raise ValueError(
-                f"{where}: {path} has shape {tuple(flat[path].shape)}; config.json implies "
-                f"{tuple(want[path])}"
-            )
-    extra = sorted(set(flat) - set(want))
-    if extra:
-        raise ValueError(
-            f"{where}: checkpoint has {extra[0]}, which the model defined by config.json "
-            "does not have (more layers than num_hidden_layers?)"
-        )
+    optional = tuple(optional)
+    want = {p: tuple(s) for p, s in want.items() if p in flat or not p.startswith(optional)}
+    paths.check_tree(
+        flat,
+        want,
+        where=where,
+        missing="{where}: checkpoint lacks the weight for {path} {want}",
+        unexpected="{where}: checkpoint has {path}, which the model defined by config.json "
+        "does not have (more layers than num_hidden_layers?)",
+        mismatch="{where}: {path} has shape {got}; config.json implies {want}",
+    )
 
 
 # --- BERT family ---------------------------------------------------------------------------

@@ -21,6 +21,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lorax import paths
+
 log = logging.getLogger(__name__)
 
 STATE, INTEGRITY = "state", "integrity"
@@ -162,17 +164,20 @@ class Checkpointer:
 
     @staticmethod
     def _check_fits(state_like, saved_leaves: dict[str, list], where: str) -> None:
-        want = {k: [list(np.shape(x)), _dtype_name(x)] for k, x in _leaves_like(state_like).items()}
-        for key in sorted(set(want) | set(saved_leaves)):
-            if key not in saved_leaves:
-                raise IncompatibleCheckpointError(f"{where} has no leaf {key}, which the run needs")
-            if key not in want:
-                raise IncompatibleCheckpointError(f"{where} has a leaf {key} the run does not")
-            if want[key] != list(saved_leaves[key]):
-                (ws, wd), (ss, sd) = want[key], saved_leaves[key]
-                raise IncompatibleCheckpointError(
-                    f"{where}: leaf {key} is {sd}{ss}; the run needs {wd}{ws}"
-                )
+        # A leaf as "float32[4, 3]", the same string from an array, a spec or a saved layout.
+        want = {
+            k: f"{_dtype_name(x)}{list(np.shape(x))}" for k, x in _leaves_like(state_like).items()
+        }
+        got = {k: f"{dtype}{list(shape)}" for k, (shape, dtype) in saved_leaves.items()}
+        paths.check_tree(
+            got,
+            want,
+            where=where,
+            missing="{where} has no leaf {path}, which the run needs",
+            unexpected="{where} has a leaf {path} the run does not",
+            mismatch="{where}: leaf {path} is {got}; the run needs {want}",
+            error=IncompatibleCheckpointError,
+        )
 
     def restore_latest_good(self, state_like: dict[str, Any]) -> tuple[dict | None, list[str]]:
         """Restores the newest checkpoint that is intact; corrupt ones are moved aside.

@@ -558,15 +558,4 @@ def param_shapes(config: DecoderConfig, scan: bool = False) -> dict[str, tuple[i
 
 def check_params(params: Mapping, config: DecoderConfig, where: str, scan: bool = False) -> None:
     """Raises naming the first path that is missing, unexpected or of the wrong shape."""
-    want = param_shapes(config, scan)
-    got = {p: tuple(v.shape) for p, v in paths.flatten(params).items()}
-    for path in sorted(set(want) | set(got)):
-        if path not in got:
-            raise ValueError(f"{where}: lacks {path} {want[path]}, which the model needs")
-        if path not in want:
-            raise ValueError(
-                f"{where}: has {path}, which the model does not have "
-                f"(model params look like: {paths.describe_paths(want, limit=4)})"
-            )
-        if got[path] != want[path]:
-            raise ValueError(f"{where}: {path} has shape {got[path]}; the model needs {want[path]}")
+    paths.check_tree(paths.flatten(params), param_shapes(config, scan), where=where)

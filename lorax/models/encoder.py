@@ -305,25 +305,14 @@ def init_params(model: EncoderClassifier, encoder_params: dict, key: jax.Array) 
     """
     ids = jax.ShapeDtypeStruct((1, 2), jnp.int32)
     expected = jax.eval_shape(model.init, jax.random.key(0), ids, ids, ids)["params"]
-    want = paths.flatten(expected["encoder"])
     got = paths.flatten(encoder_params)
     if model.pooling != "cls":  # checkpoints carry a pooler that mean pooling leaves unused
         got = {p: v for p, v in got.items() if not p.startswith("pooler/")}
-    for path in sorted(set(want) | set(got)):
-        if path not in got:
-            raise ValueError(
-                f"pretrained weights lack encoder/{path} {want[path].shape}, which the model needs"
-            )
-        if path not in want:
-            raise ValueError(
-                f"pretrained weights have encoder/{path}, which the model does not use "
-                f"(model params look like: {paths.describe_paths(want, limit=4)})"
-            )
-        if tuple(got[path].shape) != tuple(want[path].shape):
-            raise ValueError(
-                f"pretrained encoder/{path} has shape {tuple(got[path].shape)}; "
-                f"the model needs {tuple(want[path].shape)}"
-            )
+    paths.check_tree(
+        paths.flatten({"encoder": got}),
+        paths.flatten({"encoder": expected["encoder"]}),
+        where="pretrained weights",
+    )
     return {"encoder": paths.unflatten(got), "head": init_head(model, key)}
 
 
