@@ -335,19 +335,11 @@ def trainable_labels(tree: Any, head: Sequence[str] = ()) -> Any:
     def label(path, leaf):
         if isinstance(leaf, LoraWeight):
             return LoraWeight("frozen", "lora", "lora", leaf.scale, leaf.dropout)
-        name = paths.SEP.join(_key_str(k) for k in path)
-        return "head" if paths.first_match(name, compiled) is not None else "frozen"
+        return "head" if paths.first_match(paths.key_str(path), compiled) is not None else "frozen"
 
     return jax.tree_util.tree_map_with_path(
         label, tree, is_leaf=lambda x: isinstance(x, LoraWeight)
     )
-
-
-def _key_str(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
 
 
 def count(delta: Any) -> int:

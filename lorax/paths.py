@@ -26,6 +26,13 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return traverse_util.unflatten_dict(dict(flat), sep=SEP)
 
 
+def key_str(key_path: Sequence[Any]) -> str:
+    """A ``jax.tree_util`` key path as a :func:`flatten`-style path, ``"opt_state/0/mu/a"``:
+    dict keys, sequence indices and attribute names alike (so dicts, tuples and named tuples
+    give the same string, and a checkpoint restored as dicts keeps its paths)."""
+    return jax.tree_util.keystr(tuple(key_path), simple=True, separator=SEP)
+
+
 def overlay(base: Mapping[str, Any], *trees: Mapping[str, Any]) -> dict[str, Any]:
     """``base`` with every leaf of ``trees`` put in at its path (later trees win); a tree may
     be nested or already flat (``{"a/b/kernel": leaf}``)."""

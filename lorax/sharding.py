@@ -234,8 +234,7 @@ def tree_specs(tree: Any, mesh: Mesh, rules: Sequence[Rule] = RULES) -> Any:
     compiled = paths.compile_patterns(p for p, _ in rules)
 
     def spec(path, leaf):
-        name = jax.tree_util.keystr(path, simple=True, separator=paths.SEP)
-        return _spec(name, tuple(np.shape(leaf)), mesh, rules, compiled)
+        return _spec(paths.key_str(path), tuple(np.shape(leaf)), mesh, rules, compiled)
 
     return jax.tree_util.tree_map_with_path(spec, tree)
 

@@ -151,7 +151,7 @@ def test_delta_factors_and_adam_moments_sit_beside_their_kernels(model):
 def flat_specs(tree):
     """``{"1/inner_states/lora/.../mu/delta/<kernel>/a": spec}`` for any tree of specs."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, P))
-    return {jax.tree_util.keystr(k, simple=True, separator="/"): v for k, v in leaves}
+    return {paths.key_str(k): v for k, v in leaves}
 
 
 def test_dims_that_do_not_divide_fall_back_to_whole():

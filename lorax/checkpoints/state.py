@@ -36,24 +36,12 @@ class IncompatibleCheckpointError(ValueError):
     """A readable checkpoint whose tree does not fit the state it is restored into."""
 
 
-def _key(path) -> str:
-    """A leaf's path as "trainable/delta/.../a", the same whether the containers are dicts,
-    tuples or named tuples (a checkpoint restored without a target comes back as dicts)."""
-    parts = []
-    for entry in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-        else:
-            parts.append(str(entry))
-    return "/".join(parts)
-
-
 def _leaves_like(tree: Any) -> dict[str, Any]:
-    """Leaves (arrays or shape/dtype specs) by :func:`_key`, in key order."""
+    """Leaves (arrays or shape/dtype specs) by path (:func:`lorax.paths.key_str`: the same
+    whether the containers are dicts, tuples or named tuples, as a checkpoint restored without
+    a target comes back as dicts), in path order."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return dict(sorted(((_key(path), x) for path, x in flat), key=lambda kv: kv[0]))
+    return dict(sorted(((paths.key_str(path), x) for path, x in flat), key=lambda kv: kv[0]))
 
 
 def _dtype_name(x) -> str:
