@@ -66,11 +66,6 @@ def merged_params(setup, trainable) -> dict[str, Any]:
     return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
 
 
-def nbytes(tree: Any) -> int:
-    """Bytes of every array in a tree."""
-    return int(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(tree)))
-
-
 def export_merged(config, setup, trainable, out: str | os.PathLike) -> pathlib.Path:
     """Writes the merged model as a Hugging Face directory; returns it.
 
@@ -151,7 +146,7 @@ def main(argv):
     files = sorted(p for p in out.iterdir() if p.is_file())
     written = sum(p.stat().st_size for p in files)
     print(f"wrote {out}: {', '.join(p.name for p in files)} ({written / 1e6:.2f} MB)")
-    adapter, base = nbytes(trainable["delta"]), nbytes(setup.frozen)
+    adapter, base = paths.nbytes(trainable["delta"]), paths.nbytes(setup.frozen)
     print(
         f"adapter {adapter / 1e6:.3f} MB (fp32) beside a frozen base of {base / 1e6:.1f} MB: "
         f"{base / max(adapter, 1):,.0f}x smaller"

@@ -289,13 +289,9 @@ def dequantize_tree(tree: Any, dtype: Any = None) -> Any:
     return run(tree)
 
 
-def nbytes(tree: Any) -> int:
-    """Bytes the leaves of ``tree`` occupy, quantized kernels at their packed size."""
-    return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree)))
-
-
 def dense_nbytes(tree: Any) -> int:
-    """Bytes ``tree`` would occupy with every quantized kernel dense in its original dtype."""
+    """Bytes ``tree`` would occupy with every quantized kernel dense in its original dtype
+    (:func:`lorax.paths.nbytes` counts them at their packed size)."""
 
     def size(x):
         if is_quantized(x):

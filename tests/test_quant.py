@@ -73,7 +73,7 @@ def test_bytes_count_the_packed_codes_and_scales():
     qw = quant.quantize(w, "nf4", 64, dtype=jnp.bfloat16)
     tree = {"k": qw, "bias": np.zeros(96, np.float32)}
     assert qw.nbytes == w.size // 2 + 4 * w.size // 64
-    assert quant.nbytes(tree) == qw.nbytes + 96 * 4
+    assert paths.nbytes(tree) == qw.nbytes + 96 * 4
     assert quant.dense_nbytes(tree) == w.size * 2 + 96 * 4
     assert quant.dequantize(qw).dtype == jnp.bfloat16
     assert quant.dequantize(qw, jnp.float32).dtype == jnp.float32
@@ -134,7 +134,7 @@ def _kernel_report(params, kind):
         den += float(np.sum(w**2))
         worst = max(worst, _rel_err(w, w_hat))
         before, after = before + dense[path].nbytes, after + qw.nbytes
-    return np.sqrt(num / den), worst, before, after, quant.nbytes(paths.unflatten(q))
+    return np.sqrt(num / den), worst, before, after, paths.nbytes(paths.unflatten(q))
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +161,8 @@ def test_real_kernels_quantize_within_measured_error_and_bytes(real_models, kind
         ratio = after / before
         print(
             f"{name} {kind}: relative error {rel:.4f} (worst kernel {worst:.4f}); kernels "
-            f"{before:,} -> {after:,} bytes ({ratio:.4f}); whole base {quant.nbytes(params):,} "
-            f"-> {total:,} bytes ({total / quant.nbytes(params):.4f})"
+            f"{before:,} -> {after:,} bytes ({ratio:.4f}); whole base {paths.nbytes(params):,} "
+            f"-> {total:,} bytes ({total / paths.nbytes(params):.4f})"
         )
         assert rel <= BOUNDS[kind][0] and worst <= BOUNDS[kind][1]
         assert ratio == pytest.approx((0.5 if kind == "nf4" else 1.0) / 4 + 1 / 64)
@@ -176,7 +176,7 @@ def test_real_base_with_embeddings_weighs_under_a_third(real_models):
     enough there)."""
     patterns = (*quant.DEFAULT_PATTERNS, r"(?:^|/)embed/token/embedding$")
     for name, params in real_models.items():
-        ratio = quant.nbytes(quant.quantize_tree(params, "nf4", 64, patterns)) / quant.nbytes(
+        ratio = paths.nbytes(quant.quantize_tree(params, "nf4", 64, patterns)) / paths.nbytes(
             params
         )
         print(f"{name} nf4 with token embedding: whole base {ratio:.4f} of fp32")

@@ -563,9 +563,9 @@ def adapter_size_report(
     base_leaves = jax.tree_util.tree_leaves(base)
     report = {
         "adapter_params": sum(int(np.size(x)) for x in leaves),
-        "adapter_bytes": sum(int(x.nbytes) for x in leaves),
+        "adapter_bytes": paths.nbytes(delta),
         "base_params": sum(int(np.size(x)) for x in base_leaves),
-        "base_bytes": sum(int(x.nbytes) for x in base_leaves),
+        "base_bytes": paths.nbytes(base),
     }
     report["base_over_adapter"] = report["base_bytes"] / max(report["adapter_bytes"], 1)
     if path is not None:
