@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/wq_wv_r4.py
 
-.PHONY: demo test lint fetch clean
+.PHONY: demo test test-fast lint fetch clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: fetch
 test: $(VENV)/.installed-test
 	$(BIN)/python -m lorax.assets minilm-l6 snli smollm2-135m rotten-tomatoes
 	$(BIN)/python -m pytest -q
+
+# The developer loop: everything not marked slow (real-model loads, kill -9 runs, studies).
+test-fast: $(VENV)/.installed-test
+	$(BIN)/python -m lorax.assets minilm-l6 snli
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check lorax tests configs experiments benchmarks

@@ -34,12 +34,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from benchmarks import models, records
 from configs import base as base_config
-from lorax import evaluate, lora, multi, sharding
-from lorax import train as train_lib
+from lorax import evaluate, lora, methods, multi, sharding
+from lorax import setup as setup_lib
+from lorax import step as step_lib
 from lorax.models import decoder
 
 MODES = ("lora", "multi", "merged", "full")  # the order they run in (see the module doc)
@@ -144,61 +144,62 @@ def build_step(
     config = config or optimizer_config()
     key = jax.random.key(0) if key is None else key
 
-    def setup(frozen, head, spec, delta):  # base_params (0) only feeds a run's summary
-        return train_lib.Setup(model=model, kind="lm", spec=spec, frozen=frozen, head=head,
+    def setup(frozen, method, delta):  # base_params (0) only feeds a run's summary
+        return setup_lib.Setup(model=model, kind="lm", method=method, frozen=frozen, head={},
                                delta=delta, task=None, mesh=mesh, base_params=0)  # fmt: skip
 
-    def single(s: train_lib.Setup, forward, n_lora):
-        tx = train_lib.make_optimizer(config)
-        step = train_lib.make_train_step(forward, tx, evaluate.lm_sums)
-        fn = train_lib.jit_train_step(step, mesh)
-        state = train_lib.initial_state(s, tx)
+    def single(s: setup_lib.Setup, forward, n_lora):
+        """lorax.train's own step: optimizer, pure step, state and jit with shardings."""
+        tx = step_lib.make_optimizer(config.train)
+        state = step_lib.initial_state({"delta": s.delta, "head": s.head}, tx, mesh)
+        step = step_lib.make_train_step(forward, tx, evaluate.lm_sums)
+        fn = step_lib.jit_train_step(step, mesh, state, s.frozen)
         return Step(fn, (state, s.frozen, sharding.put_batch(batch, mesh), key), n_lora)
 
-    if mode == "full":  # fp32 master weights, as lorax.train's method="full" keeps them
-        s = setup({}, init_params(model, key, jnp.float32, mesh), None, {})
-        return single(s, train_lib.make_forward(s), None)
+    if mode == "full":  # method "full": fp32 copies of every leaf, trained; nothing frozen
+        full = methods.Partial("full")
+        params = init_params(model, key, jnp.float32, mesh)
+        s = setup({}, full, full.init(params, key))
+        return single(s, setup_lib.make_forward(s), None)
 
     spec = lora_spec(bench)
     frozen = init_params(model, key, base_dtype, mesh)
     delta = lora.init(frozen, spec, jax.random.fold_in(key, 2))
-    s = setup(frozen, {}, spec, delta)
+    s = setup(frozen, methods.LoRA(spec), delta)
     n_lora = lora.count(delta)
     if mode == "lora":
-        return single(s, train_lib.make_forward(s), n_lora)
+        return single(s, setup_lib.make_forward(s), n_lora)
     if mode == "merged":
-        plain = train_lib.make_forward(dataclasses.replace(s, spec=None))
+        plain = setup_lib.make_forward(s, methods.Partial("full"))  # params as they come
 
         def merged_forward(trainable, frozen, batch, rng, train):
             merged = lora.merge(frozen, trainable["delta"], spec)  # differentiable in A, B
-            return plain({"head": trainable["head"]}, merged, batch, rng, train)
+            return plain({"head": trainable["head"], "delta": {}}, merged, batch, rng, train)
 
         return single(s, merged_forward, n_lora)
     return _multi_step(s, spec, batch, adapters, config, key, n_lora)
 
 
 def _multi_step(s, spec, batch, k: int, config, key, n_lora) -> Step:
-    """K adapters (same spec, own inits) over one base, each on B/K of the rows."""
+    """K adapters (same spec, own inits) over one base, each on B/K of the rows: the
+    multi-adapter job's own step (:mod:`lorax.multi`)."""
     rows = next(iter(batch.values())).shape[0]
     if k < 1 or rows % k:
         raise ValueError(f"--multi={k} must divide --batch={rows} (each adapter gets B/K rows)")
     stack = multi.Stack.build(s.frozen, [spec] * k)
-    union = dataclasses.replace(s, spec=stack.union_spec(dropout=0.0))
-    tx = train_lib.make_optimizer(config, unit_peaks=True)
-    step = multi.make_multi_train_step(train_lib.make_forward(union), tx, evaluate.lm_sums)
-    fn = jax.jit(step, donate_argnums=(0,))
+    forward = setup_lib.make_forward(s, multi.union_method(stack, s, dropout=0.0))
+    tx = step_lib.make_optimizer(config.train, unit_peaks=True)
     states = []
     for i in range(k):
         delta = lora.init(s.frozen, spec, jax.random.fold_in(key, 100 + i))
-        states.append(train_lib.initial_state(dataclasses.replace(s, delta=delta), tx))
-    state = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+        states.append(step_lib.fresh_state({"delta": delta, "head": {}}, tx))
+    state = sharding.put(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states), s.mesh)
+    step = multi.make_multi_train_step(forward, tx, evaluate.lm_sums)
+    fn = multi.jit_multi_train_step(step, s.mesh, state, s.frozen)
     masks, scales = stack.masks_and_scales()
     lrs = jnp.full((k,), config.train.learning_rate, jnp.float32)
-    stacked = NamedSharding(s.mesh, PartitionSpec(None, sharding.DATA))
-    batch_k = {
-        name: jax.device_put(x.reshape(k, rows // k, *x.shape[1:]), stacked)
-        for name, x in batch.items()
-    }
+    batch_k = {name: x.reshape(k, rows // k, *x.shape[1:]) for name, x in batch.items()}
+    batch_k = sharding.put_batch(batch_k, s.mesh, leading=1)
     keys = jax.random.split(key, k)
     return Step(fn, (state, s.frozen, batch_k, keys, lrs, lrs, masks, scales), n_lora)
 
@@ -213,19 +214,6 @@ def xla_flops(compiled) -> float | None:
     if isinstance(cost, list | tuple):
         cost = cost[0] if cost else None
     return None if not cost or "flops" not in cost else float(cost["flops"])
-
-
-def xla_bytes(compiled) -> int | None:
-    """The compiled step's own device footprint: arguments + outputs − donated + temporaries."""
-    m = compiled.memory_analysis()
-    if m is None:
-        return None
-    return int(
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        - m.alias_size_in_bytes
-        + m.temp_size_in_bytes
-    )
 
 
 def peak_bytes_in_use() -> int | None:
@@ -259,7 +247,7 @@ def time_step(step: Step, warmup: int, steps: int) -> dict[str, Any]:
         "times": times,
         "loss": loss,
         "xla_flops": xla_flops(compiled),
-        "xla_bytes": xla_bytes(compiled),
+        "xla_bytes": step_lib.compiled_memory_bytes(compiled),
     }
 
 

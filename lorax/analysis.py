@@ -102,13 +102,17 @@ def heatmap(grids: Mapping[str, np.ndarray], path: str, title: str) -> None:
 
 def _load(workdir: str) -> tuple[Any, dict, dict[str, float]]:
     """A run's per-layer base, delta, and the scale of each adapted kernel."""
-    from lorax import export, lora, paths
+    from lorax import lora, methods, paths, runs
 
-    _, setup, trainable = export.load_run(workdir)
+    _, setup, trainable = runs.load_run(workdir)
+    if not isinstance(setup.method, methods.LoRA):
+        raise ValueError(
+            f"{workdir} is a method = {setup.method.name!r} run; §7 compares LoRA runs"
+        )
     base = paths.unstack_layers(setup.frozen)
     delta = paths.unstack_layers(trainable["delta"])
     # The spec resolved on the per-layer base; a scanned run's regexes match both layouts.
-    scales = {p: s.scale for p, s in lora.resolve(base, setup.spec).items()}
+    scales = {p: s.scale for p, s in lora.resolve(base, setup.method.spec).items()}
     return base, delta, scales
 
 

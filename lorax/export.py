@@ -16,42 +16,11 @@ import shutil
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
-from lorax import assets, paths
-from lorax.checkpoints.state import Checkpointer
-
-
-def load_run(workdir: str | os.PathLike):
-    """``(config, setup, trainable)`` of a run: its saved config, model and latest state.
-
-    Raises:
-      FileNotFoundError: the workdir has no ``config.json`` or no checkpoint.
-    """
-    from lorax import train  # heavy import chain; only when a run is really loaded
-
-    workdir = os.fspath(workdir)
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{workdir} has no config.json: is it a lorax.train workdir?")
-    with open(config_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    # The run's mesh was for the machine it trained on; exporting needs no particular one.
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    setup = train.build(config, with_task=False)
-    ckpt = Checkpointer(workdir)
-    if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"{workdir} holds no checkpoint ({ckpt.directory})")
-    trainable = ckpt.restore(None)["trainable"]
-    ckpt.close()
-    trainable = {
-        "delta": trainable.get("delta") or {},
-        "head": trainable.get("head") or {},
-    }
-    return config, setup, jax.tree_util.tree_map(np.asarray, trainable)
+from lorax import assets, methods, paths, runs
 
 
 def merged_params(setup, trainable) -> dict[str, Any]:
@@ -59,9 +28,7 @@ def merged_params(setup, trainable) -> dict[str, Any]:
 
     Raises ValueError for a method whose delta cannot be merged (adapters, prefixes, prompts).
     """
-    params = paths.overlay(setup.frozen, trainable["head"])
-    if setup.transform is not None:
-        params = setup.transform.merge(params, trainable["delta"])
+    params = setup.method.merge(paths.overlay(setup.frozen, trainable["head"]), trainable["delta"])
     params = paths.unstack_layers(params)
     return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
 
@@ -108,14 +75,18 @@ def export_adapter(config, setup, trainable, out: str | os.PathLike) -> pathlib.
     """Writes the run's delta as a PEFT LoRA adapter directory; returns it."""
     from lorax.checkpoints import peft
 
-    if setup.spec is None:
+    if not isinstance(setup.method, methods.LoRA):
         raise ValueError(
             f"the run used method = {config.method!r}: there is no adapter to export; "
             "use --merged to write the whole fine-tuned model"
         )
     model_config = setup.model.config
     return peft.export_peft(
-        trainable["delta"], setup.spec, model_config, out, base_model_name_or_path=config.model.name
+        trainable["delta"],
+        setup.method.spec,
+        model_config,
+        out,
+        base_model_name_or_path=config.model.name,
     )
 
 
@@ -138,7 +109,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)
     f = flags.FLAGS
-    config, setup, trainable = load_run(f.workdir)
+    config, setup, trainable = runs.load_run(f.workdir)
     if f.merged:
         out = export_merged(config, setup, trainable, f.out)
     else:

@@ -470,15 +470,56 @@ class Prompt(Method):
 # --------------------------------------------------------------------------- from a config
 
 
+def _parse_overrides(text: str, field: str, cast) -> dict[str, Any]:
+    """Parses "v=8,q=2" into {"v": 8, "q": 2}."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, eq, value = item.partition("=")
+        try:
+            out[name.strip()] = cast(value)
+        except ValueError:
+            eq = ""
+        if not eq:
+            raise ValueError(f"{field} item {item!r} is not NAME=VALUE (e.g. 'v=8,q=2')")
+    return out
+
+
+def _parse_layers(text: str) -> tuple[int, ...]:
+    """Parses "0,2,4-5" into (0, 2, 4, 5)."""
+    layers = []
+    for item in filter(None, (s.strip() for s in str(text).split(","))):
+        lo, dash, hi = item.partition("-")
+        try:
+            layers.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+        except ValueError:
+            raise ValueError(
+                f"lora.layers item {item!r} is not a layer index or range (e.g. '0,1,2' or '3-5')"
+            ) from None
+    return tuple(layers)
+
+
+def lora_spec(section) -> lora.LoraSpec:
+    """The LoRA spec the config's ``lora`` section describes (configs/base.py)."""
+    return lora.make_spec(
+        section.targets,
+        rank=section.rank,
+        alpha=section.alpha,
+        rank_pattern=_parse_overrides(section.rank_pattern, "lora.rank_pattern", int),
+        alpha_pattern=_parse_overrides(section.alpha_pattern, "lora.alpha_pattern", float),
+        layers=_parse_layers(section.layers),
+        init=section.init,
+        dropout=section.dropout,
+        rslora=section.rslora,
+    )
+
+
 def from_config(config) -> Method:
-    """The method ``config.method`` names, with its section's settings (configs/base.py)."""
+    """The method ``config.method`` names, with its own section's settings (configs/base.py)."""
     name = config.method
     if name not in METHODS:
         raise ValueError(f"method = {name!r} is not valid; choose one of {list(METHODS)}")
     if name == "lora":
-        from lorax import train  # the LoRA section's parsing lives with the other config fields
-
-        return LoRA(train.lora_spec(config))
+        return LoRA(lora_spec(config.lora))
     if name in ("full", "bitfit"):
         return Partial(name)
     if name == "top_k_layers":

@@ -30,11 +30,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
-from lorax import lora, paths, runfiles, sharding
-from lorax import train as train_lib
+from lorax import loop, lora, methods, paths, runfiles, sharding
+from lorax import setup as setup_lib
+from lorax import step as step_lib
 from lorax.checkpoints.state import Checkpointer
+from lorax.models import encoder
 
 # Fields that may differ between the adapters of one job; everything else must be equal.
 PER_ADAPTER_FIELDS = (
@@ -184,7 +185,7 @@ def make_multi_train_step(forward, tx, sums_fn):
     """``step(state, frozen, batch_K, key_K, lr_K, head_lr_K, masks_K, scales_K)``, vmapped.
 
     ``state`` is a single run's state with a leading K axis on every leaf; each adapter's
-    slice is updated exactly as :func:`lorax.train.make_train_step` would update it alone
+    slice is updated exactly as :func:`lorax.step.make_train_step` would update it alone
     (the optimizer runs at unit peak rates and its updates are scaled by the adapter's own).
     """
 
@@ -206,7 +207,7 @@ def make_multi_train_step(forward, tx, sums_fn):
         }
         trainable = jax.tree_util.tree_map(jnp.add, state["trainable"], updates)
         trainable = {"delta": apply_mask(trainable["delta"], masks), "head": trainable["head"]}
-        return train_lib.next_state(state, trainable, opt_state, sums)
+        return step_lib.next_state(state, trainable, opt_state, sums)
 
     return jax.vmap(one, in_axes=(0, None, 0, 0, 0, 0, 0, 0))
 
@@ -223,84 +224,116 @@ def make_multi_eval_step(forward, sums_fn, mesh):
     )
 
 
-@dataclasses.dataclass
-class Job:
-    """A multi-adapter job built from K compatible configs."""
-
-    configs: list[ml_collections.ConfigDict]
-    setup: train_lib.Setup  # the base, task and model, shared (its delta/spec: adapter 0's)
-    stack: Stack | None  # None for a method other than LoRA: its deltas share one shape
-    heads: list[dict]
-
-    def forward(self):
-        """The forward pass every adapter's slice runs (LoRA: over the padded union)."""
-        if self.stack is None:
-            return train_lib.make_forward(self.setup)
-        union = self.stack.union_spec(self.configs[0].lora.dropout)
-        return train_lib.make_forward(dataclasses.replace(self.setup, spec=union))
-
-    def masks_and_scales(self):
-        return ({}, {}) if self.stack is None else self.stack.masks_and_scales()
-
-    def unstack(self, stacked_delta, k: int):
-        """Adapter k's delta in its own shapes."""
-        if self.stack is None:
-            return jax.tree_util.tree_map(lambda x: x[k], stacked_delta)
-        return self.stack.unstack(stacked_delta, k)
-
-
-def build(configs: Sequence[ml_collections.ConfigDict]) -> tuple[Job, dict]:
-    """Checks the configs, loads the base and task once, and returns the job and the stacked
-    initial state (each adapter initialised exactly as its single run would be), placed on
-    the job's mesh."""
-    configs = list(configs)
-    check_compatible(configs)
-    setup = train_lib.build(configs[0])
-    method = setup.transform
-    stack = None
-    if setup.spec is not None:
-        stack = Stack.build(setup.frozen, [train_lib.lora_spec(c) for c in configs])
-    deltas, heads = [], []
-    for config in configs:
-        key = jax.random.fold_in(jax.random.key(config.seed), 2)
-        if stack is not None:
-            deltas.append(lora.init(setup.frozen, train_lib.lora_spec(config), key))
-        elif method is None or method.replaces_base:  # the pretrained leaves, for every seed
-            deltas.append(setup.delta)
-        else:
-            deltas.append(method.init(setup.frozen, key))
-        heads.append(jax.tree_util.tree_map(np.asarray, _head_for_seed(setup, config)))
-    job = Job(configs, setup, stack, heads)
-    tx = train_lib.make_optimizer(configs[0], unit_peaks=True)
-    states = []
-    for k in range(len(configs)):
-        delta = deltas[k] if stack is None else _pad_one(stack, deltas[k])
-        trainable = {"delta": delta, "head": heads[k]}
-        states.append({
-            "step": jnp.zeros((), jnp.int32), "trainable": trainable,
-            "opt_state": tx.init(trainable),
-        })  # fmt: skip
-    state = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *states)
-    # each leaf sharded as its single-run leaf; the rules never split the leading K axis
-    return job, sharding.put(state, setup.mesh)
-
-
 def jit_multi_train_step(step, mesh, state: Any, frozen: Any):
-    """Jits a :func:`make_multi_train_step` step with explicit shardings; donates the state.
+    """Jits a :func:`make_multi_train_step` step: the state and base follow the rules, the
+    [K, B, ...] batch is split along B, the per-adapter keys, rates, masks and scales are
+    replicated, and the state is donated (:func:`lorax.step.jit_train_step`)."""
+    return step_lib.jit_train_step(step, mesh, state, frozen, leading=1, extra=4)
 
-    The state and base follow the rules, the [K, B, ...] batch is split along B, and the
-    per-adapter keys, rates, masks and scales are replicated.
-    """
-    state_sh = sharding.tree_shardings(state, mesh)
-    rep = sharding.replicated(mesh)
-    batch_sh = sharding.batch_sharding(mesh, leading=1)
-    frozen_sh = sharding.tree_shardings(frozen, mesh)
-    return jax.jit(
-        step,
-        in_shardings=(state_sh, frozen_sh, batch_sh, rep, rep, rep, rep, rep),
-        out_shardings=(state_sh, rep),
-        donate_argnums=(0,),
-    )
+
+def union_method(stack: Stack | None, setup: setup_lib.Setup, dropout: float) -> methods.Method:
+    """The method every adapter's slice runs: LoRA over the padded union of the stack, or
+    (for a method other than LoRA, whose deltas share one shape) the setup's own."""
+    return setup.method if stack is None else methods.LoRA(stack.union_spec(dropout))
+
+
+class MultiStepper(loop.Stepper):
+    """The device side of a job of K compatible configs over one base: a stacked state, the
+    vmapped step, K batchers, and evaluation of every adapter on the same batches."""
+
+    def __init__(self, configs: Sequence[ml_collections.ConfigDict], names: Sequence[str]):
+        configs = list(configs)
+        check_compatible(configs)
+        c0 = configs[0]
+        setup = setup_lib.build(c0)
+        self.setup, self.config, self.configs, self.names = setup, c0, configs, list(names)
+        self.stack = None
+        if isinstance(setup.method, methods.LoRA):
+            specs = [methods.lora_spec(c.lora) for c in configs]
+            self.stack = Stack.build(setup.frozen, specs)
+        self.forward = setup_lib.make_forward(
+            setup, union_method(self.stack, setup, c0.lora.dropout)
+        )
+        self.tx = step_lib.make_optimizer(c0.train, unit_peaks=True)
+        self.masks, self.scales = ({}, {}) if self.stack is None else self.stack.masks_and_scales()
+        self.rates = (
+            jnp.asarray([c.train.learning_rate for c in configs], jnp.float32),
+            jnp.asarray([step_lib.head_learning_rate(c.train) for c in configs], jnp.float32),
+        )
+        self._keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 3) for c in configs])
+        train = setup.task.splits["train"]
+        self._batchers = [
+            setup_lib.make_batcher(setup, train, c0.train.batch_size, c) for c in configs
+        ]
+        self._eval_steps = {}
+
+    def init_state(self) -> dict:
+        """The stacked step-0 state, each adapter initialised exactly as its single run would
+        be, placed on the job's mesh (the rules never split the leading K axis)."""
+        setup, states = self.setup, []
+        for config in self.configs:
+            key = jax.random.fold_in(jax.random.key(config.seed), 2)
+            if self.stack is not None:
+                spec = methods.lora_spec(config.lora)
+                delta = _pad_one(self.stack, methods.LoRA(spec).init(setup.frozen, key))
+            elif setup.method.replaces_base:  # the pretrained leaves, for every seed
+                delta = setup.delta
+            else:
+                delta = setup.method.init(setup.frozen, key)
+            head = jax.tree_util.tree_map(np.asarray, _head_for_seed(setup, config))
+            states.append(step_lib.fresh_state({"delta": delta, "head": head}, self.tx))
+        state = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *states)
+        return sharding.put(state, setup.mesh)
+
+    def jit(self, state) -> None:
+        fn = make_multi_train_step(self.forward, self.tx, setup_lib.train_sums(self.setup))
+        self._step = jit_multi_train_step(fn, self.setup.mesh, state, self.setup.frozen)
+
+    def batch(self, step: int):
+        batches = [b.train_batch(step) for b in self._batchers]
+        tokens = np.array([setup_lib.count_tokens(b) for b in batches])
+        batch = sharding.put_batch(pad_and_stack_batches(batches), self.setup.mesh, leading=1)
+        return batch, tokens
+
+    def args(self, state, batch) -> tuple:
+        return (state, self.setup.frozen, batch, self._keys, *self.rates, self.masks, self.scales)
+
+    def evaluate(self, state, examples) -> list[dict[str, float]]:
+        """Every adapter's loss and accuracy on one split (the same batches for all)."""
+        fn = setup_lib.eval_sums(examples)
+        if fn not in self._eval_steps:
+            self._eval_steps[fn] = make_multi_eval_step(self.forward, fn, self.setup.mesh)
+        batcher = setup_lib.make_batcher(
+            self.setup, examples, self.config.eval_batch_size, self.config
+        )
+        total = None
+        for batch in batcher.eval_batches():
+            batch = sharding.put_batch(batch, self.setup.mesh)
+            sums = self._eval_steps[fn](state["trainable"], self.setup.frozen, batch, self.scales)
+            total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
+        if total is None:
+            raise ValueError("evaluation got no batches: the split is empty")
+        total = jax.device_get(total)
+        return [
+            {
+                "loss": float(total["loss_sum"][k]) / float(total["count"][k]),
+                "accuracy": float(total["correct"][k]) / float(total["count"][k]),
+                "count": int(total["count"][k]),
+            }
+            for k in range(self.size)
+        ]
+
+    def adapter(self, state, k: int) -> dict[str, Any]:
+        """Adapter k's ``{"delta", "head"}`` in its own shapes (its targets, its rank)."""
+        delta = state["trainable"]["delta"]
+        if self.stack is None:
+            delta = jax.tree_util.tree_map(lambda x: x[k], delta)
+        else:
+            delta = self.stack.unstack(delta, k)
+        return {
+            "delta": delta,
+            "head": jax.tree_util.tree_map(lambda x: x[k], state["trainable"]["head"]),
+        }
 
 
 def _pad_one(stack: Stack, delta: Any) -> Any:
@@ -321,19 +354,13 @@ def _pad_one(stack: Stack, delta: Any) -> Any:
     return paths.unflatten(out)
 
 
-def _head_for_seed(setup: train_lib.Setup, config) -> dict:
+def _head_for_seed(setup: setup_lib.Setup, config) -> dict:
     """The trained head a single run with this config's seed starts from."""
     if not setup.head:
         return {}
     if setup.kind == "classify":
-        from lorax.models import encoder
-
-        d = setup.head["head"]["kernel"].shape[0]
         key = jax.random.fold_in(jax.random.key(config.seed), 1)
-        init = encoder._head(setup.model.num_classes, setup.model.dtype).init(
-            key, jnp.zeros((1, d), jnp.float32)
-        )
-        head_flat = paths.flatten({"head": init["params"]})
+        head_flat = paths.flatten({"head": encoder.init_head(setup.model, key)})
         return paths.unflatten(
             {p: head_flat.get(p, v) for p, v in paths.flatten(setup.head).items()}
         )
@@ -358,133 +385,39 @@ def train_many(
     if all(finished):
         return [_read_json(p) for p in summary_paths]
     start = time.time()
-    job, state = build(configs)
-    setup, c0 = job.setup, configs[0]
-    k_adapters, t, mesh = len(configs), c0.train, setup.mesh
+    stepper = MultiStepper(configs, workdirs)
+    c0, num_steps = configs[0], configs[0].train.num_steps
     for w in workdirs:
         os.makedirs(w, exist_ok=True)
-    forward = job.forward()
-    tx = train_lib.make_optimizer(c0, unit_peaks=True)
-    frozen = setup.frozen  # placed in its shardings by train.build()
-    step_fn = jit_multi_train_step(
-        make_multi_train_step(forward, tx, train_lib.train_sums(setup)), mesh, state, frozen
-    )
-    masks, scales = job.masks_and_scales()
-    lrs = jnp.asarray([c.train.learning_rate for c in configs], jnp.float32)
-    head_lrs = jnp.asarray([train_lib.head_learning_rate(c) for c in configs], jnp.float32)
-    keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 3) for c in configs])
-
-    job_ckpt = Checkpointer(os.path.join(workdirs[0], "job"), keep=c0.keep_checkpoints)
-    logs = [runfiles.MetricsLog(os.path.join(w, "metrics.jsonl")) for w in workdirs]
-    unfinished = [log for log, done in zip(logs, finished, strict=True) if not done]
-    state = train_lib.resume(job_ckpt, state, unfinished, t.num_steps)
-    first = _step(state)
-    task = setup.task
-    batchers = [
-        train_lib.make_batcher(setup, task.splits["train"], t.batch_size, c) for c in configs
+    logs = [
+        None if done else runfiles.MetricsLog(os.path.join(w, "metrics.jsonl"))
+        for w, done in zip(workdirs, finished, strict=True)
     ]
-    train_tokens, loop_start = 0, time.time()
-    window = None  # the metric sums of the steps since the last log row, kept on the device
-    bar = tqdm.tqdm(total=t.num_steps, initial=first, desc=f"train x{k_adapters}", unit="step")
-    for step in range(first, t.num_steps):
-        batches = [b.train_batch(step) for b in batchers]
-        train_tokens += sum(train_lib.count_tokens(b) for b in batches)
-        batch = sharding.put_batch(pad_and_stack_batches(batches), mesh, leading=1)
-        state, sums = step_fn(state, frozen, batch, keys, lrs, head_lrs, masks, scales)
-        # a skipped (non-finite) step adds nothing to the window's mean
-        kept = {k: jnp.where(sums["nonfinite"] > 0, 0.0, sums[k]) for k in _WINDOW}
-        kept["nonfinite"] = sums["nonfinite"]
-        window = kept if window is None else jax.tree_util.tree_map(jnp.add, window, kept)
-        done = step + 1
-        if done % c0.log_every == 0 or done == t.num_steps:
-            sums, window = jax.device_get(window), None
-            if np.any(sums["nonfinite"]) and not t.skip_nonfinite:
-                bad = [workdirs[i] for i in np.flatnonzero(sums["nonfinite"])]
-                raise train_lib.NonFiniteLossError(
-                    f"loss is NaN/Inf at or before step {done} in {bad}. "
-                    + train_lib.nonfinite_advice(job_ckpt)
-                )
-            for k, log in enumerate(logs):
-                if finished[k]:
-                    continue
-                loss, correct, count = (float(sums[key][k]) for key in _WINDOW)
-                log.write(step=done, split="train", loss=loss / max(count, 1),
-                          accuracy=correct / max(count, 1))  # fmt: skip
-            total = sums["loss_sum"].sum() / max(sums["count"].sum(), 1)
-            bar.set_postfix(loss=f"{total:.4f}")
-        bar.update(1)
-        if (c0.checkpoint_every and done % c0.checkpoint_every == 0) or done == t.num_steps:
-            job_ckpt.save(done, state)
-    bar.close()
-    train_seconds = time.time() - loop_start
-    job_ckpt.wait()
-    job_ckpt.close()
+    with Checkpointer(os.path.join(workdirs[0], "job"), keep=c0.keep_checkpoints) as job_ckpt:
+        result = loop.run(stepper, stepper.init_state(), job_ckpt, logs)
 
     summaries = []
-    results = {}
-    for split in ("validation", "test"):
-        examples = task.splits[split]
-        if split == "test":
-            examples = train_lib._subset(examples, c0.task.max_test_examples)
-        results[split] = _evaluate_all(setup, forward, state, frozen, scales, examples, c0)
     for k, (config, workdir) in enumerate(zip(configs, workdirs, strict=True)):
         if finished[k]:
             summaries.append(_read_json(summary_paths[k]))
             continue
-        trainable_k = jax.tree_util.tree_map(lambda x, k=k: x[k], state["trainable"])
-        delta_k = job.unstack(state["trainable"]["delta"], k)
-        adapter = {"delta": delta_k, "head": trainable_k["head"]}
-        ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
-        if ckpt.latest_step() != t.num_steps:  # else saved before a cut: the same adapter
-            ckpt.save(
-                t.num_steps, {"step": jnp.asarray(t.num_steps, jnp.int32), "trainable": adapter}
-            )
-        ckpt.wait()
-        ckpt.close()
+        adapter = stepper.adapter(result.state, k)
+        with Checkpointer(workdir, keep=config.keep_checkpoints) as ckpt:
+            if ckpt.latest_step() != num_steps:  # else saved before a cut: the same adapter
+                step = jnp.asarray(num_steps, jnp.int32)
+                ckpt.save(num_steps, {"step": step, "trainable": adapter})
+            ckpt.wait()
         runfiles.write_text_atomic(
             os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
         )
-        val, test = results["validation"][k], results["test"][k]
-        for split, r in (("validation", val), ("test", test)):
-            logs[k].write(step=t.num_steps, split=split, **r)
-        summary = train_lib.make_summary(
-            config, setup, adapter, val, test, first_step=first, start=start,
-            train_seconds=train_seconds, train_tokens=train_tokens,
-        )  # fmt: skip
-        summary["multi_adapter_job"] = k_adapters
+        summary = loop.make_summary(config, stepper.setup, adapter, result, k, start)
+        summary["multi_adapter_job"] = stepper.size
         # Written last: a workdir with summary.json is finished (sweeps skip it).
         runfiles.write_json_atomic(summary_paths[k], summary)
         summaries.append(summary)
     return summaries
 
 
-_WINDOW = ("loss_sum", "correct", "count")
-
-
-def _step(state) -> int:
-    return int(jax.device_get(state["step"][0]))
-
-
 def _read_json(path: str) -> Any:
     with open(path) as f:
         return json.load(f)
-
-
-def _evaluate_all(setup, forward, state, frozen, scales, examples, config) -> list[dict]:
-    """Every adapter's loss and accuracy on one split (the same batches for all)."""
-    sums_fn = train_lib.eval_sums(examples)
-    step = make_multi_eval_step(forward, sums_fn, setup.mesh)
-    batcher = train_lib.make_batcher(setup, examples, config.eval_batch_size, config)
-    total = None
-    for batch in batcher.eval_batches():
-        sums = step(state["trainable"], frozen, sharding.put_batch(batch, setup.mesh), scales)
-        total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
-    total = jax.device_get(total)
-    return [
-        {
-            "loss": float(total["loss_sum"][k]) / float(total["count"][k]),
-            "accuracy": float(total["correct"][k]) / float(total["count"][k]),
-            "count": int(total["count"][k]),
-        }
-        for k in range(len(total["count"]))
-    ]

@@ -43,9 +43,9 @@ def train_until_interrupted(config, workdir, step: int, monkeypatch) -> None:
     after steps 0..step-1 ran and their checkpoints were written."""
     import pytest
 
-    from lorax import train
+    from lorax import data, train
 
-    real = train.data_lib.Batcher.train_batch
+    real = data.Batcher.train_batch
 
     def dying(self, i):
         if i == step:
@@ -53,6 +53,6 @@ def train_until_interrupted(config, workdir, step: int, monkeypatch) -> None:
         return real(self, i)
 
     with monkeypatch.context() as m:
-        m.setattr(train.data_lib.Batcher, "train_batch", dying)
+        m.setattr(data.Batcher, "train_batch", dying)
         with pytest.raises(KeyboardInterrupt):
             train.train_and_evaluate(config, str(workdir))

@@ -15,8 +15,8 @@ import optax
 import pytest
 
 from benchmarks import compare, hlo, models, records, step
-from lorax import evaluate
-from lorax import train as train_lib
+from lorax import evaluate, methods
+from lorax import setup as setup_lib
 from lorax.models import decoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,10 +189,11 @@ def _leaky_lora_step(lora_step: step.Step, model):
     (as a logged whole-model gradient norm would be): the mistake the check must catch."""
     state, frozen, batch, key = lora_step.args
     delta = state["trainable"]["delta"]
-    setup = train_lib.Setup(model=model, kind="lm", spec=step.lora_spec(SMALL), frozen=frozen,
-                            head={}, delta=delta, task=None, mesh=step.one_device_mesh(),
+    method = methods.LoRA(step.lora_spec(SMALL))
+    setup = setup_lib.Setup(model=model, kind="lm", method=method, frozen=frozen, head={},
+                            delta=delta, task=None, mesh=step.one_device_mesh(),
                             base_params=0)  # fmt: skip
-    forward = train_lib.make_forward(setup)
+    forward = setup_lib.make_forward(setup)
 
     def leaky(trainable, frozen, batch, key):
         def loss(trainable, frozen):

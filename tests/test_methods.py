@@ -11,7 +11,9 @@ import pytest
 from helpers import tiny_config
 from test_train_lm import lm_config, smol_tokenizer, tiny_gpt2_dir, tiny_llama_dir  # noqa: F401
 
-from lorax import checkpoints, methods, paths
+from lorax import checkpoints, methods, paths, runs
+from lorax import setup as setup_lib
+from lorax import step as step_lib
 from lorax import train as train_lib
 from lorax.checkpoints.state import Checkpointer
 from lorax.models import decoder, encoder
@@ -54,10 +56,10 @@ def test_untrained_method_and_the_base_model(method, tiny_model_dir, tiny_snli_d
     both adapters (up-projection = 0) compute exactly the base model; prefix and prompt methods
     add positions, which change the output, so for them only shape and finiteness hold."""
     config = tiny_config(tiny_model_dir, tiny_snli_dir, method=method, **SMALL)
-    setup = train_lib.build(config)
+    setup = setup_lib.build(config)
     batch = _batch()
     trainable = {"delta": setup.delta, "head": setup.head}
-    ours = train_lib.make_forward(setup)(trainable, setup.frozen, batch, None, False)
+    ours = setup_lib.make_forward(setup)(trainable, setup.frozen, batch, None, False)
     want = _pretrained_logits(config, setup, batch)
     assert ours.shape == want.shape == (4, 3)
     assert np.all(np.isfinite(ours))
@@ -76,11 +78,11 @@ def test_every_method_fits_a_batch(method, tiny_model_dir, tiny_snli_dir):
     config.train.head_learning_rate = 1e-12  # frozen head: only the method's delta learns
     if method in ("full", "top_k_layers"):  # whole layers want a smaller step
         config.train.learning_rate = 1e-3
-    setup = train_lib.build(config)
-    tx = train_lib.make_optimizer(config)
-    state = train_lib.initial_state(setup, tx)
-    step = train_lib.jit_train_step(
-        train_lib.make_train_step(train_lib.make_forward(setup), tx),
+    setup = setup_lib.build(config)
+    tx = step_lib.make_optimizer(config.train)
+    state = step_lib.initial_state({"delta": setup.delta, "head": setup.head}, tx, setup.mesh)
+    step = step_lib.jit_train_step(
+        step_lib.make_train_step(setup_lib.make_forward(setup), tx),
         setup.mesh,
         state,
         setup.frozen,
@@ -112,7 +114,7 @@ def test_training_moves_only_the_methods_parameters(
     the pretrained ones at every path the method does not train."""
     config = tiny_config(tiny_model_dir, tiny_snli_dir, method=method, **SMALL)
     config.train.num_steps = 3
-    setup = train_lib.build(config)
+    setup = setup_lib.build(config)
     summary = train_lib.train_and_evaluate(config, str(tmp_path))
     state = _restored_trainable(str(tmp_path))
     delta, head = state["trainable"]["delta"], state["trainable"]["head"]
@@ -129,7 +131,7 @@ def test_training_moves_only_the_methods_parameters(
     assert any(not np.array_equal(before[p], after[p]) for p in before), "the delta never moved"
 
     # The params the model runs on, against the pretrained tree, path by path.
-    method_obj = setup.transform
+    method_obj = setup.method
     ran = paths.flatten(method_obj.apply(paths.overlay(setup.frozen, head), delta))
     _, base = checkpoints.load_pretrained(config.model.name)
     pretrained = {"encoder/" + p: v for p, v in paths.flatten(base).items()}
@@ -158,11 +160,11 @@ def test_ptuning_starts_from_the_prompt_tuning_prompt(tiny_model_dir, tiny_snli_
     """P-tuning's encoder is a residual whose last layer starts at zero: with the same seed
     it begins from exactly the prompt that prompt tuning begins from."""
     setups = {
-        m: train_lib.build(tiny_config(tiny_model_dir, tiny_snli_dir, method=m, **SMALL))
+        m: setup_lib.build(tiny_config(tiny_model_dir, tiny_snli_dir, method=m, **SMALL))
         for m in ("prompt", "ptuning")
     }
-    p0 = setups["prompt"].transform.prompt(setups["prompt"].delta)
-    p1 = setups["ptuning"].transform.prompt(setups["ptuning"].delta)
+    p0 = setups["prompt"].method.prompt(setups["prompt"].delta)
+    p1 = setups["ptuning"].method.prompt(setups["ptuning"].delta)
     assert p0.shape == (3, 64)
     np.testing.assert_array_equal(p0, p1)
 
@@ -194,12 +196,12 @@ def test_methods_train_a_decoder(method, scan, tiny_gpt2_dir, tmp_path):  # noqa
 def test_adapters_are_the_identity_on_a_scanned_decoder(tiny_llama_dir):  # noqa: F811
     """Houlsby adapters over a scanned Llama stack (leaves [L, ...]) start as the identity."""
     config = lm_config(tiny_llama_dir, method="adapter_houlsby", **{"model.scan": True})
-    setup = train_lib.build(config, with_task=False)
+    setup = setup_lib.build(config, with_task=False)
     ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) + 100
     batch = {"input_ids": ids, "positions": jnp.tile(jnp.arange(6), (2, 1)),
              "segment_ids": jnp.ones_like(ids)}  # fmt: skip
     trainable = {"delta": setup.delta, "head": setup.head}
-    with_adapters = train_lib.make_forward(setup)(trainable, setup.frozen, batch, None, False)
+    with_adapters = setup_lib.make_forward(setup)(trainable, setup.frozen, batch, None, False)
     params = paths.overlay(setup.frozen, setup.head)
     want, _ = setup.model.apply(
         {"params": params}, ids, batch["positions"], decoder.causal_mask(batch["segment_ids"])
@@ -223,15 +225,15 @@ def test_adapters_are_the_identity_on_a_scanned_decoder(tiny_llama_dir):  # noqa
 )
 def test_bad_method_settings_fail_before_training(overrides, needle, tiny_model_dir, tiny_snli_dir):
     with pytest.raises(ValueError) as e:
-        train_lib.build(tiny_config(tiny_model_dir, tiny_snli_dir, **overrides))
+        setup_lib.build(tiny_config(tiny_model_dir, tiny_snli_dir, **overrides))
     assert needle in str(e.value), str(e.value)
 
 
 def test_method_limits_on_decoders_are_named(tiny_llama_dir):  # noqa: F811
     with pytest.raises(ValueError, match="has none"):  # Llama has no bias terms
-        train_lib.build(lm_config(tiny_llama_dir, method="bitfit"), with_task=False)
+        setup_lib.build(lm_config(tiny_llama_dir, method="bitfit"), with_task=False)
     with pytest.raises(ValueError, match="set model.scan = False"):
-        train_lib.build(
+        setup_lib.build(
             lm_config(tiny_llama_dir, method="top_k_layers", **{"model.scan": True}),
             with_task=False,
         )
@@ -241,15 +243,15 @@ def test_merge_is_offered_only_where_the_method_allows(tiny_model_dir, tiny_snli
     """Partial methods merge to plain base-shaped arrays (their trained leaves); adapters and
     prompts cannot be merged, and say which methods can."""
     for method in ("bitfit", "adapter_houlsby", "prompt"):
-        setup = train_lib.build(tiny_config(tiny_model_dir, tiny_snli_dir, method=method, **SMALL))
+        setup = setup_lib.build(tiny_config(tiny_model_dir, tiny_snli_dir, method=method, **SMALL))
         params = paths.overlay(setup.frozen, setup.head)
         if method == "bitfit":
-            merged = paths.flatten(setup.transform.merge(params, setup.delta))
+            merged = paths.flatten(setup.method.merge(params, setup.delta))
             assert all(isinstance(v, jax.Array | np.ndarray) for v in merged.values())
             assert set(paths.flatten(setup.delta)) <= set(merged)
         else:
             with pytest.raises(ValueError, match="cannot be merged"):
-                setup.transform.merge(params, setup.delta)
+                setup.method.merge(params, setup.delta)
 
 
 def test_method_study_trains_each_method_and_reports_the_table(
@@ -290,7 +292,7 @@ def test_partial_method_exports_merged_and_adapters_refuse(tiny_model_dir, tiny_
         config = tiny_config(tiny_model_dir, tiny_snli_dir, method=method, **SMALL)
         config.train.num_steps = 2
         train_lib.train_and_evaluate(config, str(tmp_path / method))
-    config, setup, trainable = export.load_run(str(tmp_path / "bitfit"))
+    config, setup, trainable = runs.load_run(str(tmp_path / "bitfit"))
     out = export.export_merged(config, setup, trainable, tmp_path / "merged")
     _, exported = checkpoints.load_pretrained(out)
     _, pretrained = checkpoints.load_pretrained(tiny_model_dir)
@@ -299,6 +301,6 @@ def test_partial_method_exports_merged_and_adapters_refuse(tiny_model_dir, tiny_
         want = trained.get(path, paths.flatten(pretrained)[path])
         np.testing.assert_allclose(value, want, atol=1e-7, err_msg=path)
     assert any(not np.array_equal(v, paths.flatten(pretrained)[p]) for p, v in trained.items())
-    config, setup, trainable = export.load_run(str(tmp_path / "adapter_lin"))
+    config, setup, trainable = runs.load_run(str(tmp_path / "adapter_lin"))
     with pytest.raises(ValueError, match="cannot be merged"):
         export.export_merged(config, setup, trainable, tmp_path / "merged_adapter")

@@ -7,6 +7,7 @@ import pytest
 from helpers import tiny_config
 
 from lorax import multi, paths
+from lorax import setup as setup_lib
 from lorax import train as train_lib
 from lorax.checkpoints.state import Checkpointer
 
@@ -61,13 +62,14 @@ def test_each_adapter_of_a_job_equals_its_single_run(tiny_model_dir, tiny_snli_d
 
 def test_padded_slots_and_their_adam_moments_stay_exactly_zero(tiny_model_dir, tiny_snli_dir):
     configs = _configs(tiny_model_dir, tiny_snli_dir)
-    job, state = multi.build(configs)
-    setup, stack = job.setup, job.stack
-    union = train_lib.make_forward(type(setup)(**{**setup.__dict__, "spec": stack.union_spec(0.0)}))
-    tx = train_lib.make_optimizer(configs[0], unit_peaks=True)
-    step = jax.jit(multi.make_multi_train_step(union, tx, train_lib.train_sums(setup)))
+    stepper = multi.MultiStepper(configs, ["a", "b", "c"])
+    state = stepper.init_state()
+    setup, stack = stepper.setup, stepper.stack
+    step = jax.jit(
+        multi.make_multi_train_step(stepper.forward, stepper.tx, setup_lib.train_sums(setup))
+    )
     masks, scales = stack.masks_and_scales()
-    batchers = [train_lib.make_batcher(setup, setup.task.splits["train"], 16, c) for c in configs]
+    batchers = [setup_lib.make_batcher(setup, setup.task.splits["train"], 16, c) for c in configs]
     keys = jax.numpy.stack([jax.random.key(k) for k in range(3)])
     lrs = jax.numpy.asarray([c.train.learning_rate for c in configs])
     for i in range(3):
@@ -88,7 +90,7 @@ def test_padded_slots_and_their_adam_moments_stay_exactly_zero(tiny_model_dir, t
         assert checked
 
     check(state["trainable"]["delta"], "delta")
-    adam = state["opt_state"][1].inner_states["lora"].inner_state[0]
+    adam = state["opt_state"][1].inner_states["delta"].inner_state[0]
     check(adam.mu["delta"], "mu")
     check(adam.nu["delta"], "nu")
 

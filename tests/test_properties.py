@@ -24,12 +24,12 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from lorax import lora, paths, train
+from lorax import lora, methods, paths
 from lorax import nn as lnn
 from lorax.checkpoints import hf
 from lorax.checkpoints import peft as lpeft
 from lorax.checkpoints.state import Checkpointer
-from lorax.generate import load_adapter
+from lorax.runs import load_adapter
 
 PROPERTY = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -573,7 +573,7 @@ def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     config = wq_wv_r4.get_config()
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    spec = train.lora_spec(config)
+    spec = methods.lora_spec(config.lora)
     base = _attn_base(TRAINED_WIDTH, TRAINED_LAYERS)
     delta = lora.init(base, spec, jax.random.key(0))
     delta = jax.tree_util.tree_map(lambda x: x + 0.5, delta)  # as if trained: b is not zero

@@ -14,6 +14,7 @@ import pytest
 
 from lorax import assets, checkpoints, lora, paths, quant
 from lorax import nn as lnn
+from lorax import setup as setup_lib
 from lorax.models import decoder, encoder
 
 # The NF4 data type as printed in QLoRA's Appendix E (Dettmers et al. 2023), to 4 decimals.
@@ -371,7 +372,7 @@ def test_qlora_run_end_to_end_reports_the_packed_base(
     from lorax import train
 
     config = tiny_config(tiny_model_dir, tiny_snli_dir, **{"model.quantize": kind})
-    setup = train.build(config)
+    setup = setup_lib.build(config)
     leaves = jax.tree_util.tree_leaves(setup.frozen, is_leaf=quant.is_quantized)
     kernels = [x for x in leaves if quant.is_quantized(x)]
     assert len(kernels) == 2 * 6  # q, k, v, o, mlp_in, mlp_out in each of the 2 layers
@@ -385,4 +386,4 @@ def test_qlora_run_end_to_end_reports_the_packed_base(
     assert all(np.isfinite(r["loss"]) for r in rows if r["split"] == "train" and "loss" in r)
     with pytest.raises(ValueError, match="model.quantize = .* needs method = 'lora'"):
         overrides = {"model.quantize": kind, "train.trainable": (".*",)}
-        train.build(tiny_config(tiny_model_dir, tiny_snli_dir, method="full", **overrides))
+        setup_lib.build(tiny_config(tiny_model_dir, tiny_snli_dir, method="full", **overrides))

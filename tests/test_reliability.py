@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from helpers import REPO, tiny_config, train_until_interrupted
 
-from lorax import paths
+from lorax import checkpoints, evaluate, loop, paths
+from lorax import data as data_lib
 from lorax import train as train_lib
 from lorax.checkpoints.state import Checkpointer, CorruptCheckpointError
 
@@ -291,8 +292,8 @@ def test_nonfinite_batches_can_be_skipped_instead(
     import jax.numpy as jnp
 
     real_batch, real_sums = (
-        train_lib.data_lib.Batcher.train_batch,
-        train_lib.evaluate.classification_sums,
+        data_lib.Batcher.train_batch,
+        evaluate.classification_sums,
     )
     poisoned = 99  # a label no class has: marks the rows whose loss is made NaN
 
@@ -307,8 +308,8 @@ def test_nonfinite_batches_can_be_skipped_instead(
         bad = jnp.any(b["labels"] == poisoned)
         return {**out, "loss_sum": jnp.where(bad, jnp.nan, out["loss_sum"])}
 
-    monkeypatch.setattr(train_lib.data_lib.Batcher, "train_batch", batch)
-    monkeypatch.setattr(train_lib.evaluate, "classification_sums", sums)
+    monkeypatch.setattr(data_lib.Batcher, "train_batch", batch)
+    monkeypatch.setattr(evaluate, "classification_sums", sums)
     config = tiny_config(tiny_model_dir, tiny_snli_dir, **{"train.skip_nonfinite": True})
     train_lib.train_and_evaluate(config, str(tmp_path / "skip"))
     rows = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
@@ -319,7 +320,7 @@ def test_nonfinite_batches_can_be_skipped_instead(
 
     config.train.skip_nonfinite = False
     with pytest.raises(
-        train_lib.NonFiniteLossError, match=r"NaN/Inf at step 2; .* Last good checkpoint: none"
+        loop.NonFiniteLossError, match=r"NaN/Inf at step 2; .* Last good checkpoint: none"
     ):
         train_lib.train_and_evaluate(config, str(tmp_path / "stop"))
 
@@ -354,8 +355,8 @@ def test_bad_rows_are_counted_in_summary_json(tiny_model_dir, tiny_snli_dir, tmp
     assert c["train/skipped_missing_field"] == 1
     assert c["train/skipped_empty_text"] == 1
     assert c["train/skipped_no_gold_label"] >= 1
-    tokenizer = train_lib.checkpoints.load_tokenizer(tiny_model_dir)
-    clean = train_lib.data_lib.load_task(
+    tokenizer = checkpoints.load_tokenizer(tiny_model_dir)
+    clean = data_lib.load_task(
         "snli", tiny_snli_dir, tokenizer, max_length=64, validation_size=64
     ).counts
     cut = lambda counts: counts["train/truncated"] + counts["validation/truncated"]

@@ -15,6 +15,8 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from lorax import lora, paths, sharding
+from lorax import setup as setup_lib
+from lorax import step as step_lib
 from lorax import train as train_lib
 from lorax.models import decoder, encoder
 
@@ -137,9 +139,9 @@ def test_delta_factors_and_adam_moments_sit_beside_their_kernels(model):
     assert tuple(factor_specs[o + "/b"])[-2:] == (None, F)
 
     config = tiny_config("unused", "unused")
-    tx = train_lib.make_optimizer(config)
+    tx = step_lib.make_optimizer(config.train)
     trainable = {"delta": delta, "head": {}}
-    state = jax.eval_shape(lambda t: train_lib.fresh_state(t, tx), trainable)
+    state = jax.eval_shape(lambda t: step_lib.fresh_state(t, tx), trainable)
     state_specs = flat_specs(sharding.tree_specs(state, mesh))
     moments = {k: v for k, v in state_specs.items() if "/mu/delta/" in k or "/nu/delta/" in k}
     assert len(moments) == 2 * len(factor_specs)
@@ -234,7 +236,7 @@ def test_bad_mesh_config_fails_in_build_naming_the_field(tiny_model_dir, tiny_sn
     config = tiny_config(tiny_model_dir, tiny_snli_dir, **{"mesh.fsdp": n + 1})
     message = rf"mesh.fsdp × mesh.tensor = {n + 1} does not divide the {n} visible devices"
     with pytest.raises(ValueError, match=message):
-        train_lib.build(config)
+        setup_lib.build(config)
 
 
 def test_batch_must_divide_over_data_times_fsdp_not_tensor():
@@ -281,7 +283,7 @@ import jax
 import numpy as np
 assert jax.device_count() == 8, jax.devices()
 from helpers import tiny_config
-from lorax import sharding, train
+from lorax import setup, sharding, step, train
 from lorax.checkpoints.state import Checkpointer
 
 def config(d, f, t):
@@ -294,8 +296,9 @@ for d, f, t in {shapes!r}:
 
 # Resuming on an fsdp × tensor mesh restores into the state's own (sharded) shardings.
 c = config(1, 2, 4)
-setup = train.build(c)
-state = train.initial_state(setup, train.make_optimizer(c))
+s = setup.build(c)
+tx = step.make_optimizer(c.train)
+state = step.initial_state({{"delta": s.delta, "head": s.head}}, tx, s.mesh)
 with Checkpointer({out!r} + "/m124") as ckpt:
     restored, notes = ckpt.restore_latest_good(state)
 pairs = list(zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)))
@@ -315,20 +318,20 @@ for d, f, t in {shapes!r}:
 
 # FSDP proper: the step all-gathers weights (param-shaped), never the batch's activations.
 c = config(1, 8, 1)
-setup = train.build(c)
-tx = train.make_optimizer(c)
-state = train.initial_state(setup, tx)
-step = train.jit_train_step(
-    train.make_train_step(train.make_forward(setup), tx), setup.mesh, state, setup.frozen)
-batch16 = train.make_batcher(setup, setup.task.splits["train"], 16, c).train_batch(0)
-args = (state, setup.frozen, sharding.put_batch(batch16, setup.mesh), jax.random.key(0))
+s = setup.build(c)
+tx = step.make_optimizer(c.train)
+state = step.initial_state({{"delta": s.delta, "head": s.head}}, tx, s.mesh)
+fn = step.jit_train_step(
+    step.make_train_step(setup.make_forward(s), tx), s.mesh, state, s.frozen)
+batch16 = setup.make_batcher(s, s.task.splits["train"], 16, c).train_batch(0)
+args = (state, s.frozen, sharding.put_batch(batch16, s.mesh), jax.random.key(0))
 gathered = set()
-for line in step.lower(*args).compile().as_text().splitlines():
+for line in fn.lower(*args).compile().as_text().splitlines():
     if re.search(r" all-gather(-start)?\(", line):
         out_type = line.split(" = ", 1)[1].split(" all-gather", 1)[0]
         gathered |= set(re.findall(r"\w+\[[\d,]*\]", out_type))
 result["gathered"] = sorted(gathered)
-leaves = jax.tree_util.tree_leaves((setup.frozen, state["trainable"]))
+leaves = jax.tree_util.tree_leaves((s.frozen, state["trainable"]))
 result["params"] = sorted({{f"f32[{{','.join(map(str, x.shape))}}]" for x in leaves}})
 with open({out!r} + "/result.json", "w") as f:
     json.dump(result, f)

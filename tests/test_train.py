@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 from helpers import tiny_config, train_until_interrupted
 
-from lorax import paths
+from lorax import data as data_lib
+from lorax import loop, paths, runs, sharding
+from lorax import setup as setup_lib
+from lorax import step as step_lib
 from lorax import train as train_lib
 from lorax.checkpoints.state import Checkpointer
 from lorax.models import encoder
@@ -68,7 +71,7 @@ def test_steps_leave_the_base_bit_identical_and_keep_no_base_state(tiny_model_di
     setup, step, state = _jitted_step(tiny_config(tiny_model_dir, tiny_snli_dir))
     before = jax.tree_util.tree_map(np.array, setup.frozen)
     start = jax.tree_util.tree_map(np.array, state["trainable"])
-    batcher = train_lib.data_lib.Batcher(setup.task.splits["train"], 16, (32, 64), seed=0)
+    batcher = data_lib.Batcher(setup.task.splits["train"], 16, (32, 64), seed=0)
     for i in range(3):
         state, _ = step(state, setup.frozen, batcher.train_batch(i), jax.random.key(0))
     jax.tree_util.tree_map(
@@ -96,7 +99,7 @@ def test_bf16_base_with_fp32_adapter_and_optimizer_state(tiny_model_dir, tiny_sn
     )
     setup, step, state = _jitted_step(config)
     assert {x.dtype for x in jax.tree_util.tree_leaves(setup.frozen)} == {jnp.dtype("bfloat16")}
-    batcher = train_lib.data_lib.Batcher(setup.task.splits["train"], 16, (32, 64), seed=0)
+    batcher = data_lib.Batcher(setup.task.splits["train"], 16, (32, 64), seed=0)
     batch = batcher.train_batch(0)
     losses = []
     for _ in range(8):  # the same batch: its loss must fall
@@ -109,12 +112,12 @@ def test_bf16_base_with_fp32_adapter_and_optimizer_state(tiny_model_dir, tiny_sn
 
 def _jitted_step(config):
     """The trainer's own jitted step and initial state for ``config``."""
-    setup = train_lib.build(config)
-    tx = train_lib.make_optimizer(config)
-    forward = train_lib.make_forward(setup)
-    state = train_lib.initial_state(setup, tx)
-    step = train_lib.jit_train_step(
-        train_lib.make_train_step(forward, tx), setup.mesh, state, setup.frozen
+    setup = setup_lib.build(config)
+    tx = step_lib.make_optimizer(config.train)
+    forward = setup_lib.make_forward(setup)
+    state = step_lib.initial_state({"delta": setup.delta, "head": setup.head}, tx, setup.mesh)
+    step = step_lib.jit_train_step(
+        step_lib.make_train_step(forward, tx), setup.mesh, state, setup.frozen
     )
     return setup, step, state
 
@@ -185,7 +188,7 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(tiny_model_dir, tiny_snli
         tiny_snli_dir,
         **{"train.learning_rate": float("inf"), "train.warmup_fraction": 0.0},
     )
-    with pytest.raises(train_lib.NonFiniteLossError, match=r"NaN/Inf at step \d+.*checkpoint"):
+    with pytest.raises(loop.NonFiniteLossError, match=r"NaN/Inf at step \d+.*checkpoint"):
         train_lib.train_and_evaluate(config, str(tmp_path))
 
 
@@ -211,22 +214,22 @@ def test_bad_configs_fail_before_training_with_clear_errors(
     """Each bad config raises before any training, naming the field and what is valid."""
     config = tiny_config(tiny_model_dir, tiny_snli_dir, **overrides)
     if message is None:
-        train_lib.build(config)
+        setup_lib.build(config)
         return
     with pytest.raises(ValueError, match=message):
-        train_lib.build(config)
+        setup_lib.build(config)
 
 
 def test_batch_not_divisible_over_devices_is_refused():
     """A batch that does not split evenly over the data axis names the field and valid sizes."""
-    mesh = train_lib.sharding.make_mesh(1)
-    train_lib.sharding.check_batch_size(7, mesh, "train.batch_size")  # 1 device: anything goes
+    mesh = sharding.make_mesh(1)
+    sharding.check_batch_size(7, mesh, "train.batch_size")  # 1 device: anything goes
 
     class EightWay:  # the check only reads the mesh's axis sizes
         shape = {"data": 8}
 
     with pytest.raises(ValueError, match=r"train.batch_size = 12 .* multiple of 8 \(e.g. 8 or 16"):
-        train_lib.sharding.check_batch_size(12, EightWay(), "train.batch_size")
+        sharding.check_batch_size(12, EightWay(), "train.batch_size")
 
 
 def test_command_line_runs_and_rejects_unknown_override(tiny_model_dir, tiny_snli_dir, tmp_path):
@@ -265,7 +268,7 @@ def test_merged_encoder_export_loads_as_a_plain_bert_model(tiny_model_dir, tiny_
     head is written beside it."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from lorax import export, lora
+    from lorax import lora
 
     workdir, out = str(tmp_path / "run"), tmp_path / "merged"
     train_lib.train_and_evaluate(tiny_config(tiny_model_dir, tiny_snli_dir), workdir)
@@ -279,8 +282,8 @@ def test_merged_encoder_export_loads_as_a_plain_bert_model(tiny_model_dir, tiny_
     types, mask = np.zeros_like(ids), np.ones_like(ids)
     with torch.no_grad():
         reference = bert(torch.tensor(ids), torch.tensor(mask), torch.tensor(types))
-    _, setup, trainable = export.load_run(workdir)
-    params = lora.wrap(setup.frozen, trainable["delta"], setup.spec)
+    _, setup, trainable = runs.load_run(workdir)
+    params = lora.wrap(setup.frozen, trainable["delta"], setup.method.spec)
     ours, _ = encoder.Encoder(setup.model.config).apply(
         {"params": params["encoder"]}, ids, types, mask
     )

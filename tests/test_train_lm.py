@@ -14,6 +14,7 @@ from helpers import override
 from safetensors.numpy import save_file
 
 from lorax import assets, checkpoints, generate, lora, paths
+from lorax import setup as setup_lib
 from lorax import train as train_lib
 from lorax.checkpoints import hf
 from lorax.models import decoder
@@ -160,7 +161,7 @@ def test_snli_as_text_on_gpt2_is_scored_by_choice_likelihood(
 
 def test_classification_task_on_a_decoder_is_refused(tiny_llama_dir):
     with pytest.raises(ValueError, match=r"task.name = 'snli' does not fit .* causal LM.*"):
-        train_lib.build(lm_config(tiny_llama_dir, **{"task.name": "snli"}))
+        setup_lib.build(lm_config(tiny_llama_dir, **{"task.name": "snli"}))
 
 
 def test_generate_command_applies_the_trained_adapter(tiny_llama_dir, tmp_path):

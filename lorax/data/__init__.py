@@ -10,7 +10,8 @@ from lorax.data.causal import (
     train_examples,
 )
 from lorax.data.packing import ChoiceBatcher, PackedBatcher, count_lm_tokens
-from lorax.data.tasks import TASKS, Examples, PairClassification, TaskData, load_task
+from lorax.data.registry import check_task, label_names, load_task, make_batcher
+from lorax.data.tasks import TASKS, Examples, PairClassification, TaskData
 
 __all__ = [
     "CAUSAL_TASKS",
@@ -27,6 +28,9 @@ __all__ = [
     "PackedBatcher",
     "PairClassification",
     "TaskData",
+    "check_task",
+    "label_names",
     "load_task",
+    "make_batcher",
     "train_examples",
 ]

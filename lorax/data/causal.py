@@ -258,7 +258,7 @@ class InstructionTask:
     test_file: str = "test.jsonl"
 
     def load(self, data_dir, tokenizer, *, max_length: int, validation_size: int) -> TaskData:
-        """See :func:`lorax.data.tasks.load_task`."""
+        """See :func:`lorax.data.registry.load_task`."""
         data_dir = os.fspath(data_dir)
         train_path = os.path.join(data_dir, self.train_file)
         test_path = os.path.join(data_dir, self.test_file)
@@ -312,7 +312,7 @@ class ChoiceTask:
     choices: tuple[str, ...]  # one per class, in label order
 
     def load(self, data_dir, tokenizer, *, max_length: int, validation_size: int) -> TaskData:
-        """See :func:`lorax.data.tasks.load_task`."""
+        """See :func:`lorax.data.registry.load_task`."""
         task, counts = self.classification, {}
         raw = {
             split: task.read(os.path.join(os.fspath(data_dir), file), split, counts)

@@ -84,7 +84,7 @@ class PairClassification:
     skip_labels: tuple[str, ...] = ()
 
     def load(self, data_dir, tokenizer, *, max_length: int, validation_size: int) -> TaskData:
-        """See :func:`load_task`."""
+        """See :func:`lorax.data.registry.load_task`."""
         counts: dict[str, int] = {}
         raw = {
             split: self.read(os.path.join(os.fspath(data_dir), file), split, counts)
@@ -312,7 +312,7 @@ class SentenceClassification:
     test_size: int = 1000
 
     def load(self, data_dir, tokenizer, *, max_length: int, validation_size: int) -> TaskData:
-        """See :func:`load_task`."""
+        """See :func:`lorax.data.registry.load_task`."""
         import bz2
         import csv
 
@@ -386,34 +386,3 @@ TASKS: dict[str, PairClassification | SentenceClassification] = {
     "snli": SNLI,
     "rotten_tomatoes": ROTTEN_TOMATOES,
 }
-
-
-def load_task(name: str, data_dir, tokenizer, *, max_length: int, validation_size: int) -> TaskData:
-    """Loads task ``name`` from the files in ``data_dir``, tokenized with ``tokenizer``.
-
-    Args:
-      name: a key of :data:`TASKS` (classification) or of
-        :data:`lorax.data.causal.CAUSAL_TASKS` (causal LM).
-      data_dir: directory with the task's files (see :func:`lorax.assets.resolve`).
-      tokenizer: a Hugging Face (fast) tokenizer.
-      max_length: longest example in tokens; longer ones are truncated and counted.
-      validation_size: rows held out of the train file as the validation split; the same rows
-        on every call, whatever the run's seed.
-
-    Returns:
-      The splits "train", "validation" and "test" (the task's test file), with counts. For
-      causal tasks the splits are :class:`lorax.data.causal.CausalExamples` or
-      :class:`lorax.data.causal.ChoiceExamples` instead of :class:`Examples`.
-    """
-    # Imported here: lorax.data.causal builds on this module.
-    from lorax.data.causal import CAUSAL_TASKS
-
-    if name in CAUSAL_TASKS:
-        return CAUSAL_TASKS[name].load(
-            data_dir, tokenizer, max_length=max_length, validation_size=validation_size
-        )
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; valid: {sorted([*TASKS, *CAUSAL_TASKS])}")
-    return TASKS[name].load(
-        data_dir, tokenizer, max_length=max_length, validation_size=validation_size
-    )

@@ -1,0 +1,64 @@
+"""Task names: which exist, which kind of model each fits, loading one, and its batcher."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorax.data.batching import Batcher
+from lorax.data.causal import CAUSAL_TASKS, CausalExamples, ChoiceExamples
+from lorax.data.packing import ChoiceBatcher, PackedBatcher
+from lorax.data.tasks import TASKS, TaskData
+
+# The kind of model a task's examples fit: "classify" (an encoder with a head) or "lm".
+KINDS = {**{name: "classify" for name in TASKS}, **{name: "lm" for name in CAUSAL_TASKS}}
+
+
+def check_task(name: str, model_kind: str | None = None, model_name: str = "") -> None:
+    """Raises unless ``name`` is a task (and, given ``model_kind``, one that fits it), listing
+    the valid names."""
+    if name not in KINDS:
+        raise ValueError(f"task.name = {name!r} is not a known task; choose one of {sorted(KINDS)}")
+    if model_kind is not None and KINDS[name] != model_kind:
+        what = "a causal LM" if model_kind == "lm" else "an encoder"
+        valid = sorted(n for n, k in KINDS.items() if k == model_kind)
+        raise ValueError(
+            f"task.name = {name!r} does not fit model.name = {model_name!r}, which is {what}; "
+            f"tasks for it: {valid}"
+        )
+
+
+def label_names(name: str) -> tuple[str, ...]:
+    """The class names of classification task ``name``, in class-index order."""
+    return tuple(TASKS[name].label_names)
+
+
+def load_task(name: str, data_dir, tokenizer, *, max_length: int, validation_size: int) -> TaskData:
+    """Loads task ``name`` from the files in ``data_dir``, tokenized with ``tokenizer``.
+
+    Args:
+      name: a key of :data:`lorax.data.tasks.TASKS` (classification) or of
+        :data:`lorax.data.causal.CAUSAL_TASKS` (causal LM).
+      data_dir: directory with the task's files (see :func:`lorax.assets.resolve`).
+      tokenizer: a Hugging Face (fast) tokenizer.
+      max_length: longest example in tokens; longer ones are truncated and counted.
+      validation_size: rows held out of the train file as the validation split; the same rows
+        on every call, whatever the run's seed.
+
+    Returns:
+      The splits "train", "validation" and "test" (the task's test file), with counts. For
+      causal tasks the splits are :class:`lorax.data.causal.CausalExamples` or
+      :class:`lorax.data.causal.ChoiceExamples` instead of :class:`lorax.data.tasks.Examples`.
+    """
+    check_task(name)
+    task = CAUSAL_TASKS[name] if name in CAUSAL_TASKS else TASKS[name]
+    return task.load(data_dir, tokenizer, max_length=max_length, validation_size=validation_size)
+
+
+def make_batcher(examples, batch_size: int, task_config, *, seed: int, pad_id: int) -> Any:
+    """The batcher for a split, by its kind of examples: scored choices, packed LM rows, or
+    length buckets. ``task_config`` is the config's ``task`` section (buckets, max_length)."""
+    if isinstance(examples, ChoiceExamples):
+        return ChoiceBatcher(examples, batch_size, task_config.buckets, pad_id=pad_id)
+    if isinstance(examples, CausalExamples):
+        return PackedBatcher(examples, batch_size, task_config.max_length, seed=seed, pad_id=pad_id)
+    return Batcher(examples, batch_size, task_config.buckets, seed=seed)

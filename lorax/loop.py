@@ -1,0 +1,331 @@
+"""The host loop every training run goes through, alone or as K adapters of one job.
+
+A :class:`Stepper` is the device side (its jitted step, batches, evaluation); :func:`run` is
+the host side, the same for both: resume from the newest intact checkpoint, step through the
+data, read step N−1's metric sums while step N runs, apply the NaN/Inf policy on every step,
+log each adapter's window mean every ``log_every`` steps, evaluate every ``eval_every``,
+checkpoint every ``checkpoint_every``, and end with the validation and test evaluations.
+:func:`make_summary` turns a finished adapter into its ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+
+from lorax import evaluate, lora, paths, quant, sharding
+from lorax import setup as setup_lib
+from lorax import step as step_lib
+from lorax.checkpoints.state import Checkpointer, IncompatibleCheckpointError
+from lorax.runfiles import MetricsLog
+
+_WINDOW = ("loss_sum", "correct", "count")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf and the config says to stop."""
+
+
+def nonfinite_advice(ckpt: Checkpointer) -> str:
+    """The end of a NaN/Inf message: where the last good checkpoint is, and the way to skip."""
+    last = ckpt.latest_step()
+    return (
+        f"Last good checkpoint: {'none' if last is None else f'step {last}'} in "
+        f"{ckpt.directory}. Set train.skip_nonfinite=True to skip such batches."
+    )
+
+
+class Stepper:
+    """The device side of one run: a single adapter (this class) or K of them (the
+    multi-adapter job's subclass). Metric sums and token counts come per adapter, [K]."""
+
+    def __init__(self, setup: setup_lib.Setup, config, name: str):
+        self.setup, self.config, self.names = setup, config, [name]
+        self.configs = [config]
+        self.forward = setup_lib.make_forward(setup)
+        self.tx = step_lib.make_optimizer(config.train)
+        self._key = jax.random.fold_in(jax.random.key(config.seed), 3)
+        self._batcher = setup_lib.make_batcher(
+            setup, setup.task.splits["train"], config.train.batch_size, config
+        )
+        self._eval_steps: dict[Any, Any] = {}  # one jitted eval step per kind of split
+
+    @property
+    def size(self) -> int:
+        return len(self.names)
+
+    def init_state(self) -> dict:
+        trainable = {"delta": self.setup.delta, "head": self.setup.head}
+        return step_lib.initial_state(trainable, self.tx, self.setup.mesh)
+
+    def jit(self, state) -> None:
+        """Jits the step for ``state``'s shapes and shardings (before the first batch)."""
+        fn = step_lib.make_train_step(self.forward, self.tx, setup_lib.train_sums(self.setup))
+        self._step = step_lib.jit_train_step(fn, self.setup.mesh, state, self.setup.frozen)
+
+    def batch(self, step: int) -> tuple[Any, np.ndarray]:
+        """Step ``step``'s batch on the mesh and each adapter's real tokens in it."""
+        batch = self._batcher.train_batch(step)
+        tokens = setup_lib.count_tokens(batch)
+        return sharding.put_batch(batch, self.setup.mesh), np.array([tokens])
+
+    def args(self, state, batch) -> tuple:
+        return (state, self.setup.frozen, batch, self._key)
+
+    def step(self, state, batch):
+        return self._step(*self.args(state, batch))
+
+    def memory_bytes(self, state, batch) -> int | None:
+        return step_lib.step_memory_bytes(self._step, *self.args(state, batch))
+
+    def evaluate(self, state, examples) -> list[dict[str, float]]:
+        """Each adapter's mean loss, accuracy and row count on ``examples``."""
+        fn = setup_lib.eval_sums(examples)
+        if fn not in self._eval_steps:
+            self._eval_steps[fn] = evaluate.make_eval_step(self.forward, self.setup.mesh, fn)
+        batches = setup_lib.make_batcher(
+            self.setup, examples, self.config.eval_batch_size, self.config
+        ).eval_batches()
+        return [
+            evaluate.evaluate(
+                self._eval_steps[fn], state["trainable"], self.setup.frozen, batches,
+                self.setup.mesh,
+            )
+        ]  # fmt: skip
+
+    def adapter(self, state, k: int) -> dict[str, Any]:
+        """Adapter k's trained ``{"delta", "head"}`` in its own shapes."""
+        del k
+        return state["trainable"]
+
+
+def resume(ckpt: Checkpointer, state: dict, logs: Sequence[MetricsLog], num_steps: int) -> dict:
+    """The state of the newest intact checkpoint in ``ckpt`` (corrupt ones are moved aside and
+    reported), or ``state`` itself when there is none; trims each of ``logs`` to match, so
+    rows a cut-off run logged after its last checkpoint (or before its first) are not kept
+    twice."""
+    restored, notes = None, []
+    if ckpt.latest_step() is not None:
+        try:
+            restored, notes = ckpt.restore_latest_good(state)
+        except IncompatibleCheckpointError as e:
+            raise ValueError(
+                f"{ckpt.directory} holds a checkpoint that does not fit this config ({e}); "
+                "rerun with the config that started it, or pass a new --workdir"
+            ) from e
+    for note in notes:
+        tqdm.tqdm.write(note)
+    if restored is None:
+        if notes:
+            tqdm.tqdm.write(f"no intact checkpoint is left in {ckpt.directory}; starting at 0")
+        step = 0
+    else:
+        step = step_of(restored)
+        fallback = " (the newest intact one)" if notes else ""
+        tqdm.tqdm.write(
+            f"resuming from the checkpoint at step {step}{fallback} in {ckpt.directory}"
+        )
+    for log in logs:
+        log.truncate_after(step, num_steps)
+    return state if restored is None else restored
+
+
+def step_of(state) -> int:
+    """The step count of a state (of one adapter or of K)."""
+    return int(np.asarray(jax.device_get(state["step"])).flat[0])
+
+
+@dataclasses.dataclass
+class Result:
+    """What :func:`run` hands back: the final state and what the summaries need."""
+
+    state: Any
+    first_step: int
+    validation: list[dict[str, float]]  # per adapter
+    test: list[dict[str, float]]
+    train_seconds: float
+    train_tokens: int  # all adapters together
+    step_seconds_median: float | None
+    step_memory_bytes: int | None
+
+
+class _Window:
+    """Per-adapter metric sums since the last training log row."""
+
+    def __init__(self, k: int):
+        self.sums, self.tokens, self.since = np.zeros((len(_WINDOW), k)), np.zeros(k), time.time()
+
+    def add(self, sums, tokens, kept) -> None:
+        self.sums += np.stack([np.where(kept, np.atleast_1d(sums[k]), 0.0) for k in _WINDOW])
+        self.tokens += np.where(kept, tokens, 0)
+
+    def rows(self) -> list[dict[str, float]]:
+        elapsed = max(time.time() - self.since, 1e-9)
+        loss, correct, count = self.sums
+        count = np.maximum(count, 1)
+        return [
+            {"loss": float(loss[k] / count[k]), "accuracy": float(correct[k] / count[k]),
+             "tokens_per_second": float(self.tokens[k] / elapsed)}
+            for k in range(len(count))
+        ]  # fmt: skip
+
+
+def run(
+    stepper: Stepper,
+    state: Any,
+    ckpt: Checkpointer,
+    logs: Sequence[MetricsLog | None],
+) -> Result:
+    """Trains ``stepper``'s adapters from ``state`` (or the newest checkpoint) to
+    ``train.num_steps`` and evaluates them. ``logs[k]`` is adapter k's metrics log (None:
+    nothing is logged for it, e.g. an adapter whose run had already finished)."""
+    config = stepper.configs[0]
+    t = config.train
+    state = resume(ckpt, state, [log for log in logs if log is not None], t.num_steps)
+    first_step = step_of(state)
+    stepper.jit(state)
+    task = stepper.setup.task
+    val_subset = setup_lib.subset(task.splits["validation"], config.task.max_eval_examples)
+
+    def write(k_rows, **fields):
+        for log, row in zip(logs, k_rows, strict=True):
+            if log is not None and row is not None:
+                log.write(**fields, **row)
+
+    def run_eval(split, examples, step):
+        results = stepper.evaluate(state, examples)
+        write(results, step=step, split=split)
+        return results
+
+    bar = tqdm.tqdm(
+        total=t.num_steps, initial=first_step, unit="step", dynamic_ncols=True,
+        desc="train" if stepper.size == 1 else f"train x{stepper.size}",
+    )  # fmt: skip
+    window, pending, train_tokens = _Window(stepper.size), None, 0
+    step_times, step_memory, loop_start = [], None, time.time()
+
+    def drain(item):
+        """Adds step ``step``'s sums to the window, or applies the NaN/Inf policy."""
+        nonlocal train_tokens
+        step, sums, tokens = item
+        sums = jax.device_get(sums)
+        bad = np.atleast_1d(sums["nonfinite"]) > 0
+        if bad.any():
+            names = [n for n, b in zip(stepper.names, bad, strict=True) if b]
+            where = "" if stepper.size == 1 else f" in {names}"
+            msg = (
+                f"loss is NaN/Inf at step {step}{where}; the state from step {step - 1} was "
+                "kept. " + nonfinite_advice(ckpt)
+            )
+            if not t.skip_nonfinite:
+                raise NonFiniteLossError(msg)
+            tqdm.tqdm.write(f"skipping batch: {msg}")
+            write([{"skipped_nonfinite": 1} if b else None for b in bad], step=step, split="train")
+        window.add(sums, tokens, ~bad)
+        train_tokens += int(tokens[~bad].sum())
+
+    for step in range(first_step, t.num_steps):
+        batch, tokens = stepper.batch(step)
+        step_start = time.time()
+        if step == first_step:
+            step_memory = stepper.memory_bytes(state, batch)
+        state, sums = stepper.step(state, batch)
+        if pending is not None:
+            drain(pending)
+        pending = (step + 1, sums, tokens)  # metrics are labelled by the step count after it
+        done = step + 1
+        if done % config.log_every == 0 or done == t.num_steps:
+            drain(pending)
+            pending = None
+            rows = window.rows()
+            write(rows, step=done, split="train")
+            total = window.sums[0].sum() / max(window.sums[2].sum(), 1)
+            bar.set_postfix(
+                loss=f"{total:.4f}", tok_s=f"{sum(r['tokens_per_second'] for r in rows):.0f}"
+            )
+            window = _Window(stepper.size)
+        bar.update(1)
+        if step > first_step:  # each iteration waits for one step's metrics: one step
+            step_times.append(time.time() - step_start)
+        if config.eval_every and done % config.eval_every == 0 and done != t.num_steps:
+            eval_start = time.time()
+            results = run_eval("validation", val_subset, done)
+            accuracies = ", ".join(f"{r['accuracy']:.4f}" for r in results)
+            bar.write(f"step {done}: validation accuracy {accuracies}")
+            paused = time.time() - eval_start  # evals do not count against train throughput
+            window.since += paused
+            loop_start += paused
+        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == t.num_steps:
+            if pending is not None:
+                drain(pending)
+                pending = None
+            ckpt.save(done, state)
+    if pending is not None:
+        drain(pending)
+    bar.close()
+    train_seconds = time.time() - loop_start
+    ckpt.wait()
+
+    validation = run_eval("validation", task.splits["validation"], t.num_steps)
+    test = run_eval(
+        "test", setup_lib.subset(task.splits["test"], config.task.max_test_examples), t.num_steps
+    )
+    return Result(
+        state, first_step, validation, test, train_seconds, train_tokens,
+        float(np.median(step_times)) if step_times else None, step_memory,
+    )  # fmt: skip
+
+
+def make_summary(
+    config, setup: setup_lib.Setup, adapter: Mapping[str, Any], result: Result, k: int, start
+) -> dict[str, Any]:
+    """The ``summary.json`` of adapter ``k`` of a finished :func:`run` (a single run: k = 0),
+    whose trained ``{"delta", "head"}`` is ``adapter``."""
+    val, test = result.validation[k], result.test[k]
+    return {
+        "validation_accuracy": val["accuracy"],
+        "validation_loss": val["loss"],
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "test_examples": test["count"],
+        "validation_examples": val["count"],
+        "model_kind": setup.kind,
+        "method": config.method,
+        # lora_params: the LoRA delta's size (0 for other methods); delta_params: the
+        # trained tree of whichever method ran; head_params: train.trainable's leaves.
+        "lora_params": lora.count(adapter["delta"]) if config.method == "lora" else 0,
+        "delta_params": lora.count(adapter["delta"]),
+        "head_params": lora.count(adapter["head"]),
+        "base_params": setup.base_params,
+        # What an adapter checkpoint weighs beside the base it needs (the paper's 350 GB ->
+        # 35 MB point): delta + trained head in fp32, and the frozen base as stored.
+        "adapter_bytes": paths.nbytes(adapter["delta"]) + paths.nbytes(adapter["head"]),
+        # Quantized kernels count at their packed size (codes + scales); base_bytes_dense is
+        # what the same frozen leaves weigh unquantized in model.base_dtype.
+        "base_bytes": paths.nbytes(setup.frozen),
+        "base_bytes_dense": quant.dense_nbytes(setup.frozen),
+        "base_quantize": config.model.get("quantize") or "none",
+        "steps": config.train.num_steps,
+        "resumed_from": result.first_step,
+        "wall_seconds": time.time() - start,
+        "train_seconds": result.train_seconds,
+        "tokens_per_second": result.train_tokens / max(result.train_seconds, 1e-9),
+        # median wall time of a step (fetching the previous step's metrics included)
+        "step_seconds_median": result.step_seconds_median,
+        "step_memory_bytes": result.step_memory_bytes,
+        "devices": setup.mesh.devices.size,
+        "mesh": {axis: int(n) for axis, n in setup.mesh.shape.items()},
+        # What one device holds of the frozen base: shrinks as mesh.fsdp and mesh.tensor grow.
+        "base_bytes_per_device": sharding.bytes_per_device(setup.frozen),
+        "processes": jax.process_count(),
+        "platform": jax.devices()[0].platform,
+        "data_counts": dict(setup.task.counts),
+        "config": json.loads(config.to_json_best_effort()),
+    }

@@ -1,0 +1,81 @@
+"""A finished (or checkpointed) run, read back from its workdir alone: its config, its model
+and its trained trees, for export, generation and analysis."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from lorax import lora, methods, paths
+from lorax import setup as setup_lib
+from lorax.checkpoints.state import Checkpointer
+
+
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The run's ``config.json``; FileNotFoundError when ``workdir`` is no lorax.train run."""
+    path = os.path.join(os.fspath(workdir), "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir} has no config.json: is it a lorax.train workdir?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_trainable(workdir: str | os.PathLike) -> dict[str, Any]:
+    """The latest checkpoint's ``{"delta", "head"}`` as numpy arrays (either may be empty)."""
+    ckpt = Checkpointer(os.fspath(workdir))
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"{workdir} holds no checkpoint ({ckpt.directory})")
+        trainable = ckpt.restore(None)["trainable"]
+    finally:
+        ckpt.close()
+    trainable = {"delta": trainable.get("delta") or {}, "head": trainable.get("head") or {}}
+    return jax.tree_util.tree_map(np.asarray, trainable)
+
+
+def load_run(workdir: str | os.PathLike):
+    """``(config, setup, trainable)`` of a run: its saved config, model and latest state.
+
+    The run's mesh was for the machine it trained on; reading it back needs no particular
+    one, so the setup is built on every local device as data parallel.
+
+    Raises:
+      FileNotFoundError: the workdir has no ``config.json`` or no checkpoint.
+    """
+    config = read_config(workdir)
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    setup = setup_lib.build(config, with_task=False)
+    return config, setup, restore_trainable(workdir)
+
+
+def load_adapter(workdir: str, base: dict) -> tuple[dict, lora.LoraSpec]:
+    """``(delta, spec)`` of a LoRA run's latest checkpoint, laid out like ``base``.
+
+    The spec comes from the run's own ``config.json``, so adapters with other targets and
+    ranks than the current config load as they were trained; a delta trained with
+    ``model.scan`` on is unstacked for a base with it off, and the other way round.
+
+    Raises:
+      FileNotFoundError: no config.json or no checkpoint in ``workdir``.
+      ValueError: the run was not a LoRA run, or its delta does not fit ``base``.
+    """
+    run_config = read_config(workdir)
+    if run_config.method != "lora":
+        raise ValueError(
+            f"--adapter={workdir} is a method = {run_config.method!r} run; generation takes "
+            "LoRA adapters (export a full or partial fine-tuning run with --merged instead)"
+        )
+    spec = methods.lora_spec(run_config.lora)
+    delta = jax.tree_util.tree_map(jax.numpy.asarray, restore_trainable(workdir)["delta"])
+    scanned = any(paths.is_stacked(p) for p in paths.flatten(base))
+    delta = paths.stack_layers(delta) if scanned else paths.unstack_layers(delta)
+    try:
+        lora.wrap(base, delta, spec)
+    except ValueError as e:
+        raise ValueError(f"--adapter={workdir} does not fit this model: {e}") from None
+    return delta, spec

@@ -1,0 +1,221 @@
+"""What a run is made of, built once from its config: model, method, frozen base, head, delta,
+task and mesh (:func:`build`), and the forward pass over them (:func:`make_forward`).
+
+Every config check that can fail does so in :func:`build`, before any training compute. The
+frozen base goes from the host straight into its shardings on the mesh; the head and the new
+delta are placed beside it (:mod:`lorax.sharding`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lorax import assets, checkpoints, evaluate, methods, paths, quant, sharding
+from lorax import data as data_lib
+from lorax.models import decoder, encoder
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def choice(value: str, valid, field: str):
+    """``valid[value]`` (or ``value``, for a set); an error naming ``field`` and the choices."""
+    if value not in valid:
+        raise ValueError(f"{field} = {value!r} is not valid; choose one of {sorted(valid)}")
+    return valid[value] if isinstance(valid, Mapping) else value
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs, built once from a config."""
+
+    model: Any  # encoder.EncoderClassifier or decoder.Decoder
+    kind: str  # "classify" (encoder + head) or "lm" (causal LM)
+    method: methods.Method  # what is trained beside the head and how the model sees it
+    frozen: dict  # base leaves that are never trained (nested)
+    head: dict  # base leaves trained beside the delta (train.trainable): the task head
+    delta: dict  # the method's trainable tree, e.g. the LoRA delta
+    task: data_lib.TaskData | None
+    mesh: jax.sharding.Mesh  # frozen, head and delta are already placed on it (sharding.RULES)
+    base_params: int  # parameters of the pretrained base model
+    tokenizer: Any = None
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        pad = getattr(tok, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(tok, "eos_token_id", None)
+        return int(pad or 0)
+
+
+def _check_quantize(config, method: methods.Method) -> None:
+    if not config.model.get("quantize"):
+        return
+    quant.check_kind_block(config.model.quantize, config.model.quant_block)
+    if not isinstance(method, methods.LoRA):
+        raise ValueError(
+            f"model.quantize = {config.model.quantize!r} needs method = 'lora' (a quantized "
+            f"base is frozen; method = {config.method!r} trains it); or set model.quantize = ''"
+        )
+
+
+def _model_and_params(config, model_config, base, key):
+    """The Flax model for the checkpoint's family and the params tree it runs on."""
+    compute_dtype = choice(config.model.dtype, DTYPES, "model.dtype")
+    if isinstance(model_config, decoder.DecoderConfig):
+        model_config = dataclasses.replace(model_config, dropout=config.model.dropout)
+        model = decoder.Decoder(
+            model_config, compute_dtype, scan=config.model.scan, remat=config.model.remat
+        )
+        return model, paths.stack_layers(base) if config.model.scan else base
+    model_config = dataclasses.replace(model_config, hidden_dropout=config.model.dropout)
+    model = encoder.EncoderClassifier(
+        config=model_config,
+        num_classes=len(data_lib.label_names(config.task.name)),
+        pooling=config.model.pooling,
+        dtype=compute_dtype,
+        head_dropout=config.model.head_dropout,
+    )
+    return model, encoder.init_params(model, base, key)
+
+
+def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup:
+    """Loads the model, checks the method against it, then loads and tokenizes the task.
+
+    With ``model.scan`` :func:`paths.stack_layers` still stacks the layers on the default
+    device first. ``with_task=False`` skips the data (export, generation).
+    """
+    choice(config.model.dtype, DTYPES, "model.dtype")
+    base_dtype = choice(config.model.base_dtype, DTYPES, "model.base_dtype")
+    mesh = sharding.mesh_from_config(config.mesh)
+    if with_task:  # no batches otherwise
+        sharding.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
+        sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+        data_lib.check_task(config.task.name)
+    method = methods.from_config(config)
+    _check_quantize(config, method)
+
+    model_dir = assets.resolve(config.model.name)
+    model_config, base = checkpoints.load_pretrained(model_dir)
+    kind = "lm" if isinstance(model_config, decoder.DecoderConfig) else "classify"
+    if with_task:
+        data_lib.check_task(config.task.name, kind, config.model.name)
+    key = jax.random.key(config.seed)
+    base_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(base))
+    model, params = _model_and_params(config, model_config, base, jax.random.fold_in(key, 1))
+
+    head_flat, frozen_flat = paths.select(
+        paths.flatten(params), tuple(config.train.trainable), what="train.trainable pattern"
+    )
+    frozen = paths.unflatten(frozen_flat)
+    if config.model.get("quantize"):  # QLoRA: from the fp32 weights, standing for base_dtype ones
+        frozen = quant.quantize_tree(
+            frozen, config.model.quantize, config.model.quant_block, dtype=base_dtype
+        )
+    # Cast on the host, then each device receives only its slice.
+    frozen = sharding.put(
+        jax.tree_util.tree_map(
+            lambda x: x if quant.is_quantized(x) else np.asarray(x, base_dtype),
+            frozen,
+            is_leaf=quant.is_quantized,
+        ),
+        mesh,
+    )
+    head = sharding.put(jax.tree_util.tree_map(np.asarray, paths.unflatten(head_flat)), mesh)
+    delta = method.init(frozen, jax.random.fold_in(key, 2))
+    if method.replaces_base:  # the delta holds those base leaves now (fp32 copies)
+        frozen = methods.drop_replaced(frozen, delta)
+    delta = sharding.put(jax.tree_util.tree_map(np.asarray, delta), mesh)
+
+    tokenizer = checkpoints.load_tokenizer(model_dir)
+    task = None
+    if with_task:
+        task = data_lib.load_task(
+            config.task.name,
+            assets.resolve(config.task.data),
+            tokenizer,
+            max_length=config.task.max_length,
+            validation_size=config.task.validation_size,
+        )
+    return Setup(model, kind, method, frozen, head, delta, task, mesh, base_params, tokenizer)
+
+
+def make_forward(setup: Setup, method: methods.Method | None = None) -> Callable:
+    """``forward(trainable, frozen, batch, rng, train) -> logits``.
+
+    The params the model sees are the frozen leaves, the trainable head leaves and the
+    method's delta applied to them (``method``, default the setup's: for LoRA, wrapped around
+    its kernels as LoraWeight nodes, never merged). Logits are [B, C] for a classifier and
+    [B, T, V] for a causal LM. On a mesh with an fsdp axis the params are first gathered to
+    their compute layout (:func:`sharding.gather_fsdp`).
+    """
+    model, kind, mesh = setup.model, setup.kind, setup.mesh
+    method = setup.method if method is None else method
+
+    def forward(trainable, frozen, batch, rng, train: bool):
+        frozen = sharding.gather_fsdp(frozen, mesh)
+        trainable = sharding.gather_fsdp(trainable, mesh)
+        params = method.apply(paths.overlay(frozen, trainable["head"]), trainable["delta"])
+        rngs = {"dropout": rng} if train else {}
+        if kind == "lm":
+            logits, _ = model.apply(
+                {"params": params},
+                batch["input_ids"],
+                batch["positions"],
+                decoder.causal_mask(batch["segment_ids"]),
+                deterministic=not train,
+                rngs=rngs,
+            )
+            return logits
+        return model.apply(
+            {"params": params},
+            batch["input_ids"],
+            batch["token_type_ids"],
+            batch["attention_mask"],
+            deterministic=not train,
+            rngs=rngs,
+        )
+
+    return forward
+
+
+def train_sums(setup: Setup) -> Callable:
+    """The metric sums the train step's loss comes from."""
+    return evaluate.lm_sums if setup.kind == "lm" else evaluate.classification_sums
+
+
+def eval_sums(examples) -> Callable:
+    """The metric sums of an eval split: choice scoring, LM tokens or classes."""
+    if isinstance(examples, data_lib.ChoiceExamples):
+        return evaluate.choice_sums
+    if isinstance(examples, data_lib.CausalExamples):
+        return evaluate.lm_sums
+    return evaluate.classification_sums
+
+
+def make_batcher(setup: Setup, examples, batch_size: int, config) -> Any:
+    """The batcher of a split for this run (:func:`lorax.data.make_batcher`)."""
+    return data_lib.make_batcher(
+        examples, batch_size, config.task, seed=config.seed, pad_id=setup.pad_id
+    )
+
+
+def count_tokens(batch: Mapping[str, np.ndarray]) -> int:
+    """Real (non-pad) tokens in a batch of either kind."""
+    if "segment_ids" in batch:
+        return data_lib.count_lm_tokens(batch)
+    return data_lib.count_tokens(batch)
+
+
+def subset(examples, n: int):
+    """The first ``n`` examples of a split (all of them when ``n`` is 0 or more than it has)."""
+    if not n or n >= len(examples):
+        return examples
+    return examples.take(range(n))

@@ -1,0 +1,186 @@
+"""The training step: the optimizer, the pure step, its state, and its jit with shardings.
+
+The step differentiates the trainable tree ``{"delta", "head"}`` alone; the frozen base is an
+argument that is never donated and never differentiated. Every array lives on a (data, fsdp,
+tensor) device mesh in the shardings :mod:`lorax.sharding`'s rules give it, and the step is
+jitted with those shardings in and out.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lorax import evaluate, sharding
+
+
+def head_learning_rate(train_config) -> float:
+    """The head's peak learning rate (``train.head_learning_rate``, 0 = the delta's)."""
+    return train_config.head_learning_rate or train_config.learning_rate
+
+
+def make_optimizer(train_config, unit_peaks: bool = False) -> optax.GradientTransformation:
+    """AdamW with linear warmup then decay, over the trainable tree ``{"delta", "head"}``.
+
+    ``train_config`` is the config's ``train`` section. The clip's global norm is taken over
+    the trainable tree only: a norm over the whole base would make XLA compute the base's
+    gradient and lose LoRA's speed-up. ``unit_peaks`` sets both peak learning rates to 1, for
+    a caller that scales the updates by its own rates (the multi-adapter step, whose adapters
+    each have theirs).
+    """
+    t = train_config
+
+    def schedule(peak):
+        warmup = int(round(t.warmup_fraction * t.num_steps))
+        decay_steps = max(1, t.num_steps - warmup)
+        decays = {
+            "linear": lambda: optax.linear_schedule(peak, 0.0, decay_steps),
+            "cosine": lambda: optax.cosine_decay_schedule(peak, decay_steps),
+            "constant": lambda: optax.constant_schedule(peak),
+        }
+        if t.schedule not in decays:
+            raise ValueError(
+                f"train.schedule = {t.schedule!r} is not valid; choose one of {sorted(decays)}"
+            )
+        decay = decays[t.schedule]()
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+    def adamw(peak):
+        return optax.adamw(
+            schedule(peak),
+            t.b1,
+            t.b2,
+            t.eps,
+            weight_decay=t.weight_decay,
+            mask=lambda tree: jax.tree_util.tree_map(lambda x: x.ndim >= 2, tree),
+        )
+
+    lr, head_lr = (1.0, 1.0) if unit_peaks else (t.learning_rate, head_learning_rate(t))
+    tx = optax.multi_transform(
+        {"delta": adamw(lr), "head": adamw(head_lr)}, {"delta": "delta", "head": "head"}
+    )
+    if t.grad_clip:
+        tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
+    return tx
+
+
+def make_train_step(
+    forward: Callable, tx: optax.GradientTransformation, sums_fn=evaluate.classification_sums
+) -> Callable:
+    """``train_step(state, frozen, batch, key) -> (state, metric sums)``, pure.
+
+    ``state`` is ``{"step", "trainable", "opt_state"}``. A step whose loss is not finite leaves
+    the state unchanged and reports ``nonfinite = 1``; the host decides whether to stop.
+    """
+
+    def loss_fn(trainable, frozen, batch, rng):
+        logits = forward(trainable, frozen, batch, rng, True)
+        sums = sums_fn(logits, batch)
+        return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
+
+    def train_step(state, frozen, batch, key):
+        rng = jax.random.fold_in(key, state["step"])
+        grads, sums = jax.grad(loss_fn, has_aux=True)(state["trainable"], frozen, batch, rng)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        return next_state(state, trainable, opt_state, sums)
+
+    return train_step
+
+
+def next_state(state, trainable, opt_state, sums) -> tuple[dict, dict]:
+    """The step's new state and metrics; a non-finite loss keeps the old trainable tree and
+    optimizer state (only the step count advances) and reports ``nonfinite = 1``."""
+    finite = jnp.isfinite(sums["loss_sum"])
+
+    def keep(new, old):
+        return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    new_state = {
+        "step": state["step"] + 1,
+        "trainable": keep(trainable, state["trainable"]),
+        "opt_state": keep(opt_state, state["opt_state"]),
+    }
+    return new_state, {**sums, "nonfinite": 1.0 - finite.astype(jnp.float32)}
+
+
+def jit_train_step(
+    train_step: Callable, mesh, state: Any, frozen: Any, *, leading: int = 0, extra: int = 0
+) -> Callable:
+    """Jits ``train_step(state, frozen, batch, key, *extra)`` with explicit shardings and the
+    state donated.
+
+    Args:
+      train_step: from :func:`make_train_step` (or the multi-adapter step).
+      mesh: the device mesh.
+      state, frozen: trees of arrays or ``jax.ShapeDtypeStruct`` s shaped like the step's
+        state and base; their shardings come from :data:`lorax.sharding.RULES` (the rules
+        never split a leading adapter axis), and the state comes back in them.
+      leading: axes before the batch axis in every batch array (1 for [K, B, ...]).
+      extra: arguments after ``key`` (per-adapter rates, masks, scales), replicated like it.
+    """
+    state_sh = sharding.tree_shardings(state, mesh)
+    rep = sharding.replicated(mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(
+            state_sh,
+            sharding.tree_shardings(frozen, mesh),
+            sharding.batch_sharding(mesh, leading=leading),
+            rep,
+            *[rep] * extra,
+        ),
+        out_shardings=(state_sh, rep),
+        donate_argnums=(0,),
+    )
+
+
+def fresh_state(trainable: Any, tx: optax.GradientTransformation) -> dict[str, Any]:
+    """``{"step": 0, "trainable": trainable, "opt_state": tx.init(trainable)}``."""
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "trainable": trainable,
+        "opt_state": tx.init(trainable),
+    }
+
+
+def initial_state(trainable: Any, tx: optax.GradientTransformation, mesh) -> dict[str, Any]:
+    """Step 0's ``{"step", "trainable", "opt_state"}`` for ``{"delta", "head"}``.
+
+    Built by one jitted call straight into the shardings the rules give each leaf (Adam's
+    moments beside the leaf they belong to), never whole on one device first.
+    """
+    init = functools.partial(fresh_state, tx=tx)
+    shardings = sharding.tree_shardings(jax.eval_shape(init, trainable), mesh)
+    return jax.jit(init, out_shardings=shardings)(trainable)
+
+
+def compiled_memory_bytes(compiled) -> int | None:
+    """A compiled step's own device footprint: arguments + outputs − donated (aliased) +
+    temporaries, the frozen base included; None if the backend cannot say."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    return int(
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        - analysis.alias_size_in_bytes
+        + analysis.temp_size_in_bytes
+    )
+
+
+def step_memory_bytes(jitted: Callable, *args) -> int | None:
+    """Memory one step needs on a device, in bytes, for these arguments' shapes.
+
+    XLA's accounting of the compiled step (:func:`compiled_memory_bytes`; the same on CPU, GPU
+    and TPU, so methods compare alike on any machine). Costs one extra compile.
+    """
+    try:
+        return compiled_memory_bytes(jitted.lower(*args).compile())
+    except Exception:  # noqa: BLE001 -- a backend without the analysis: nothing to report
+        return None
