@@ -153,82 +153,22 @@ def generate(
     return result
 
 
-def greedy_by_recomputation(
-    model: decoder.Decoder, params: Any, prompt: Sequence[int], max_new_tokens: int
-) -> list[int]:
-    """Greedy continuation that reruns the whole sequence for every token (no cache).
-
-    Slow and simple: the reference the cached :func:`generate` is tested against.
-    """
-    tokens = list(prompt)
-    for _ in range(max_new_tokens):
-        ids = jnp.asarray([tokens], jnp.int32)
-        positions = jnp.arange(len(tokens))[None]
-        mask = decoder.causal_mask(jnp.ones_like(ids))
-        logits, _ = model.apply({"params": params}, ids, positions, mask)
-        tokens.append(int(jnp.argmax(logits[0, -1])))
-    return tokens[len(prompt) :]
-
-
 # --------------------------------------------------------------------------- adapters
-
-
-def load_adapter(workdir: str, base: dict) -> tuple[dict, Any]:
-    """``(delta, spec)`` of a training run's latest checkpoint, laid out like ``base``.
-
-    The spec comes from the run's own ``config.json``, so adapters with other targets and
-    ranks than the current config load as they were trained; a delta trained with
-    ``model.scan`` on is unstacked for a base with it off, and the other way round.
-
-    Raises:
-      FileNotFoundError: no config.json or no checkpoint in ``workdir``.
-      ValueError: the run was not a LoRA run, or its delta does not fit ``base``.
-    """
-    import json
-
-    import ml_collections
-
-    from lorax import lora, train
-    from lorax.checkpoints.state import Checkpointer
-
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"--adapter={workdir} has no config.json (not a lorax.train run)")
-    with open(config_path) as f:
-        run_config = ml_collections.ConfigDict(json.load(f))
-    spec = train.lora_spec(run_config)
-    if spec is None:
-        raise ValueError(
-            f"--adapter={workdir} is a method = {run_config.method!r} run; generation takes "
-            "LoRA adapters (export a full or partial fine-tuning run with --merged instead)"
-        )
-    ckpt = Checkpointer(workdir)
-    if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"--adapter={workdir} holds no checkpoint ({ckpt.directory})")
-    delta = ckpt.restore(None)["trainable"]["delta"]
-    ckpt.close()
-    delta = jax.tree_util.tree_map(jnp.asarray, delta)
-    scanned = any(paths.is_stacked(p) for p in paths.flatten(base))
-    delta = paths.stack_layers(delta) if scanned else paths.unstack_layers(delta)
-    try:
-        lora.wrap(base, delta, spec)
-    except ValueError as e:
-        raise ValueError(f"--adapter={workdir} does not fit this model: {e}") from None
-    return delta, spec
 
 
 def load_for_generation(config, adapter: str | None, merge: bool = False):
     """``(setup, params)`` for decoding: the config's base, with the run's adapter if given
     (wrapped, or merged when ``merge``)."""
-    from lorax import lora, train
+    from lorax import lora, runs
+    from lorax import setup as setup_lib
 
-    setup = train.build(config, with_task=False)
+    setup = setup_lib.build(config, with_task=False)
     if setup.kind != "lm":
         raise ValueError(f"model.name = {config.model.name!r} is not a causal LM")
     params = paths.overlay(setup.frozen, setup.head)
     if adapter is None:
         return setup, params
-    delta, spec = load_adapter(adapter, params)
+    delta, spec = runs.load_adapter(adapter, params)
     return setup, (lora.merge if merge else lora.wrap)(params, delta, spec)
 
 
@@ -281,7 +221,7 @@ def main(argv):
     if not flags.FLAGS.prompt:
         raise app.UsageError("give at least one --prompt")
     absl_logging.set_verbosity(absl_logging.WARNING)
-    from lorax import lora, serving
+    from lorax import lora, runs, serving
 
     f = flags.FLAGS
     config, workdirs = f.config, list(f.adapter)
@@ -292,7 +232,7 @@ def main(argv):
         from lorax import data as data_lib
 
         texts = [data_lib.format_prompt(t) for t in texts]
-    adapters = [load_adapter(w, base) for w in workdirs]
+    adapters = [runs.load_adapter(w, base) for w in workdirs]
     labels = ["base model", *(f"adapter {os.path.abspath(w)}" for w in workdirs)]
     if f.merge:
         if len(adapters) != 1:

@@ -1,4 +1,4 @@
-"""LoRA as a functional transform of parameter trees: spec, init, wrap, merge, labels, count.
+"""LoRA as a functional transform of parameter trees: spec, init, wrap, merge, count.
 
 Shape letters: D = a kernel's input width, F = its output width, R = the LoRA rank.
 
@@ -321,25 +321,6 @@ def _apply(base, delta, spec, sign):
             base_flat[path], delta_flat[path + "/a"], delta_flat[path + "/b"], sign * site.scale
         )
     return paths.unflatten(base_flat)
-
-
-def trainable_labels(tree: Any, head: Sequence[str] = ()) -> Any:
-    """Optax labels for ``optax.multi_transform``: "lora", "head" or "frozen" per leaf.
-
-    ``a`` and ``b`` inside a :class:`LoraWeight` are "lora", its ``w`` is "frozen"; other
-    leaves whose "/"-joined path matches a regex in ``head`` are "head"; all else is "frozen".
-    Pair "frozen" with ``optax.set_to_zero()`` and the optimizer keeps no state for the base.
-    """
-    compiled = paths.compile_patterns(head)
-
-    def label(path, leaf):
-        if isinstance(leaf, LoraWeight):
-            return LoraWeight("frozen", "lora", "lora", leaf.scale, leaf.dropout)
-        return "head" if paths.first_match(paths.key_str(path), compiled) is not None else "frozen"
-
-    return jax.tree_util.tree_map_with_path(
-        label, tree, is_leaf=lambda x: isinstance(x, LoraWeight)
-    )
 
 
 def count(delta: Any) -> int:

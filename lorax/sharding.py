@@ -334,8 +334,3 @@ def put_batch(
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return {k: put(v) for k, v in batch.items()}
-
-
-def put_replicated(tree: Any, mesh: Mesh) -> Any:
-    """Places every leaf of ``tree`` on every device of the mesh."""
-    return jax.device_put(tree, replicated(mesh))

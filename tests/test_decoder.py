@@ -166,6 +166,19 @@ def _init(config, scan=False, seed=0):
     return jax.tree_util.tree_map(lambda x: x * 3 if x.ndim >= 2 else x, params["params"])
 
 
+def _greedy_by_recomputation(model, params, prompt, max_new_tokens):
+    """Greedy continuation that reruns the whole sequence for every token (no cache): slow
+    and simple, the reference the cached ``generate`` is tested against."""
+    tokens = list(prompt)
+    for _ in range(max_new_tokens):
+        ids = jnp.asarray([tokens], jnp.int32)
+        positions = jnp.arange(len(tokens))[None]
+        mask = decoder.causal_mask(jnp.ones_like(ids))
+        logits, _ = model.apply({"params": params}, ids, positions, mask)
+        tokens.append(int(jnp.argmax(logits[0, -1])))
+    return tokens[len(prompt) :]
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
 def test_cached_generation_equals_full_recomputation(family, scan):
@@ -175,7 +188,7 @@ def test_cached_generation_equals_full_recomputation(family, scan):
     params = _init(config)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
     model = decoder.Decoder(config)
-    expected = [generate.greedy_by_recomputation(model, params, p, 10) for p in prompts]
+    expected = [_greedy_by_recomputation(model, params, p, 10) for p in prompts]
     run_params = paths.stack_layers(params) if scan else params
     got = generate.generate(
         decoder.Decoder(config, scan=scan), run_params, prompts, max_new_tokens=10

@@ -4,7 +4,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from lorax import lora, paths
@@ -188,51 +187,3 @@ def test_delta_that_does_not_fit_is_refused():
         lora.wrap(_base(d=32), delta, spec)
     with pytest.raises(ValueError, match="delta has no adapter for layers_0/attn/v/kernel"):
         lora.wrap(_base(), delta, lora.make_spec("q,v", rank=2, alpha=2))
-
-
-def test_trainable_labels_drive_an_optimizer_that_ignores_the_base():
-    """With trainable_labels + multi_transform over a whole wrapped tree, only a, b and the head
-    change, and the optimizer keeps no state of base size."""
-    base = _base()
-    spec = lora.make_spec("q,v", rank=2, alpha=2)
-    wrapped = lora.wrap(base, _nonzero(lora.init(base, spec, jax.random.key(0))), spec)
-    labels = lora.trainable_labels(wrapped, head=[r"^head/"])
-    tx = optax.multi_transform(
-        {"lora": optax.adam(1e-2), "head": optax.adam(1e-2), "frozen": optax.set_to_zero()}, labels
-    )
-    state = tx.init(wrapped)
-    state_size = sum(x.size for x in jax.tree_util.tree_leaves(state))
-    trainable_size = lora.count(
-        {
-            k: v
-            for k, v in paths.flatten(
-                jax.tree_util.tree_map(
-                    lambda lab, x: x if lab != "frozen" else None,
-                    labels,
-                    wrapped,
-                    is_leaf=lambda x: isinstance(x, str),
-                )
-            ).items()
-        }
-    )
-    assert state_size <= 2 * trainable_size + 16  # Adam's two moments + counters
-
-    def loss(p):
-        x = jnp.ones((3, 16))
-        h = lnn.lora_matmul(None, x, p["layers_0"]["attn"]["q"]["kernel"], jnp.float32, True)
-        return jnp.sum((h @ p["head"]["kernel"]) ** 2)
-
-    grads = jax.grad(loss)(wrapped)
-    updates, _ = tx.update(grads, state, wrapped)
-    new = optax.apply_updates(wrapped, updates)
-    old_flat, new_flat = paths.flatten(wrapped), paths.flatten(new)
-    for path in old_flat:
-        o, n = old_flat[path], new_flat[path]
-        if isinstance(o, lora.LoraWeight):
-            np.testing.assert_array_equal(o.w, n.w)
-            if path == "layers_0/attn/q/kernel":
-                assert not np.array_equal(o.a, n.a) and not np.array_equal(o.b, n.b)
-        elif path == "head/kernel":
-            assert not np.array_equal(o, n)
-        else:
-            np.testing.assert_array_equal(o, n)

@@ -344,8 +344,6 @@ def export_peft(
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     return out
 
-    return out
-
 
 # --- import ----------------------------------------------------------------------------------
 
