@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments import sweep
-from lorax import runfiles
 
 # method label -> overrides. Learning rates: LoRA's is the demo's; full and partial
 # fine-tuning want a smaller step (the paper's RoBERTa/DeBERTa recipes, Hu et al. 2021 App. D);
@@ -60,26 +59,23 @@ def runs(methods: Sequence[str], seeds: int) -> list[sweep.Run]:
 
 
 def run_study(name: str, grid: Sequence[sweep.Run], base, root: str) -> list[dict[str, Any]]:
-    """Trains each run that has not finished, then writes and returns ``results.json`` rows."""
+    """Trains each run that has not finished, one process after another, then writes and
+    returns ``results.json`` rows (:mod:`experiments.sweep`'s study directory and rows)."""
     from lorax import train
 
-    out = os.path.join(root, name)
-    os.makedirs(out, exist_ok=True)
+    out, configs, done = sweep.open_study(name, grid, base, root)
 
     def write_results():  # after every run, so a long study can be reported while it runs
         every = [*grid, *_other_finished_runs(out, grid)]
         order = list(METHOD_RUNS)  # rows by method, then seed, whatever order they ran in
         every.sort(key=lambda r: (order.index(r.name.rsplit("_s", 1)[0]), r.overrides["seed"]))
-        rows = sweep.collect(out, every)
-        runfiles.write_json_atomic(os.path.join(out, "results.json"), {"runs": rows})
-        return rows
+        return sweep.write_results(name, out, every)
 
     for i, run in enumerate(grid):
-        workdir = os.path.join(out, run.name)
-        if os.path.exists(os.path.join(workdir, "summary.json")):
+        if run.name in done:
             continue
         print(f"[{i + 1}/{len(grid)}] {run.name}", flush=True)
-        train.train_and_evaluate(sweep.apply_overrides(base, run.overrides), workdir)
+        train.train_and_evaluate(configs[run.name], os.path.join(out, run.name))
         write_results()
     return write_results()
 
@@ -91,13 +87,10 @@ def _other_finished_runs(out: str, grid: Sequence[sweep.Run]) -> list[sweep.Run]
     found = []
     for entry in sorted(os.listdir(out)):
         m = re.match(r"^(?P<method>.+)_s(?P<seed>\d+)$", entry)
-        if (
-            m
-            and entry not in names
-            and m["method"] in METHOD_RUNS
-            and os.path.exists(os.path.join(out, entry, "summary.json"))
-        ):
-            found.append(runs([m["method"]], int(m["seed"]) + 1)[-1])
+        if m and entry not in names and m["method"] in METHOD_RUNS:
+            run = runs([m["method"]], int(m["seed"]) + 1)[-1]
+            if sweep.finished(out, run):
+                found.append(run)
     return found
 
 

@@ -107,16 +107,9 @@ def run_study(
     max_adapters: int = 0,
 ) -> list[dict[str, Any]]:
     """Trains every unfinished run of ``study`` and writes ``results.json``; returns its rows."""
-    from lorax import multi, runfiles
+    from lorax import multi
 
-    out = os.path.join(root, study)
-    os.makedirs(out, exist_ok=True)
-    names = [r.name for r in runs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"study {study}: run names repeat: {names}")
-    configs = {r.name: apply_overrides(base, r.overrides) for r in runs}
-    done = {r.name for r in runs if os.path.exists(os.path.join(out, r.name, "summary.json"))}
-    print(f"{study}: {len(runs)} runs, {len(done)} done, {len(runs) - len(done)} to train")
+    out, configs, done = open_study(study, runs, base, root)
     # Jobs are fixed slices of the whole grid, not of what is left: a job cut off after some
     # of its adapters were written resumes as the same job from its own checkpoint, and
     # train_many leaves the finished ones as they are.
@@ -129,6 +122,37 @@ def run_study(
         multi.train_many(
             [configs[r.name] for r in group], [os.path.join(out, r.name) for r in group]
         )
+    return write_results(study, out, runs)
+
+
+def open_study(
+    study: str, runs: Sequence[Run], base: ml_collections.ConfigDict, root: str
+) -> tuple[str, dict[str, ml_collections.ConfigDict], set[str]]:
+    """``(out, configs, done)`` of a study about to train, whatever trains its runs: its
+    directory ``<root>/<study>`` (made), each run's config by name (``base`` with the run's
+    overrides, so a bad override fails before anything trains) and the names of the runs
+    already finished; prints where the study stands."""
+    out = os.path.join(root, study)
+    os.makedirs(out, exist_ok=True)
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"study {study}: run names repeat: {names}")
+    configs = {r.name: apply_overrides(base, r.overrides) for r in runs}
+    done = {r.name for r in runs if finished(out, r)}
+    print(f"{study}: {len(runs)} runs, {len(done)} done, {len(runs) - len(done)} to train")
+    return out, configs, done
+
+
+def finished(out: str, run: Run) -> bool:
+    """Whether ``run`` of the study in ``out`` is done (its ``summary.json`` exists)."""
+    return os.path.exists(os.path.join(out, run.name, "summary.json"))
+
+
+def write_results(study: str, out: str, runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Writes ``<out>/results.json`` (atomically): a row per finished run of ``runs``, in
+    their order (:func:`collect`); returns the rows."""
+    from lorax import runfiles
+
     rows = collect(out, runs)
     runfiles.write_json_atomic(os.path.join(out, "results.json"), {"study": study, "runs": rows})
     return rows
@@ -138,10 +162,9 @@ def collect(out: str, runs: Sequence[Run]) -> list[dict[str, Any]]:
     """One row per finished run: its name, overrides and the summary's headline numbers."""
     rows = []
     for run in runs:
-        path = os.path.join(out, run.name, "summary.json")
-        if not os.path.exists(path):
+        if not finished(out, run):
             continue
-        with open(path) as f:
+        with open(os.path.join(out, run.name, "summary.json")) as f:
             s = json.load(f)
         rows.append({
             "name": run.name,

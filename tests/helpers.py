@@ -3,6 +3,8 @@
 import os
 import sys
 
+from experiments.sweep import apply_overrides
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,18 +26,7 @@ def tiny_config(model_dir, data_dir, **overrides):
     c.eval_every = 0
     c.checkpoint_every = 3
     c.eval_batch_size = 32
-    return override(c, **overrides)
-
-
-def override(config, **overrides):
-    """Sets dotted fields ("train.num_steps") of a ConfigDict in place; returns it."""
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return apply_overrides(c, overrides)
 
 
 def train_until_interrupted(config, workdir, step: int, monkeypatch) -> None:

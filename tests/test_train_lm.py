@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import override
 from safetensors.numpy import save_file
 
+from experiments.sweep import apply_overrides
 from lorax import assets, checkpoints, generate, lora, paths
 from lorax import setup as setup_lib
 from lorax import train as train_lib
@@ -102,7 +102,7 @@ def lm_config(model_dir, **overrides):
     c.checkpoint_every = 6
     c.eval_batch_size = 8
     c.task.max_eval_examples = 16
-    return override(c, **overrides)
+    return apply_overrides(c, overrides)
 
 
 def _losses(workdir):
