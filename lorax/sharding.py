@@ -228,7 +228,7 @@ def tree_specs(tree: Any, mesh: Mesh, rules: Sequence[Rule] = RULES) -> Any:
     """A PartitionSpec per leaf of ``tree`` (arrays or ``jax.ShapeDtypeStruct``), by its path.
 
     Works on params, deltas, ``{"delta", "head"}`` trees and whole train states: an optax
-    state's leaves sit at paths such as ``1/inner_states/lora/inner_state/0/mu/delta/<kernel>/a``
+    state's leaves sit at paths such as ``1/inner_states/delta/inner_state/0/mu/delta/<kernel>/a``
     and so follow the param they mirror; step counts and other scalars are replicated.
     """
     compiled = paths.compile_patterns(p for p, _ in rules)

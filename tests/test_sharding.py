@@ -3,6 +3,7 @@ sharding rules, and training on 8 fake CPU devices in every mesh shape."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -146,7 +147,7 @@ def test_delta_factors_and_adam_moments_sit_beside_their_kernels(model):
     moments = {k: v for k, v in state_specs.items() if "/mu/delta/" in k or "/nu/delta/" in k}
     assert len(moments) == 2 * len(factor_specs)
     for key, got in moments.items():
-        assert got == factor_specs[key.split("/delta/", 1)[1]], key
+        assert got == factor_specs[re.sub(r"^.*/(?:mu|nu)/delta/", "", key)], key
     assert state_specs["step"] == P()
 
 
