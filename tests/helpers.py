@@ -47,3 +47,30 @@ def train_until_interrupted(config, workdir, step: int, monkeypatch) -> None:
         m.setattr(data.Batcher, "train_batch", dying)
         with pytest.raises(KeyboardInterrupt):
             train.train_and_evaluate(config, str(workdir))
+
+
+def poison_losses(monkeypatch, poisoned) -> None:
+    """Makes the training loss NaN on the batches ``poisoned(batcher, step)`` picks (step is
+    the batch index; metrics.jsonl labels it step + 1), by marking their labels with a class
+    no task has and turning the loss of a marked batch into NaN inside the step."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lorax import data, evaluate
+
+    real_batch, real_sums = data.Batcher.train_batch, evaluate.classification_sums
+    marker = 99
+
+    def batch(self, step):
+        b = real_batch(self, step)
+        if poisoned(self, step):
+            b = {**b, "labels": np.full_like(b["labels"], marker)}
+        return b
+
+    def sums(logits, b):
+        out = real_sums(logits, b)
+        bad = jnp.any(b["labels"] == marker)
+        return {**out, "loss_sum": jnp.where(bad, jnp.nan, out["loss_sum"])}
+
+    monkeypatch.setattr(data.Batcher, "train_batch", batch)
+    monkeypatch.setattr(evaluate, "classification_sums", sums)

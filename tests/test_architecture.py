@@ -12,11 +12,6 @@ LONG_FUNCTIONS = {
     # the one host loop: resume, step, drain, log, eval, checkpoint, final eval in one place,
     # so single runs and multi-adapter jobs cannot drift apart again
     "lorax.loop.run",
-    # not yet split (left from before the redesign step; each follows PEFT's file layout or a
-    # decoder block's order top to bottom): a follow-up, listed so none grows unnoticed
-    "lorax.checkpoints.peft.export_peft",
-    "lorax.checkpoints.peft.import_peft",
-    "lorax.models.decoder.__call__",
 }
 
 

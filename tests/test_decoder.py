@@ -168,14 +168,17 @@ def _init(config, scan=False, seed=0):
 
 def _greedy_by_recomputation(model, params, prompt, max_new_tokens):
     """Greedy continuation that reruns the whole sequence for every token (no cache): slow
-    and simple, the reference the cached ``generate`` is tested against."""
+    and simple, the reference the cached ``generate`` is tested against. The sequence is
+    right-padded to its final length so one compiled forward serves every token; the causal
+    mask keeps the padding after position i from reaching position i's logits."""
     tokens = list(prompt)
+    total = len(prompt) + max_new_tokens
+    positions = jnp.arange(total)[None]
+    mask = decoder.causal_mask(jnp.ones((1, total), jnp.int32))
+    forward = jax.jit(lambda ids: model.apply({"params": params}, ids, positions, mask)[0])
     for _ in range(max_new_tokens):
-        ids = jnp.asarray([tokens], jnp.int32)
-        positions = jnp.arange(len(tokens))[None]
-        mask = decoder.causal_mask(jnp.ones_like(ids))
-        logits, _ = model.apply({"params": params}, ids, positions, mask)
-        tokens.append(int(jnp.argmax(logits[0, -1])))
+        ids = jnp.asarray([tokens + [0] * (total - len(tokens))], jnp.int32)
+        tokens.append(int(jnp.argmax(forward(ids)[0, len(tokens) - 1])))
     return tokens[len(prompt) :]
 
 
@@ -189,6 +192,7 @@ def test_cached_generation_equals_full_recomputation(family, scan):
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
     model = decoder.Decoder(config)
     expected = [_greedy_by_recomputation(model, params, p, 10) for p in prompts]
+    assert len({tuple(e) for e in expected}) == 2  # the prompts lead to different tokens
     run_params = paths.stack_layers(params) if scan else params
     got = generate.generate(
         decoder.Decoder(config, scan=scan), run_params, prompts, max_new_tokens=10

@@ -4,13 +4,11 @@ not, alone and in a job."""
 
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import poison_losses, tiny_config
 
-from lorax import data as data_lib
-from lorax import evaluate, loop, multi
+from lorax import loop, multi
 from lorax import train as train_lib
 
 
@@ -57,22 +55,7 @@ def test_logged_training_loss_is_the_mean_over_its_window(
 @pytest.fixture
 def nan_at_step_2_for_seed_1(monkeypatch):
     """Makes the loss NaN on the batch of step index 1 (logged as step 2) of seed 1's data."""
-    real_batch, real_sums = data_lib.Batcher.train_batch, evaluate.classification_sums
-    poisoned = 99  # a label no class has: marks the rows whose loss is made NaN
-
-    def batch(self, step):
-        b = real_batch(self, step)
-        if step == 1 and self.seed == 1:
-            b = {**b, "labels": np.full_like(b["labels"], poisoned)}
-        return b
-
-    def sums(logits, b):
-        out = real_sums(logits, b)
-        bad = jnp.any(b["labels"] == poisoned)
-        return {**out, "loss_sum": jnp.where(bad, jnp.nan, out["loss_sum"])}
-
-    monkeypatch.setattr(data_lib.Batcher, "train_batch", batch)
-    monkeypatch.setattr(evaluate, "classification_sums", sums)
+    poison_losses(monkeypatch, lambda batcher, step: step == 1 and batcher.seed == 1)
 
 
 def test_a_nan_between_log_steps_stops_a_job_naming_the_step_and_adapter(

@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 import pytest
-from helpers import REPO, tiny_config, train_until_interrupted
+from helpers import REPO, poison_losses, tiny_config, train_until_interrupted
 
-from lorax import checkpoints, evaluate, loop, paths
+from lorax import checkpoints, loop, paths
 from lorax import data as data_lib
 from lorax import train as train_lib
 from lorax.checkpoints.state import Checkpointer, CorruptCheckpointError
@@ -289,27 +289,8 @@ def test_nonfinite_batches_can_be_skipped_instead(
     """With train.skip_nonfinite, the batches whose loss is NaN (steps 2 and 4 here) are
     skipped and logged, the others train, and the adapter stays finite; without it the same
     run stops at step 2, naming the last good checkpoint."""
-    import jax.numpy as jnp
-
-    real_batch, real_sums = (
-        data_lib.Batcher.train_batch,
-        evaluate.classification_sums,
-    )
-    poisoned = 99  # a label no class has: marks the rows whose loss is made NaN
-
-    def batch(self, step):
-        b = real_batch(self, step)
-        if step in (1, 3):  # logged as steps 2 and 4 (the step count after each)
-            b = {**b, "labels": np.full_like(b["labels"], poisoned)}
-        return b
-
-    def sums(logits, b):
-        out = real_sums(logits, b)
-        bad = jnp.any(b["labels"] == poisoned)
-        return {**out, "loss_sum": jnp.where(bad, jnp.nan, out["loss_sum"])}
-
-    monkeypatch.setattr(data_lib.Batcher, "train_batch", batch)
-    monkeypatch.setattr(evaluate, "classification_sums", sums)
+    # logged as steps 2 and 4 (the step count after each)
+    poison_losses(monkeypatch, lambda batcher, step: step in (1, 3))
     config = tiny_config(tiny_model_dir, tiny_snli_dir, **{"train.skip_nonfinite": True})
     train_lib.train_and_evaluate(config, str(tmp_path / "skip"))
     rows = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]

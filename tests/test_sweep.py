@@ -83,3 +83,14 @@ def test_study_runs_as_jobs_resumes_and_reports(
     text = report.report(str(tmp_path))
     assert "| Wq,Wv | 4 | 2,048 |" in text and "| 91.3 |" in text
     assert (tmp_path / "table5_tiny.png").stat().st_size > 1000
+    assert (tmp_path / "table5_tiny_curves.png").stat().st_size > 1000  # training-loss curves
+
+    # The copy kept in the repository: report, plots and each study's results.json.
+    kept = tmp_path / "kept"
+    assert report.report(str(tmp_path), str(kept)) == text
+    copied = (kept / "table5_tiny" / "results.json").read_text()
+    assert copied == (tmp_path / "table5_tiny" / "results.json").read_text()
+    assert (kept / "table5_tiny.png").exists() and (kept / "report.md").read_text() == text
+    # No study under a root: nothing written, and the command says so.
+    assert report.report(str(tmp_path / "nothing")) == ""
+    assert not (tmp_path / "nothing").exists()

@@ -269,8 +269,26 @@ def export_peft(
     factors = _delta_factors(delta, spec, shapes, where)
     if not factors:
         raise ValueError("delta is empty: there is nothing to export")
+    modules = _peft_modules(factors, spec, names, prefix, gpt2, getattr(config, "hidden_size", 0))
+    target_modules, layers = _targets(set(modules), shapes, names, prefix, gpt2)
+    task = default_task if task_type == "auto" else task_type
+    peft_config = _adapter_config(modules, spec, target_modules, layers, gpt2, task)
+    peft_config["base_model_name_or_path"] = base_model_name_or_path
+    tensors = {}
+    for module in sorted(modules):
+        a_RD, b_FR, _, _ = modules[module]
+        tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a_RD, np.float32)
+        tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b_FR, np.float32)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    return out
 
-    # module -> (A [R, D_in], B [D_out, R], rank, alpha), alpha chosen so PEFT's scaling is ours.
+
+def _peft_modules(factors, spec, names, prefix, gpt2, d) -> dict[str, tuple]:
+    """PEFT module name -> (A [R, D_in], B [D_out, R], rank, alpha), alpha chosen so PEFT's
+    scaling is ours; GPT-2's q, k, v factors are fused into one ``c_attn`` adapter."""
     modules: dict[str, tuple[np.ndarray, np.ndarray, int, float]] = {}
     fused: dict[str, dict[str, tuple]] = collections.defaultdict(dict)
     for path, (a, b, target) in factors.items():
@@ -279,7 +297,6 @@ def export_peft(
             fused[_module(names, _fused(path, gpt2), prefix)][m["name"]] = (a, b, target)
         else:  # same r and alpha as ours: PEFT's scaling formula is the same as lorax's
             modules[_module(names, path, prefix)] = (a.T, b.T, target.rank, target.alpha)
-    d = getattr(config, "hidden_size", 0)
     for module, parts in fused.items():
         order = [n for n in "qkv" if n in parts]
         a_RD = np.concatenate([parts[n][0].T for n in order], axis=0)
@@ -293,36 +310,43 @@ def export_peft(
             b_FR[row : row + d, col : col + a.shape[1]] = spec.scale(target) * b.T
             col += a.shape[1]
         modules[module] = (a_RD, b_FR, r_total, math.sqrt(r_total) if spec.rslora else r_total)
+    return modules
 
+
+def _targets(adapted: set[str], shapes, names, prefix, gpt2):
+    """PEFT's ``target_modules`` for the adapted modules, and the layer indices when naming
+    ``layers_to_transform`` gives the shorter list (else None)."""
     all_modules = set()
     for path in shapes:
         try:
             all_modules.add(_module(names, _fused(path, gpt2), prefix))
         except KeyError:
             pass
-    adapted = set(modules)
     options = [_choose_target_modules(adapted, all_modules, None)]
     layer_set = {_peft_layer(m) for m in adapted}
     all_layers = {_peft_layer(m) for m in all_modules} - {None}
     if None not in layer_set and layer_set != all_layers:
         options.append(_choose_target_modules(adapted, all_modules, frozenset(layer_set)))
     use_layers = len(options) == 2 and len(options[1]) < len(options[0])
-    target_modules = options[1] if use_layers else options[0]
+    return (options[1], sorted(layer_set)) if use_layers else (options[0], None)
 
+
+def _adapter_config(modules, spec, target_modules, layers, gpt2, task_type) -> dict[str, Any]:
+    """``adapter_config.json``: the most common rank and alpha, the rest as patterns."""
     ranks = {m: v[2] for m, v in modules.items()}
     alphas = {m: _json_number(v[3]) for m, v in modules.items()}
     r = collections.Counter(ranks[m] for m in sorted(ranks)).most_common(1)[0][0]
     alpha = collections.Counter(alphas[m] for m in sorted(alphas)).most_common(1)[0][0]
-    peft_config = {
+    return {
         "peft_type": "LORA",
-        "task_type": default_task if task_type == "auto" else task_type,
-        "base_model_name_or_path": base_model_name_or_path,
+        "task_type": task_type,
+        "base_model_name_or_path": None,
         "r": r,
         "lora_alpha": alpha,
         "target_modules": target_modules,
         "rank_pattern": _choose_pattern(ranks, r),
         "alpha_pattern": _choose_pattern(alphas, alpha),
-        "layers_to_transform": sorted(layer_set) if use_layers else None,
+        "layers_to_transform": layers,
         "layers_pattern": None,
         "use_rslora": spec.rslora,
         "lora_dropout": spec.dropout,
@@ -333,16 +357,6 @@ def export_peft(
         "use_dora": False,
         "inference_mode": True,
     }
-    tensors = {}
-    for module in sorted(modules):
-        a_RD, b_FR, _, _ = modules[module]
-        tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a_RD, np.float32)
-        tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b_FR, np.float32)
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    return out
 
 
 # --- import ----------------------------------------------------------------------------------
@@ -480,10 +494,30 @@ def import_peft(
     ):
         where = "encoder/"
     example = KEY_PREFIX + _module(names, _fused("layers_0/attn/q/kernel", gpt2), prefix)
-    rslora = bool(raw.get("use_rslora", False))
+    delta, sites = _import_factors(
+        adapter_dir, factors, raw, config, flat_base, where=where, example=example
+    )
+    if not delta:
+        raise ValueError(f"{adapter_dir}: {WEIGHTS_NAME} holds no LoRA factors")
+    spec = lora.LoraSpec(
+        targets=_spec_targets(sites),
+        init="gaussian" if raw.get("init_lora_weights") == "gaussian" else "kaiming",
+        dropout=float(raw.get("lora_dropout") or 0.0),
+        rslora=bool(raw.get("use_rslora", False)),
+    )
+    resolved = lora.resolve(base, spec)
+    if set(resolved) != set(delta):  # the targets are built from the paths: a bug if not
+        raise AssertionError(f"spec resolves to {sorted(resolved)} but delta has {sorted(delta)}")
+    return spec, paths.unflatten({f"{p}/{k}": v for p, d in delta.items() for k, v in d.items()})
+
+
+def _import_factors(adapter_dir, factors, raw, config, flat_base, *, where, example):
+    """``({kernel path: {"a", "b"}}, {kernel path: (rank, alpha)})`` from PEFT's factors,
+    each checked against its base kernel (a GPT-2 ``c_attn`` split into q, k, v)."""
+    names, _, _, _ = _family(config)
+    gpt2 = isinstance(config, decoder.DecoderConfig) and config.family == "gpt2"
     r_default, alpha_default = int(raw["r"]), raw.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
-
     delta, sites = {}, {}
     for module in sorted(factors):
         (key_a, a_RD), (key_b, b_FR) = factors[module]["A"], factors[module]["B"]
@@ -525,19 +559,7 @@ def import_peft(
         else:
             delta[path] = {"a": a_DR, "b": b_RF}
             sites[path] = (rank, alpha)
-
-    if not delta:
-        raise ValueError(f"{adapter_dir}: {WEIGHTS_NAME} holds no LoRA factors")
-    spec = lora.LoraSpec(
-        targets=_spec_targets(sites),
-        init="gaussian" if raw.get("init_lora_weights") == "gaussian" else "kaiming",
-        dropout=float(raw.get("lora_dropout") or 0.0),
-        rslora=rslora,
-    )
-    resolved = lora.resolve(base, spec)
-    if set(resolved) != set(delta):  # the targets are built from the paths: a bug if not
-        raise AssertionError(f"spec resolves to {sorted(resolved)} but delta has {sorted(delta)}")
-    return spec, paths.unflatten({f"{p}/{k}": v for p, d in delta.items() for k, v in d.items()})
+    return delta, sites
 
 
 # --- size ------------------------------------------------------------------------------------

@@ -442,6 +442,21 @@ def _with_prompt(prompt_PD, x_BTD, positions_BT, mask_BTS):
     )
 
 
+def _check_inputs(c: DecoderConfig, length: int, prompt: int, cached: bool) -> None:
+    """Raises for a soft prompt with a KV cache, or a sequence (prompt included) longer than
+    learned position embeddings reach."""
+    if prompt and cached:
+        raise ValueError(
+            "a soft prompt (method 'prompt' or 'ptuning') is not supported with a KV cache; "
+            "score or train without one, or decode with a LoRA adapter"
+        )
+    if c.positions == "learned" and not cached and length + prompt > c.max_position_embeddings:
+        raise ValueError(
+            f"sequence length {length} (with a soft prompt of {prompt}) exceeds "
+            f"max_position_embeddings {c.max_position_embeddings}"
+        )
+
+
 class Decoder(nn.Module):
     """A causal LM. ``__call__`` returns ``(logits_BTV in fp32, updated cache or None)``.
 
@@ -483,20 +498,7 @@ class Decoder(nn.Module):
             self.get_variable("params", "prompt") if self.has_variable("params", "prompt") else None
         )
         p = 0 if prompt_PD is None else prompt_PD.shape[0]
-        if p and cache is not None:
-            raise ValueError(
-                "a soft prompt (method 'prompt' or 'ptuning') is not supported with a KV cache; "
-                "score or train without one, or decode with a LoRA adapter"
-            )
-        if (
-            c.positions == "learned"
-            and cache is None
-            and input_ids_BT.shape[1] + p > (c.max_position_embeddings)
-        ):
-            raise ValueError(
-                f"sequence length {input_ids_BT.shape[1]} (with a soft prompt of {p}) exceeds "
-                f"max_position_embeddings {c.max_position_embeddings}"
-            )
+        _check_inputs(c, input_ids_BT.shape[1], p, cache is not None)
         embed = _Embeddings(c, self.dtype, name="embed")
         x_BTD = embed(input_ids_BT, positions_BT + p)
         if p:
@@ -554,8 +556,3 @@ def param_shapes(config: DecoderConfig, scan: bool = False) -> dict[str, tuple[i
     model = Decoder(config, scan=scan)
     tree = jax.eval_shape(model.init, jax.random.key(0), ids, ids, mask)["params"]
     return {p: tuple(v.shape) for p, v in paths.flatten(tree).items()}
-
-
-def check_params(params: Mapping, config: DecoderConfig, where: str, scan: bool = False) -> None:
-    """Raises naming the first path that is missing, unexpected or of the wrong shape."""
-    paths.check_tree(paths.flatten(params), param_shapes(config, scan), where=where)
