@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/wq_wv_r4.py
+# pytest worker processes (pytest-xdist): make test WORKERS=1 runs in one process
+WORKERS ?= 2
 
 .PHONY: demo test test-fast lint fetch clean
 
@@ -27,16 +29,16 @@ demo: fetch
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m lorax.assets minilm-l6 snli smollm2-135m rotten-tomatoes
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(WORKERS)
 
 # The developer loop: everything not marked slow (real-model loads, kill -9 runs, studies).
 test-fast: $(VENV)/.installed-test
 	$(BIN)/python -m lorax.assets minilm-l6 snli
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(WORKERS) -m "not slow"
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check lorax tests configs experiments benchmarks
 	$(BIN)/ruff format --check lorax tests configs experiments benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .jax-cache

@@ -153,6 +153,7 @@ def small_steps():
     return config, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_xla_flops_match_the_formula(small_steps, mode):
     """XLA's cost analysis of the compiled step is within ±5% of the formula × tokens, and

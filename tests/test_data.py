@@ -14,6 +14,7 @@ def snli(snli_dir, tokenizer):
     return data.load_task("snli", snli_dir, tokenizer, max_length=128, validation_size=5000)
 
 
+@pytest.mark.slow
 def test_real_snli_counts(snli):
     """110 train and 176 test rows without a gold label are skipped and counted; the rest
     split into train, a 5000-row validation hold-out, and the 9824-row official test set."""

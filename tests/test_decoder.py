@@ -241,6 +241,7 @@ def test_generation_stops_at_eos():
     assert stopped == free[: free.index(eos) + 1]
 
 
+@pytest.mark.slow
 def test_lora_under_scan_equals_lora_per_layer():
     """Stacking base and delta for nn.scan changes neither the outputs nor the count."""
     config = _tiny(tied=False)

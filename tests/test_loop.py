@@ -26,6 +26,7 @@ def _configs(model_dir, data_dir, log_every, seeds):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", [False, True], ids=["single", "job"])
 def test_logged_training_loss_is_the_mean_over_its_window(
     tiny_model_dir, tiny_snli_dir, tmp_path, job

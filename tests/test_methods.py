@@ -50,6 +50,7 @@ def _pretrained_logits(config, setup, batch):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", methods.METHODS)
 def test_untrained_method_and_the_base_model(method, tiny_model_dir, tiny_snli_dir):
     """At step 0, LoRA (B = 0), full / top-k / BitFit (the pretrained leaves themselves) and
@@ -105,6 +106,7 @@ def _size(tree) -> int:
     return sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(tree))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", methods.METHODS)
 def test_training_moves_only_the_methods_parameters(
     method, tiny_model_dir, tiny_snli_dir, tmp_path
@@ -182,6 +184,7 @@ def test_ptuning_starts_from_the_prompt_tuning_prompt(tiny_model_dir, tiny_snli_
         ("full", True),
     ],
 )
+@pytest.mark.slow
 def test_methods_train_a_decoder(method, scan, tiny_gpt2_dir, tmp_path):  # noqa: F811
     """On a causal LM (tiny GPT-2: it has biases), looped or scanned: each method trains, its
     loss is finite and falls on the instruction set."""
@@ -193,6 +196,7 @@ def test_methods_train_a_decoder(method, scan, tiny_gpt2_dir, tmp_path):  # noqa
     assert summary["delta_params"] > 0
 
 
+@pytest.mark.slow
 def test_adapters_are_the_identity_on_a_scanned_decoder(tiny_llama_dir):  # noqa: F811
     """Houlsby adapters over a scanned Llama stack (leaves [L, ...]) start as the identity."""
     config = lm_config(tiny_llama_dir, method="adapter_houlsby", **{"model.scan": True})
@@ -254,6 +258,7 @@ def test_merge_is_offered_only_where_the_method_allows(tiny_model_dir, tiny_snli
                 setup.method.merge(params, setup.delta)
 
 
+@pytest.mark.slow
 def test_method_study_trains_each_method_and_reports_the_table(
     tiny_model_dir, tiny_snli_dir, tmp_path
 ):
@@ -282,6 +287,7 @@ def test_method_study_trains_each_method_and_reports_the_table(
         study.runs(["lora", "adapters"], seeds=1)
 
 
+@pytest.mark.slow
 def test_partial_method_exports_merged_and_adapters_refuse(tiny_model_dir, tiny_snli_dir, tmp_path):
     """`lorax.export --merged` of a BitFit run writes a Hugging Face directory whose biases are
     the trained ones and whose other weights are the pretrained ones; an adapter run is

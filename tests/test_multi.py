@@ -38,6 +38,7 @@ def _final(workdir):
     return paths.flatten(trainable)
 
 
+@pytest.mark.slow
 def test_each_adapter_of_a_job_equals_its_single_run(tiny_model_dir, tiny_snli_dir, tmp_path):
     """Three adapters with different targets, ranks, scales (one rsLoRA), seeds and learning
     rates, trained as one job: each final delta and head equals its single run's (1e-5)."""
@@ -60,6 +61,7 @@ def test_each_adapter_of_a_job_equals_its_single_run(tiny_model_dir, tiny_snli_d
         )
 
 
+@pytest.mark.slow
 def test_padded_slots_and_their_adam_moments_stay_exactly_zero(tiny_model_dir, tiny_snli_dir):
     configs = _configs(tiny_model_dir, tiny_snli_dir)
     stepper = multi.MultiStepper(configs, ["a", "b", "c"])
@@ -102,6 +104,7 @@ def test_incompatible_configs_are_refused(tiny_model_dir, tiny_snli_dir):
         multi.check_compatible(configs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["bitfit", "adapter_houlsby", "prompt"])
 def test_a_job_of_another_method_equals_its_single_runs(
     method, tiny_model_dir, tiny_snli_dir, tmp_path

@@ -162,6 +162,7 @@ def test_export_minilm_rank_alpha_patterns_and_some_layers(tmp_path, minilm):
     assert cfg["rank_pattern"] == {"value": 2} and cfg["alpha_pattern"] == {"dense": 16}
 
 
+@pytest.mark.slow
 def test_export_llama_gqa_scanned_delta_with_rslora(tmp_path, llama_dir):
     """A scanned (stacked) delta on a GQA Llama with q, v and down_proj, rsLoRA and a rank
     override: LlamaForCausalLM + PEFT gives our logits within 1e-4."""

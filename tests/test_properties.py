@@ -248,6 +248,7 @@ def _close(actual, expected, rtol=1e-5):
 # --- 1a. init is a zero update -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(case=cases(dtypes=(np.float32, jnp.bfloat16)))
 def test_init_adapts_exactly_the_claimed_kernels_with_a_zero_update(case):

@@ -358,6 +358,7 @@ def test_quantized_kernel_of_the_wrong_shape_is_named():
 # --------------------------------------------------------------------------- through lorax.train
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_qlora_run_end_to_end_reports_the_packed_base(
     tiny_model_dir, tiny_snli_dir, tmp_path, kind

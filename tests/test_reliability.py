@@ -220,6 +220,7 @@ train.train_and_evaluate(tiny_config({model!r}, {data!r}, **CORRUPT_OVERRIDES), 
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncate", "flip"])
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(
     tiny_model_dir, tiny_snli_dir, tmp_path, monkeypatch, how
@@ -283,6 +284,7 @@ def test_checkpoint_damage_is_told_apart_from_a_config_mismatch(tmp_path):
 # --------------------------------------------------------------------------- NaN / Inf
 
 
+@pytest.mark.slow
 def test_nonfinite_batches_can_be_skipped_instead(
     tiny_model_dir, tiny_snli_dir, tmp_path, monkeypatch
 ):

@@ -46,6 +46,7 @@ def _layout(params, adapters, scan):
     return paths.stack_layers(params), [(paths.stack_layers(d), s) for d, s in adapters]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
 def test_mixed_batch_equals_each_row_with_its_own_adapter(base_and_adapters, scan):
     """Rows using slots (2, 0, 3, 1): each row's logits equal that row run alone with
@@ -67,6 +68,7 @@ def test_mixed_batch_equals_each_row_with_its_own_adapter(base_and_adapters, sca
         np.testing.assert_allclose(np.asarray(mixed[row]), np.asarray(alone[0]), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_generation_per_row_adapters_without_recompiling(base_and_adapters):
     """A mixed batch decodes each prompt as its adapter alone would; another mix of slots and
     an adapter swapped into a slot reuse the compiled decoder (compilations counted)."""

@@ -363,6 +363,7 @@ def one_device_losses(tiny_model_dir, tiny_snli_dir, tmp_path_factory):
     return losses
 
 
+@pytest.mark.slow
 def test_every_mesh_shape_follows_the_one_device_loss_curve(
     tiny_model_dir, tiny_snli_dir, tmp_path, one_device_losses
 ):

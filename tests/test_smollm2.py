@@ -32,6 +32,7 @@ def smollm2():
     return config, params, checkpoints.load_tokenizer(directory)
 
 
+@pytest.mark.slow
 def test_perplexity_on_plain_prose_is_low(smollm2):
     """Below 40 (measured ~27.5); a wrong RoPE row layout gives hundreds."""
     config, params, tok = smollm2
@@ -48,6 +49,7 @@ def test_perplexity_on_plain_prose_is_low(smollm2):
     assert perplexity < 40
 
 
+@pytest.mark.slow
 def test_greedy_continuation_is_sensible(smollm2):
     config, params, tok = smollm2
     prompt = tok("The capital of France is")["input_ids"]
@@ -57,6 +59,7 @@ def test_greedy_continuation_is_sensible(smollm2):
     assert "Paris" in tok.decode(out[0])
 
 
+@pytest.mark.slow
 def test_smollm2_snli_config_runs_a_few_steps_on_cpu(tmp_path):
     """configs/smollm2_snli_wq_wv_r4.py as is, but for 3 small steps in fp32 and a capped
     evaluation: it trains, scores SNLI as text and reports test accuracy."""

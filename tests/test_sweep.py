@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO, tiny_config
 
 from experiments import report, sweep, table5, table6
@@ -39,6 +40,7 @@ def test_grids_are_the_papers():
     assert every[: len(some)] == some and len(some) % len(table6.RANKS) == 0
 
 
+@pytest.mark.slow
 def test_study_runs_as_jobs_resumes_and_reports(
     tiny_model_dir, tiny_snli_dir, tmp_path, monkeypatch
 ):

@@ -29,6 +29,7 @@ def read_metrics(workdir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_end_to_end_writes_summary_metrics_and_checkpoints(tiny_model_dir, tiny_snli_dir, tmp_path):
     """A run writes summary.json with the promised keys, metrics.jsonl rows with step and
     split, and adapter-only checkpoints much smaller than the base."""
@@ -130,6 +131,7 @@ def _step_flops(config, batch):
     return float(cost["flops"])
 
 
+@pytest.mark.slow
 def test_lora_step_flops_are_at_most_three_quarters_of_full_finetuning(
     tiny_model_dir, tiny_snli_dir
 ):
@@ -156,6 +158,7 @@ def test_lora_step_flops_are_at_most_three_quarters_of_full_finetuning(
     assert lora_flops <= 0.75 * full_flops, (lora_flops, full_flops)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_ends_with_the_same_adapter(
     tiny_model_dir, tiny_snli_dir, tmp_path, monkeypatch
 ):
@@ -232,6 +235,7 @@ def test_batch_not_divisible_over_devices_is_refused():
         sharding.check_batch_size(12, EightWay(), "train.batch_size")
 
 
+@pytest.mark.slow
 def test_command_line_runs_and_rejects_unknown_override(tiny_model_dir, tiny_snli_dir, tmp_path):
     """`python -m lorax.train --config=configs/wq_wv_r4.py` with overrides trains and prints
     the summary; a misspelt override key fails (lock_config)."""
@@ -262,6 +266,7 @@ def test_command_line_runs_and_rejects_unknown_override(tiny_model_dir, tiny_snl
     assert "rnak" in bad.stderr
 
 
+@pytest.mark.slow
 def test_merged_encoder_export_loads_as_a_plain_bert_model(tiny_model_dir, tiny_snli_dir, tmp_path):
     """`python -m lorax.export --merged` on an encoder run: transformers' BertModel loads the
     checkpoint and its last hidden state equals the wrapped lorax encoder's; the classifier

@@ -111,6 +111,7 @@ def _losses(workdir):
     return [r["loss"] for r in rows if r["split"] == "train"]
 
 
+@pytest.mark.slow
 def test_instruction_tuning_trains_only_the_delta_and_learns(tiny_llama_dir, tmp_path):
     """LoRA on q, v of a tiny Llama over the shipped instructions: the loss falls, the
     summary reports LM accuracy on the response tokens, the delta has the paper's count."""
@@ -127,6 +128,7 @@ def test_instruction_tuning_trains_only_the_delta_and_learns(tiny_llama_dir, tmp
     assert summary["data_counts"]["test/rows"] == 100
 
 
+@pytest.mark.slow
 def test_scan_and_loop_follow_the_same_loss_curve(tiny_llama_dir, tmp_path):
     """model.scan (stacked base and delta) trains exactly like the unrolled layers."""
     over = {"train.num_steps": 4, "checkpoint_every": 0}
@@ -138,6 +140,7 @@ def test_scan_and_loop_follow_the_same_loss_curve(tiny_llama_dir, tmp_path):
     np.testing.assert_allclose(_losses(tmp_path / "scan"), _losses(tmp_path / "loop"), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_snli_as_text_on_gpt2_is_scored_by_choice_likelihood(
     tiny_gpt2_dir, tiny_snli_dir, tmp_path
 ):
@@ -164,6 +167,7 @@ def test_classification_task_on_a_decoder_is_refused(tiny_llama_dir):
         setup_lib.build(lm_config(tiny_llama_dir, **{"task.name": "snli"}))
 
 
+@pytest.mark.slow
 def test_generate_command_applies_the_trained_adapter(tiny_llama_dir, tmp_path):
     """`python -m lorax.generate --adapter=WORKDIR` decodes with the run's delta: the same
     tokens as lorax.generate.generate on lora.wrap(base, delta), and not the base's."""
@@ -220,6 +224,7 @@ def test_generate_command_applies_the_trained_adapter(tiny_llama_dir, tmp_path):
     assert blocks[1].endswith(setup.tokenizer.decode(base[0], skip_special_tokens=True) + "\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_merged_export_loads_in_transformers_and_matches(
     family, tiny_llama_dir, tiny_gpt2_dir, tmp_path
