@@ -88,6 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.eps = 1e-8  # Adam epsilon
     c.train.grad_clip = 1.0  # global-norm clip over the trainable tree only (0 = off)
     c.train.skip_nonfinite = False  # on a NaN/Inf loss: False = stop the run, True = skip the batch
+    c.train.max_skipped_consecutive = 10  # skip_nonfinite: stop after this many skips in a row
+    c.train.max_skipped_fraction = 0.25  # skip_nonfinite: stop once more of the steps so far
+    # were skipped (checked from step 20 on: a diverging run, not a few bad batches)
 
     # --- logging, evaluation, checkpoints -----------------------------------------------------
     c.log_every = 25  # steps between metrics.jsonl rows and progress-bar updates

@@ -107,22 +107,23 @@ def run_study(
     max_adapters: int = 0,
 ) -> list[dict[str, Any]]:
     """Trains every unfinished run of ``study`` and writes ``results.json``; returns its rows."""
-    from lorax import multi
+    from lorax import multi, runlock
 
     out, configs, done = open_study(study, runs, base, root)
-    # Jobs are fixed slices of the whole grid, not of what is left: a job cut off after some
-    # of its adapters were written resumes as the same job from its own checkpoint, and
-    # train_many leaves the finished ones as they are.
-    per_job = adapters_per_job(base, max_adapters)
-    for start in range(0, len(runs), per_job):
-        group = runs[start : start + per_job]
-        if all(r.name in done for r in group):
-            continue
-        print(f"job of {len(group)} adapters: {', '.join(r.name for r in group)}")
-        multi.train_many(
-            [configs[r.name] for r in group], [os.path.join(out, r.name) for r in group]
-        )
-    return write_results(study, out, runs)
+    with runlock.hold(out):  # one process per study (and each job locks its runs' workdirs)
+        # Jobs are fixed slices of the whole grid, not of what is left: a job cut off after
+        # some of its adapters were written resumes as the same job from its own checkpoint,
+        # and train_many leaves the finished ones as they are.
+        per_job = adapters_per_job(base, max_adapters)
+        for start in range(0, len(runs), per_job):
+            group = runs[start : start + per_job]
+            if all(r.name in done for r in group):
+                continue
+            print(f"job of {len(group)} adapters: {', '.join(r.name for r in group)}")
+            multi.train_many(
+                [configs[r.name] for r in group], [os.path.join(out, r.name) for r in group]
+            )
+        return write_results(study, out, runs)
 
 
 def open_study(

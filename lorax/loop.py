@@ -177,6 +177,41 @@ class _Window:
         ]  # fmt: skip
 
 
+class _Skips:
+    """Skipped (non-finite) steps per adapter; stops a run that skips more than
+    ``train.max_skipped_consecutive`` steps in a row, or (from step 20 on) more than
+    ``train.max_skipped_fraction`` of its steps: a diverging run, not a few bad batches."""
+
+    MIN_STEPS = 20
+
+    def __init__(self, names: Sequence[str], train_config, first_step: int):
+        self.names, self.first = list(names), first_step
+        self.limit = int(train_config.get("max_skipped_consecutive", 10))
+        self.fraction = float(train_config.get("max_skipped_fraction", 0.25))
+        self.in_a_row, self.total = np.zeros(len(names), int), np.zeros(len(names), int)
+        self.steps: list[list[int]] = [[] for _ in names]
+
+    def update(self, step: int, bad: np.ndarray, advice) -> None:
+        self.in_a_row = np.where(bad, self.in_a_row + 1, 0)
+        self.total += bad
+        for k in np.flatnonzero(bad):
+            self.steps[k].append(step)
+        done = step - self.first
+        over = (self.in_a_row > self.limit) | (
+            (done >= self.MIN_STEPS) & (self.total > self.fraction * done)
+        )
+        for k in np.flatnonzero(over):
+            shown = self.steps[k][-12:]
+            raise NonFiniteLossError(
+                f"{self.names[k]}: {self.total[k]} of the {done} steps so far had a NaN/Inf "
+                f"loss and were skipped ({self.in_a_row[k]} in a row; steps "
+                f"{'..., ' if len(self.steps[k]) > len(shown) else ''}{shown}): past "
+                f"train.max_skipped_consecutive = {self.limit} or train.max_skipped_fraction "
+                f"= {self.fraction}, the run is diverging, not meeting a few bad batches; "
+                f"lower train.learning_rate or check the data. {advice()}"
+            )
+
+
 def run(
     stepper: Stepper,
     state: Any,
@@ -209,6 +244,7 @@ def run(
         desc="train" if stepper.size == 1 else f"train x{stepper.size}",
     )  # fmt: skip
     window, pending, train_tokens = _Window(stepper.size), None, 0
+    skips = _Skips(stepper.names, t, first_step)
     step_times, step_memory, loop_start = [], None, time.time()
 
     def drain(item):
@@ -228,6 +264,7 @@ def run(
                 raise NonFiniteLossError(msg)
             tqdm.tqdm.write(f"skipping batch: {msg}")
             write([{"skipped_nonfinite": 1} if b else None for b in bad], step=step, split="train")
+        skips.update(step, bad, lambda: nonfinite_advice(ckpt))
         window.add(sums, tokens, ~bad)
         train_tokens += int(tokens[~bad].sum())
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lorax import loop, lora, methods, paths, runfiles, sharding
+from lorax import loop, lora, methods, paths, runfiles, runlock, sharding
 from lorax import setup as setup_lib
 from lorax import step as step_lib
 from lorax.checkpoints.state import Checkpointer
@@ -380,6 +380,13 @@ def train_many(
     """
     if len(configs) != len(workdirs):
         raise ValueError(f"{len(configs)} configs for {len(workdirs)} workdirs")
+    with runlock.hold_all(workdirs):
+        for config, workdir in zip(configs, workdirs, strict=True):
+            runfiles.write_config_once(workdir, config)  # refuses a changed config, up front
+        return _train_many(configs, workdirs)
+
+
+def _train_many(configs, workdirs) -> list[dict[str, Any]]:
     summary_paths = [os.path.join(w, "summary.json") for w in workdirs]
     finished = [os.path.exists(p) for p in summary_paths]
     if all(finished):
@@ -387,8 +394,6 @@ def train_many(
     start = time.time()
     stepper = MultiStepper(configs, workdirs)
     c0, num_steps = configs[0], configs[0].train.num_steps
-    for w in workdirs:
-        os.makedirs(w, exist_ok=True)
     logs = [
         None if done else runfiles.MetricsLog(os.path.join(w, "metrics.jsonl"))
         for w, done in zip(workdirs, finished, strict=True)
@@ -407,9 +412,6 @@ def train_many(
                 step = jnp.asarray(num_steps, jnp.int32)
                 ckpt.save(num_steps, {"step": step, "trainable": adapter})
             ckpt.wait()
-        runfiles.write_text_atomic(
-            os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
-        )
         summary = loop.make_summary(config, stepper.setup, adapter, result, k, start)
         summary["multi_adapter_job"] = stepper.size
         # Written last: a workdir with summary.json is finished (sweeps skip it).

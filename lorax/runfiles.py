@@ -9,9 +9,12 @@ after its checkpoint (and a half-written last line).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import Any
+
+from lorax import paths
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -29,9 +32,31 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             os.remove(tmp)
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (strict JSON has no such
+    numbers); a dict gains ``"nonfinite": {dotted path: "nan" | "inf" | "-inf"}`` saying which
+    values were replaced and what they were."""
+    found: dict[str, str] = {}
+
+    def clean(x, where):
+        if isinstance(x, float) and not math.isfinite(x):
+            found[where] = "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(x)]
+        return x
+
+    out = clean(obj, "")
+    if found and isinstance(out, dict):
+        out["nonfinite"] = found
+    return out
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Writes ``obj`` as indented JSON to ``path`` atomically."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
+    """Writes ``obj`` as indented, strict JSON to ``path`` atomically (:func:`strict_json`)."""
+    write_text_atomic(path, json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False))
 
 
 class MetricsLog:
@@ -66,4 +91,57 @@ class MetricsLog:
 
     def write(self, **event) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(event, sort_keys=True) + "\n")
+            f.write(json.dumps(strict_json(event), sort_keys=True, allow_nan=False) + "\n")
+
+
+# Config fields a rerun may change without changing what the run computes: how often it logs,
+# evaluates and checkpoints, how it batches evaluation, the periodic-eval subset, the devices.
+RESULT_NEUTRAL = (
+    "log_every",
+    "eval_every",
+    "eval_batch_size",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "task/max_eval_examples",
+    "mesh/",
+)
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """The fields (dotted, with both values) where ``new`` differs from ``old`` in anything
+    that changes a run's result; both are configs as JSON objects. A field ``old`` lacks (a
+    workdir written before the field existed) counts as unchanged: new fields default to the
+    old behaviour."""
+    a, b = paths.flatten(old), paths.flatten(new)
+    changed = []
+    for key in sorted(a):
+        if key.startswith(RESULT_NEUTRAL) or a[key] == b.get(key):
+            continue
+        changed.append(f"{key.replace('/', '.')}: {a[key]!r} -> {b.get(key)!r}")
+    return changed
+
+
+def write_config_once(workdir: str, config) -> None:
+    """Writes ``config.json`` into a new workdir; on a workdir that has one, checks that the
+    config is the same in everything that changes the result, and raises (writing nothing)
+    otherwise, listing the fields."""
+    path = os.path.join(workdir, "config.json")
+    new = json.loads(config.to_json_best_effort())
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"{path} is unreadable ({e}); it records the config this workdir was started "
+                "with: restore it, or pass a new --workdir"
+            ) from None
+        changes = config_changes(old, new)
+        if changes:
+            raise ValueError(
+                f"workdir {workdir} was started with another config; a run's config does not "
+                f"change (it would mislabel its checkpoints and exports). Differing: "
+                f"{'; '.join(changes)}. Rerun with the config in {path}, or pass a new --workdir"
+            )
+        return
+    write_text_atomic(path, config.to_json_best_effort(indent=2))

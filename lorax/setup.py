@@ -55,6 +55,52 @@ class Setup:
         return int(pad or 0)
 
 
+# (dotted field, lowest valid value, highest valid value or None, integer?)
+NUMBERS = (
+    ("seed", 0, None, True),
+    ("train.num_steps", 1, None, True),
+    ("train.batch_size", 1, None, True),
+    ("train.learning_rate", 0.0, None, False),
+    ("train.head_learning_rate", 0.0, None, False),
+    ("train.warmup_fraction", 0.0, 1.0, False),
+    ("train.weight_decay", 0.0, None, False),
+    ("train.grad_clip", 0.0, None, False),
+    ("train.max_skipped_consecutive", 1, None, True),
+    ("train.max_skipped_fraction", 0.0, 1.0, False),
+    ("eval_batch_size", 1, None, True),
+    ("log_every", 1, None, True),
+    ("eval_every", 0, None, True),
+    ("checkpoint_every", 0, None, True),
+    ("keep_checkpoints", 1, None, True),
+    ("task.max_length", 2, None, True),
+    ("task.validation_size", 0, None, True),
+    ("task.max_eval_examples", 0, None, True),
+    ("task.max_test_examples", 0, None, True),
+    ("model.dropout", 0.0, 1.0, False),
+    ("model.head_dropout", 0.0, 1.0, False),
+    ("lora.dropout", 0.0, 1.0, False),
+)
+
+
+def check_numbers(config) -> None:
+    """Raises naming the first numeric field (of :data:`NUMBERS`) outside its valid range, or
+    not a number; fields a config lacks are skipped. A learning rate of 0 is allowed (it
+    evaluates the untrained model through the same path)."""
+    for field, lo, hi, integer in NUMBERS:
+        node = config
+        for part in field.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+        if node is None:
+            continue
+        ok = isinstance(node, int | float) and not isinstance(node, bool)
+        if integer:
+            ok = ok and float(node).is_integer()
+        if not ok or node < lo or (hi is not None and node > hi):
+            kind = "an integer" if integer else "a number"
+            span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise ValueError(f"{field} = {node!r} is not valid; it must be {kind} {span}")
+
+
 def _check_quantize(config, method: methods.Method) -> None:
     if not config.model.get("quantize"):
         return
@@ -92,6 +138,7 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
     With ``model.scan`` :func:`paths.stack_layers` still stacks the layers on the default
     device first. ``with_task=False`` skips the data (export, generation).
     """
+    check_numbers(config)
     choice(config.model.dtype, DTYPES, "model.dtype")
     base_dtype = choice(config.model.base_dtype, DTYPES, "model.base_dtype")
     mesh = sharding.mesh_from_config(config.mesh)

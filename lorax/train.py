@@ -8,8 +8,10 @@ every run shares (:mod:`lorax.loop`, also behind the multi-adapter jobs of :mod:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import time
 from typing import Any
 
@@ -20,10 +22,10 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from lorax import loop, lora, paths, sharding
+from lorax import loop, lora, paths, runfiles, runlock, sharding
 from lorax import setup as setup_lib
 from lorax.checkpoints.state import Checkpointer
-from lorax.runfiles import MetricsLog, write_json_atomic, write_text_atomic
+from lorax.runfiles import MetricsLog
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -34,13 +36,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     finished run (alone or from a multi-adapter job) just returns its summary.
     """
     start = time.time()
-    os.makedirs(workdir, exist_ok=True)
-    setup = setup_lib.build(config)
     primary = jax.process_index() == 0  # on several hosts, one writes the run's files
-    if primary:
-        write_text_atomic(
-            os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
-        )
+    new = not os.path.exists(workdir)
+    # One writer per workdir (lorax.runlock); its config is written once and a rerun with a
+    # config that would change the result is refused before anything else happens.
+    with runlock.hold(workdir) if primary else contextlib.nullcontext():
+        os.makedirs(workdir, exist_ok=True)
+        try:
+            if primary:
+                runfiles.write_config_once(workdir, config)
+            setup = setup_lib.build(config)
+        except Exception:
+            if new and primary:  # a run that never started leaves no workdir behind
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return _train(config, setup, workdir, primary, start)
+
+
+def _train(config, setup: setup_lib.Setup, workdir: str, primary: bool, start: float) -> dict:
     summary_path = os.path.join(workdir, "summary.json")
     # Closed on every way out, a Ctrl-C included: close() waits for the save in flight.
     with Checkpointer(workdir, keep=config.keep_checkpoints) as ckpt:
@@ -64,7 +77,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             config, setup, stepper.adapter(result.state, 0), result, 0, start
         )
         if primary:
-            write_json_atomic(summary_path, summary)
+            runfiles.write_json_atomic(summary_path, summary)
         return summary
 
 

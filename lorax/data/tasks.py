@@ -159,12 +159,32 @@ class PairClassification:
         return a_texts, b_texts, labels
 
 
+def _lone_surrogates(value) -> bool:
+    """True for a string holding an unpaired surrogate (from a valid JSON escape such as
+    "\\ud800", but not Unicode text: no tokenizer or UTF-8 writer takes it)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _replace_surrogates(value):
+    """A string with each unpaired surrogate replaced by U+FFFD, as undecodable bytes are."""
+    if not _lone_surrogates(value):
+        return value
+    return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def read_jsonl(path: str, split: str, counts: dict[str, int]) -> Iterator[tuple[int, dict]]:
     """Yields ``(line number, object)`` for each JSON object line of ``path``.
 
     Read line by line with plain ``json``, so one bad line is counted, never fatal: blank
-    lines are ignored; bytes that are not UTF-8 are replaced (U+FFFD) and the row kept and
-    counted under ``<split>/bad_utf8``; a line that is not a JSON object is skipped, counted
+    lines are ignored; bytes that are not UTF-8, and unpaired surrogate escapes such as
+    ``"\\ud800"``, are replaced (U+FFFD) and the row kept and counted under
+    ``<split>/bad_utf8``; a line that is not a JSON object is skipped, counted
     under ``<split>/skipped_bad_json`` and named in a warning (the first few per file).
     ``<split>/file_rows`` counts the non-blank lines.
     """
@@ -192,6 +212,9 @@ def read_jsonl(path: str, split: str, counts: dict[str, int]) -> Iterator[tuple[
                 if bad_json <= MAX_ROW_WARNINGS:
                     log.warning("%s line %d: skipped: %s", path, line_no, why)
                 continue
+            if any(_lone_surrogates(v) for v in row.values()):
+                row = {k: _replace_surrogates(v) for k, v in row.items()}
+                bad_utf8 += 1
             yield line_no, row
     counts[f"{split}/file_rows"] = file_rows
     counts[f"{split}/bad_utf8"] = bad_utf8

@@ -1,0 +1,142 @@
+"""A workdir has one writer and one config (lorax/runlock.py, runfiles.write_config_once),
+bad numbers and bad rows are caught early, skipping NaN batches has limits, and every JSON
+file is strict JSON."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO, poison_losses, tiny_config
+
+from lorax import data, loop, runfiles, runlock
+from lorax import train as train_lib
+
+HOLD = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from lorax import runlock
+with runlock.hold({workdir!r}):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_ones_lock_is_taken_over(
+    tiny_model_dir, tiny_snli_dir, tmp_path, capsys
+):
+    workdir = str(tmp_path / "run")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD.format(repo=REPO, workdir=workdir)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        config = tiny_config(tiny_model_dir, tiny_snli_dir, **{"train.num_steps": 2})
+        with pytest.raises(runlock.WorkdirBusyError, match=rf"in use by .* pid {holder.pid}\b"):
+            train_lib.train_and_evaluate(config, workdir)
+        assert sorted(os.listdir(workdir)) == [".lock"]  # the refused run wrote nothing
+    finally:
+        holder.send_signal(signal.SIGKILL)  # dies holding it: the kernel drops the flock
+        holder.wait()
+    summary = train_lib.train_and_evaluate(config, workdir)
+    assert f"pid {holder.pid}" in capsys.readouterr().out  # "taking over the lock ... left by"
+    assert summary["steps"] == 2
+
+
+def test_a_rerun_with_another_config_is_refused_and_config_json_is_kept(
+    tiny_model_dir, tiny_snli_dir, tmp_path
+):
+    """A finished run rerun with another alpha is refused before anything is written, naming
+    the field and both values; logging and evaluation cadence may change (the result does
+    not); an unfinished job's workdir refuses the same way."""
+    workdir = tmp_path / "run"
+    config = tiny_config(tiny_model_dir, tiny_snli_dir, **{"train.num_steps": 2})
+    first = train_lib.train_and_evaluate(config, str(workdir))
+    written = (workdir / "config.json").read_bytes()
+    changed = tiny_config(
+        tiny_model_dir, tiny_snli_dir, **{"train.num_steps": 2, "lora.alpha": 16.0}
+    )
+    with pytest.raises(ValueError, match=r"lora\.alpha: 8\.0 -> 16\.0.*new --workdir"):
+        train_lib.train_and_evaluate(changed, str(workdir))
+    assert (workdir / "config.json").read_bytes() == written
+    cadence = tiny_config(
+        tiny_model_dir, tiny_snli_dir, **{"train.num_steps": 2, "log_every": 2, "eval_every": 1}
+    )
+    assert train_lib.train_and_evaluate(cadence, str(workdir)) == first
+    from lorax import multi
+
+    with pytest.raises(ValueError, match=r"lora\.alpha: 8\.0 -> 16\.0"):
+        multi.train_many([changed], [str(workdir)])
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("train.num_steps", 0), ("train.num_steps", -3), ("train.batch_size", 0),
+     ("eval_batch_size", 0), ("log_every", 0), ("seed", -1), ("train.warmup_fraction", 1.5),
+     ("lora.dropout", -0.1), ("keep_checkpoints", 0)],
+)  # fmt: skip
+def test_numbers_out_of_range_stop_before_any_compute_and_leave_no_workdir(
+    tiny_model_dir, tiny_snli_dir, tmp_path, field, value
+):
+    config = tiny_config(tiny_model_dir, tiny_snli_dir, **{field: value})
+    with pytest.raises(ValueError, match=rf"^{field} = {value!r} is not valid; it must be"):
+        train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_workdir_that_is_a_file_is_named(tiny_model_dir, tiny_snli_dir, tmp_path):
+    (tmp_path / "run").write_text("not a directory")
+    config = tiny_config(tiny_model_dir, tiny_snli_dir)
+    with pytest.raises(NotADirectoryError, match=r"run exists and is not a directory"):
+        train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_a_run_that_keeps_skipping_nan_batches_is_stopped(
+    tiny_model_dir, tiny_snli_dir, tmp_path, monkeypatch
+):
+    """skip_nonfinite with every batch from step 3 on NaN (a diverging run) stops after
+    train.max_skipped_consecutive skips in a row, naming them, instead of exiting 0."""
+    poison_losses(monkeypatch, lambda batcher, step: step >= 2)
+    config = tiny_config(
+        tiny_model_dir, tiny_snli_dir,
+        **{"train.num_steps": 12, "train.skip_nonfinite": True,
+           "train.max_skipped_consecutive": 3},
+    )  # fmt: skip
+    with pytest.raises(loop.NonFiniteLossError, match=r"4 in a row; steps \[3, 4, 5, 6\]"):
+        train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_json_files_are_strict_with_nonfinite_numbers_recorded(tmp_path):
+    path = tmp_path / "summary.json"
+    runfiles.write_json_atomic(path, {"loss": math.nan, "acc": 0.5, "by": {"x": -math.inf}})
+
+    def refuse(name):
+        raise AssertionError(f"bare {name} in {path}")
+
+    got = json.loads(path.read_text(), parse_constant=refuse)
+    assert got == {"loss": None, "acc": 0.5, "by": {"x": None},
+                   "nonfinite": {"loss": "nan", "by.x": "-inf"}}  # fmt: skip
+    log = runfiles.MetricsLog(tmp_path / "metrics.jsonl")
+    log.write(step=1, split="train", loss=math.inf)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)
+    assert row["loss"] is None and row["nonfinite"] == {"loss": "inf"}
+
+
+def test_a_lone_surrogate_escape_is_a_counted_bad_row_not_a_crash(
+    tiny_snli_dir, tokenizer, tmp_path
+):
+    """A JSON line whose text holds "\\ud800" (valid JSON, not Unicode text) is kept with the
+    surrogate replaced and counted under bad_utf8; a proper surrogate pair (an emoji) is not."""
+    d = tmp_path / "snli"
+    d.mkdir()
+    (d / "test.jsonl").write_bytes((tiny_snli_dir / "test.jsonl").read_bytes())
+    rows = (tiny_snli_dir / "train.jsonl").read_text().splitlines()[:100]
+    rows.append('{"sentence1": "a \\ud800 b", "sentence2": "c", "gold_label": "neutral"}')
+    rows.append('{"sentence1": "a \\ud83d\\ude00 b", "sentence2": "c", "gold_label": "neutral"}')
+    (d / "train.jsonl").write_text("\n".join(rows) + "\n")
+    task = data.load_task("snli", d, tokenizer, max_length=64, validation_size=10)
+    assert task.counts["train/bad_utf8"] == 1
