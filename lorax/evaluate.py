@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -91,26 +90,28 @@ def make_eval_step(forward: Forward, mesh, sums_fn: Callable = classification_su
 
 
 def evaluate(
-    eval_step: Callable,
-    trainable: Any,
-    frozen: Any,
-    batches: Iterable[Mapping[str, np.ndarray]],
-    mesh,
-) -> dict[str, float]:
-    """Runs ``eval_step`` over ``batches``; returns mean loss, accuracy and the row count.
+    sums_of: Callable, batches: Iterable[Mapping[str, np.ndarray]], mesh
+) -> list[dict[str, float]]:
+    """Sums ``sums_of(batch)`` over ``batches`` (placed on ``mesh``); returns each adapter's
+    mean loss, accuracy and row count: one dict for scalar sums (a single run), K for sums
+    with a leading [K] axis (the adapters of a multi-adapter job, on the same batches).
 
     Sums stay on the device until the end, so batches are dispatched back to back.
     """
     total = None
     for batch in batches:
-        sums = eval_step(trainable, frozen, sharding.put_batch(batch, mesh))
+        sums = sums_of(sharding.put_batch(batch, mesh))
         total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
     if total is None:
         raise ValueError("evaluation got no batches: the split is empty")
-    total = jax.device_get(total)
-    count = float(total["count"])
-    return {
-        "loss": float(total["loss_sum"]) / count,
-        "accuracy": float(total["correct"]) / count,
-        "count": int(count),
-    }
+    total = {k: np.atleast_1d(np.asarray(v, np.float64)) for k, v in jax.device_get(total).items()}
+    return [
+        {
+            "loss": float(loss / count),
+            "accuracy": float(correct / count),
+            "count": int(count),
+        }
+        for loss, correct, count in zip(
+            total["loss_sum"], total["correct"], total["count"], strict=True
+        )
+    ]

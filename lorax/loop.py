@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -93,17 +94,30 @@ class Stepper:
         batches = setup_lib.make_batcher(
             self.setup, examples, self.config.eval_batch_size, self.config
         ).eval_batches()
-        return [
-            evaluate.evaluate(
-                self._eval_steps[fn], state["trainable"], self.setup.frozen, batches,
-                self.setup.mesh,
-            )
-        ]  # fmt: skip
+        step, trainable, frozen = self._eval_steps[fn], state["trainable"], self.setup.frozen
+        return evaluate.evaluate(lambda b: step(trainable, frozen, b), batches, self.setup.mesh)
 
     def adapter(self, state, k: int) -> dict[str, Any]:
         """Adapter k's trained ``{"delta", "head"}`` in its own shapes."""
         del k
         return state["trainable"]
+
+
+def finished(workdir: str) -> dict[str, Any] | None:
+    """The summary of a finished run (written last, so its presence means finished: alone or
+    as one adapter of a multi-adapter job), or None. A summary.json that is not JSON is an
+    error naming it (the run's checkpoints are intact: delete the file to redo the end)."""
+    path = os.path.join(workdir, "summary.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(
+            f"{path} is damaged ({e}); delete it and rerun to evaluate the final checkpoint "
+            "again and rewrite it"
+        ) from None
 
 
 def resume(ckpt: Checkpointer, state: dict, logs: Sequence[MetricsLog], num_steps: int) -> dict:

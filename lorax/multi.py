@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lorax import loop, lora, methods, paths, runfiles, runlock, sharding
+from lorax import evaluate, loop, lora, methods, paths, runfiles, runlock, sharding
 from lorax import setup as setup_lib
 from lorax import step as step_lib
 from lorax.checkpoints.state import Checkpointer
@@ -306,22 +306,12 @@ class MultiStepper(loop.Stepper):
         batcher = setup_lib.make_batcher(
             self.setup, examples, self.config.eval_batch_size, self.config
         )
-        total = None
-        for batch in batcher.eval_batches():
-            batch = sharding.put_batch(batch, self.setup.mesh)
-            sums = self._eval_steps[fn](state["trainable"], self.setup.frozen, batch, self.scales)
-            total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
-        if total is None:
-            raise ValueError("evaluation got no batches: the split is empty")
-        total = jax.device_get(total)
-        return [
-            {
-                "loss": float(total["loss_sum"][k]) / float(total["count"][k]),
-                "accuracy": float(total["correct"][k]) / float(total["count"][k]),
-                "count": int(total["count"][k]),
-            }
-            for k in range(self.size)
-        ]
+        step, trainable, frozen = self._eval_steps[fn], state["trainable"], self.setup.frozen
+        return evaluate.evaluate(
+            lambda b: step(trainable, frozen, b, self.scales),
+            batcher.eval_batches(),
+            self.setup.mesh,
+        )
 
     def adapter(self, state, k: int) -> dict[str, Any]:
         """Adapter k's ``{"delta", "head"}`` in its own shapes (its targets, its rank)."""
@@ -387,24 +377,21 @@ def train_many(
 
 
 def _train_many(configs, workdirs) -> list[dict[str, Any]]:
-    summary_paths = [os.path.join(w, "summary.json") for w in workdirs]
-    finished = [os.path.exists(p) for p in summary_paths]
-    if all(finished):
-        return [_read_json(p) for p in summary_paths]
+    summaries = [loop.finished(w) for w in workdirs]  # None for each run still to train
+    if all(s is not None for s in summaries):
+        return summaries
     start = time.time()
     stepper = MultiStepper(configs, workdirs)
     c0, num_steps = configs[0], configs[0].train.num_steps
     logs = [
-        None if done else runfiles.MetricsLog(os.path.join(w, "metrics.jsonl"))
-        for w, done in zip(workdirs, finished, strict=True)
+        None if s is not None else runfiles.MetricsLog(os.path.join(w, "metrics.jsonl"))
+        for w, s in zip(workdirs, summaries, strict=True)
     ]
     with Checkpointer(os.path.join(workdirs[0], "job"), keep=c0.keep_checkpoints) as job_ckpt:
         result = loop.run(stepper, stepper.init_state(), job_ckpt, logs)
 
-    summaries = []
     for k, (config, workdir) in enumerate(zip(configs, workdirs, strict=True)):
-        if finished[k]:
-            summaries.append(_read_json(summary_paths[k]))
+        if summaries[k] is not None:  # finished before the job was cut off: left as it is
             continue
         adapter = stepper.adapter(result.state, k)
         with Checkpointer(workdir, keep=config.keep_checkpoints) as ckpt:
@@ -415,11 +402,6 @@ def _train_many(configs, workdirs) -> list[dict[str, Any]]:
         summary = loop.make_summary(config, stepper.setup, adapter, result, k, start)
         summary["multi_adapter_job"] = stepper.size
         # Written last: a workdir with summary.json is finished (sweeps skip it).
-        runfiles.write_json_atomic(summary_paths[k], summary)
-        summaries.append(summary)
+        runfiles.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+        summaries[k] = summary
     return summaries
-
-
-def _read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)

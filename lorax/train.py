@@ -9,7 +9,6 @@ every run shares (:mod:`lorax.loop`, also behind the multi-adapter jobs of :mod:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import time
@@ -54,13 +53,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train(config, setup: setup_lib.Setup, workdir: str, primary: bool, start: float) -> dict:
-    summary_path = os.path.join(workdir, "summary.json")
+    done = loop.finished(workdir)
+    if done is not None:
+        return done
     # Closed on every way out, a Ctrl-C included: close() waits for the save in flight.
     with Checkpointer(workdir, keep=config.keep_checkpoints) as ckpt:
-        last = ckpt.latest_step()
-        if last is not None and last >= config.train.num_steps and os.path.exists(summary_path):
-            with open(summary_path) as f:
-                return json.load(f)
         stepper = loop.Stepper(setup, config, workdir)
         frozen = setup.frozen
         tqdm.tqdm.write(
@@ -77,7 +74,7 @@ def _train(config, setup: setup_lib.Setup, workdir: str, primary: bool, start: f
             config, setup, stepper.adapter(result.state, 0), result, 0, start
         )
         if primary:
-            runfiles.write_json_atomic(summary_path, summary)
+            runfiles.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
         return summary
 
 

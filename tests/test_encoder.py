@@ -308,6 +308,7 @@ def test_wrapped_model_equals_base_at_init_and_merge_equals_wrap(classifier, tar
     np.testing.assert_allclose(merged, wrapped, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_base_runs_close_to_fp32(real):
     """A base stored and computed in bf16 really runs in bf16 (hidden states are bf16 and the
     logits are not bit-equal to fp32), returns fp32 logits within 0.05 of fp32's (measured

@@ -133,6 +133,7 @@ def _export_and_compare(tmp_path, directory, config, base, spec, scan=False):
     return delta, json.loads((out / lpeft.CONFIG_NAME).read_text())
 
 
+@pytest.mark.slow
 def test_export_minilm_q_v_loads_in_peft_with_our_outputs(tmp_path, minilm):
     """q,v r=4 on real MiniLM: PeftModel(BertModel) gives our hidden states within 1e-4, and
     the config names the modules the way PEFT users write them."""
@@ -174,6 +175,7 @@ def test_export_llama_gqa_scanned_delta_with_rslora(tmp_path, llama_dir):
     assert cfg["rank_pattern"] == {"down_proj": 2} and cfg["use_rslora"] is True
 
 
+@pytest.mark.slow
 def test_export_gpt2_q_v_is_one_block_c_attn_adapter_and_reimports(tmp_path, gpt2_dir):
     """GPT-2 q (r=4) + v (r=2): one c_attn adapter of rank 6 whose B has zero k rows and zero
     off-diagonal blocks; PEFT matches our logits; re-import gives back q and v only."""

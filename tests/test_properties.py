@@ -304,6 +304,7 @@ def _through_model(lw: lora.LoraWeight, x, ids, embedding: bool):
     return module.apply({"params": {"kernel": lw}}, x), None
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(case=cases())
 def test_merge_equals_wrapped_compute_and_unmerge_inverts_it(case):
@@ -358,6 +359,7 @@ def test_merge_equals_wrapped_compute_and_unmerge_inverts_it(case):
 # --- 1c. count -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @FEW
 @given(case=cases())
 def test_count_is_r_times_d_plus_f_per_adapted_kernel(case):

@@ -42,6 +42,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_ones_lock_is_ta
     finally:
         holder.send_signal(signal.SIGKILL)  # dies holding it: the kernel drops the flock
         holder.wait()
+        holder.stdout.close()
     summary = train_lib.train_and_evaluate(config, workdir)
     assert f"pid {holder.pid}" in capsys.readouterr().out  # "taking over the lock ... left by"
     assert summary["steps"] == 2
@@ -140,3 +141,14 @@ def test_a_lone_surrogate_escape_is_a_counted_bad_row_not_a_crash(
     (d / "train.jsonl").write_text("\n".join(rows) + "\n")
     task = data.load_task("snli", d, tokenizer, max_length=64, validation_size=10)
     assert task.counts["train/bad_utf8"] == 1
+
+
+def test_a_damaged_summary_json_is_named(tiny_model_dir, tiny_snli_dir, tmp_path):
+    workdir = tmp_path / "run"
+    config = tiny_config(tiny_model_dir, tiny_snli_dir, **{"train.num_steps": 2})
+    train_lib.train_and_evaluate(config, str(workdir))
+    (workdir / "summary.json").write_text('{"validation_accuracy": 0.5, ')
+    with pytest.raises(ValueError, match=r"summary.json is damaged .*delete it and rerun"):
+        train_lib.train_and_evaluate(config, str(workdir))
+    (workdir / "summary.json").unlink()  # as the message says: the end is redone
+    assert train_lib.train_and_evaluate(config, str(workdir))["steps"] == 2
