@@ -87,15 +87,24 @@ class Stepper:
         return step_lib.step_memory_bytes(self._step, *self.args(state, batch))
 
     def evaluate(self, state, examples) -> list[dict[str, float]]:
-        """Each adapter's mean loss, accuracy and row count on ``examples``."""
+        """Each adapter's mean loss, accuracy and row count on ``examples`` (all adapters on
+        the same batches)."""
         fn = setup_lib.eval_sums(examples)
         if fn not in self._eval_steps:
-            self._eval_steps[fn] = evaluate.make_eval_step(self.forward, self.setup.mesh, fn)
+            self._eval_steps[fn] = self.make_eval_step(fn)
         batches = setup_lib.make_batcher(
             self.setup, examples, self.config.eval_batch_size, self.config
         ).eval_batches()
         step, trainable, frozen = self._eval_steps[fn], state["trainable"], self.setup.frozen
-        return evaluate.evaluate(lambda b: step(trainable, frozen, b), batches, self.setup.mesh)
+        return evaluate.evaluate(
+            lambda b: step(trainable, frozen, b, *self.eval_args), batches, self.setup.mesh
+        )
+
+    eval_args: tuple = ()  # what the eval step takes after (trainable, frozen, batch)
+
+    def make_eval_step(self, sums_fn):
+        """The jitted ``(trainable, frozen, batch, *eval_args) -> sums`` for a kind of split."""
+        return evaluate.make_eval_step(self.forward, self.setup.mesh, sums_fn)
 
     def adapter(self, state, k: int) -> dict[str, Any]:
         """Adapter k's trained ``{"delta", "head"}`` in its own shapes."""

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lorax import evaluate, loop, lora, methods, paths, runfiles, runlock, sharding
+from lorax import loop, lora, methods, paths, runfiles, runlock, sharding
 from lorax import setup as setup_lib
 from lorax import step as step_lib
 from lorax.checkpoints.state import Checkpointer
@@ -256,6 +256,7 @@ class MultiStepper(loop.Stepper):
         )
         self.tx = step_lib.make_optimizer(c0.train, unit_peaks=True)
         self.masks, self.scales = ({}, {}) if self.stack is None else self.stack.masks_and_scales()
+        self.eval_args = (self.scales,)
         self.rates = (
             jnp.asarray([c.train.learning_rate for c in configs], jnp.float32),
             jnp.asarray([step_lib.head_learning_rate(c.train) for c in configs], jnp.float32),
@@ -298,20 +299,8 @@ class MultiStepper(loop.Stepper):
     def args(self, state, batch) -> tuple:
         return (state, self.setup.frozen, batch, self._keys, *self.rates, self.masks, self.scales)
 
-    def evaluate(self, state, examples) -> list[dict[str, float]]:
-        """Every adapter's loss and accuracy on one split (the same batches for all)."""
-        fn = setup_lib.eval_sums(examples)
-        if fn not in self._eval_steps:
-            self._eval_steps[fn] = make_multi_eval_step(self.forward, fn, self.setup.mesh)
-        batcher = setup_lib.make_batcher(
-            self.setup, examples, self.config.eval_batch_size, self.config
-        )
-        step, trainable, frozen = self._eval_steps[fn], state["trainable"], self.setup.frozen
-        return evaluate.evaluate(
-            lambda b: step(trainable, frozen, b, self.scales),
-            batcher.eval_batches(),
-            self.setup.mesh,
-        )
+    def make_eval_step(self, sums_fn):
+        return make_multi_eval_step(self.forward, sums_fn, self.setup.mesh)
 
     def adapter(self, state, k: int) -> dict[str, Any]:
         """Adapter k's ``{"delta", "head"}`` in its own shapes (its targets, its rank)."""
