@@ -364,6 +364,104 @@ def test_import_refuses_tensors_it_would_drop(tmp_path, llama_adapter):
         lpeft.import_peft(bad, params, config)
 
 
+Q_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"r": "four"}, r"r is 'four'; it must be a positive integer"),
+        ({"r": 0}, r"r is 0; it must be a positive integer"),
+        ({"r": None}, r"r is None"),
+        ({"lora_alpha": "big"}, r"lora_alpha is 'big'; it must be a finite number"),
+        ({"rank_pattern": {"q_proj": 2.5}}, r"rank_pattern\['q_proj'\] is 2.5"),
+        ({"alpha_pattern": [1]}, r"alpha_pattern is \[1\]; expected an object"),
+    ],
+)
+def test_import_names_a_bad_rank_or_alpha(tmp_path, llama_adapter, changes, message):
+    config, params, src = llama_adapter
+    bad = _rewrite(src, tmp_path / "bad", config_changes=changes)
+    with pytest.raises(ValueError, match=r"adapter_config\.json: " + message):
+        lpeft.import_peft(bad, params, config)
+
+
+def test_import_names_a_missing_rank_and_a_config_that_is_not_json(tmp_path, llama_adapter):
+    config, params, src = llama_adapter
+    bad = _rewrite(src, tmp_path / "bad")
+    cfg = json.loads((bad / lpeft.CONFIG_NAME).read_text())
+    del cfg["r"]
+    (bad / lpeft.CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"adapter_config\.json: no 'r'"):
+        lpeft.import_peft(bad, params, config)
+    (bad / lpeft.CONFIG_NAME).write_text('{"peft_type": "LORA", r: 4}')
+    with pytest.raises(ValueError, match=r"adapter_config\.json is not valid JSON: .*line 1"):
+        lpeft.import_peft(bad, params, config)
+    (bad / lpeft.CONFIG_NAME).write_text("[4]")
+    with pytest.raises(ValueError, match="holds list; expected a JSON object"):
+        lpeft.import_peft(bad, params, config)
+
+
+@pytest.mark.parametrize("missing", ["A", "B"])
+def test_import_names_the_factor_that_is_missing(tmp_path, llama_adapter, missing):
+    config, params, src = llama_adapter
+    bad = _rewrite(src, tmp_path / "bad")
+    tensors = {
+        k: np.array(v) for k, v in hf.read_safetensors_file(bad / lpeft.WEIGHTS_NAME).items()
+    }
+    present = "B" if missing == "A" else "A"
+    del tensors[Q_KEY.format(missing)]
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(bad / lpeft.WEIGHTS_NAME))
+    pattern = rf"q_proj\.lora_{present}\.weight' has no matching lora_{missing} factor"
+    with pytest.raises(ValueError, match=pattern):
+        lpeft.import_peft(bad, params, config)
+
+
+def test_import_refuses_non_finite_factors(tmp_path, llama_adapter):
+    config, params, src = llama_adapter
+    b = np.zeros((64, 2), np.float32)
+    b[3, 1], b[5, 0] = np.nan, np.inf
+    bad = _rewrite(src, tmp_path / "bad", tensor_changes={Q_KEY.format("B"): b})
+    with pytest.raises(ValueError, match=r"q_proj\.lora_B\.weight' holds 2 NaN or infinite"):
+        lpeft.import_peft(bad, params, config)
+
+
+def test_damaged_safetensors_files_are_named_not_crashed_on(tmp_path, llama_adapter):
+    """A header length of 2^40, a truncated file, offsets that lie, a short file: each a
+    ValueError naming the file (never a MemoryError or a reshape error)."""
+    _, _, src = llama_adapter
+    good = (src / lpeft.WEIGHTS_NAME).read_bytes()
+    n = int(np.frombuffer(good[:8], "<u8")[0])
+    header = json.loads(good[8 : 8 + n])
+    key = sorted(k for k in header if k != "__metadata__")[0]
+
+    def damaged(name, data):
+        path = tmp_path / name
+        path.write_bytes(data)
+        return path
+
+    def with_header(h):
+        raw = json.dumps(h).encode()
+        return np.uint64(len(raw)).tobytes() + raw + good[8 + n :]
+
+    lying = dict(header, **{key: dict(header[key], shape=[3, 3])})
+    cases = {
+        "huge.safetensors": (np.uint64(2**40).tobytes() + good[8:], "claims 1099511627776 bytes"),
+        "truncated.safetensors": (good[: len(good) - 40], "truncated"),
+        "short.safetensors": (good[:5], "too short"),
+        "badjson.safetensors": (good[:8] + b"x" * n + good[8 + n :], "not valid JSON"),
+        "lying.safetensors": (with_header(lying), rf"{key!s}.*do not hold its 36 bytes"),
+    }
+    for name, (data, message) in cases.items():
+        path = damaged(name, data)
+        with pytest.raises(ValueError, match=rf"{name}: .*{message}"):
+            hf.read_safetensors_file(path)
+    assert hf.read_safetensors_file(damaged("ok.safetensors", good)).keys() == {
+        k for k in header if k != "__metadata__"
+    }
+
+
 # --- size ------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -250,22 +251,61 @@ def read_safetensors_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     than through ``safetensors.numpy``, which cannot represent bf16 tensors.
     """
     path = os.fspath(path)
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (n,) = np.frombuffer(f.read(8), "<u8")
-        header = json.loads(f.read(int(n)))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + int(n))
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: {size} bytes is too short for a safetensors file")
+        n = int(np.frombuffer(head, "<u8")[0])
+        if n > size - 8:
+            raise ValueError(
+                f"{path}: the header claims {n} bytes but the file has only {size - 8} after "
+                "its length field; the file is truncated or not safetensors"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is not a JSON object")
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else b""
     tensors = {}
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(
-                f"{path}: tensor {key!r} has dtype {info['dtype']}; readable: {sorted(_DTYPES)}"
-            )
-        begin, end = info["data_offsets"]
-        dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
-        tensors[key] = data[begin:end].view(dtype).reshape(info["shape"])
+        tensors[key] = _tensor(path, key, info, data, size - 8 - n)
     return tensors
+
+
+def _tensor(path: str, key: str, info: Any, data, available: int) -> np.ndarray:
+    """One header entry's array, its dtype, shape and byte range checked against the file."""
+    try:
+        dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        shape = tuple(int(d) for d in shape)
+        begin, end = int(begin), int(end)
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"{path}: header entry {key!r} is {info!r}; expected dtype, shape and data_offsets"
+        ) from None
+    if dtype_name not in _DTYPES:
+        raise ValueError(
+            f"{path}: tensor {key!r} has dtype {dtype_name}; readable: {sorted(_DTYPES)}"
+        )
+    dtype = np.dtype(_DTYPES[dtype_name]).newbyteorder("<")
+    want = int(np.prod(shape)) * dtype.itemsize
+    if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != want:
+        raise ValueError(
+            f"{path}: tensor {key!r} ({dtype_name} {list(shape)}) has data_offsets "
+            f"[{begin}, {end}], which do not hold its {want} bytes"
+        )
+    if end > available:
+        raise ValueError(
+            f"{path}: tensor {key!r} ends at byte {end} of the data but the file holds "
+            f"{available}; the file is truncated"
+        )
+    if not want:
+        return np.zeros(shape, dtype)
+    return data[begin:end].view(dtype).reshape(shape)
 
 
 def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
