@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from lorax import cli
+
 
 def top_directions(a_DR: np.ndarray) -> np.ndarray:
     """Orthonormal columns [D, R]: the paper's right-singular vectors of A, by singular value."""
@@ -156,4 +158,4 @@ if __name__ == "__main__":
     flags.DEFINE_multi_string("run", [], "Two lorax.train workdirs to compare.")
     flags.DEFINE_string("out", "runs/analysis", "Where to write the PNG and the table.")
     flags.DEFINE_integer("layer", 0, "The layer whose kernels are compared.")
-    app.run(main)
+    cli.run(main, "lorax.analysis")

@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
-from lorax import assets, methods, paths, runs
+from lorax import assets, cli, methods, paths, runfiles, runs
 
 
 def merged_params(setup, trainable) -> dict[str, Any]:
@@ -42,8 +42,6 @@ def export_merged(config, setup, trainable, out: str | os.PathLike) -> pathlib.P
     classifier does not use); the classifier head, which has no ``BertModel`` name, is written
     beside it as ``lorax_head.safetensors`` (``kernel`` [D, C], ``bias`` [C]).
     """
-    from safetensors.numpy import save_file
-
     from lorax import checkpoints
     from lorax.checkpoints import hf
 
@@ -61,12 +59,12 @@ def export_merged(config, setup, trainable, out: str | os.PathLike) -> pathlib.P
         if "pooler" in original and "pooler" not in params["encoder"]:
             tensors.update(hf.encoder_to_hf({"pooler": original["pooler"]}))
         shutil.copy(pathlib.Path(model_dir) / "config.json", out / "config.json")
-        save_file(
+        runfiles.save_safetensors(
             {k: np.ascontiguousarray(v) for k, v in paths.flatten(params["head"]).items()},
-            str(out / "lorax_head.safetensors"),
+            out / "lorax_head.safetensors",
         )
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    runfiles.save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
     setup.tokenizer.save_pretrained(out)
     return out
 
@@ -90,6 +88,43 @@ def export_adapter(config, setup, trainable, out: str | os.PathLike) -> pathlib.
     )
 
 
+def check_out_dir(out: str | os.PathLike, overwrite: bool) -> pathlib.Path:
+    """``out`` as a path, refused before any work if it is a file, or a directory that is not
+    empty and ``overwrite`` is false (an export over an older one would leave its stale files
+    beside the new ones)."""
+    out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out={out} is a file; name a directory to create")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        names = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ValueError(
+            f"--out={out} is not empty ({shown}); pass --overwrite to replace it, or name a "
+            "new directory"
+        )
+    return out
+
+
+def write_replacing(out: pathlib.Path, write) -> pathlib.Path:
+    """Calls ``write(tmp)`` on a fresh sibling directory, then puts it in ``out``'s place, so
+    ``out`` ends holding exactly what was written (no stale files) and a failed export leaves
+    the old ``out`` as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.export-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if out.exists():  # else the old export is still at ``old``: leave it for the user
+            shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -101,6 +136,9 @@ def define_flags() -> None:
     flags.DEFINE_bool(
         "merged", False, "Write the merged model (Hugging Face checkpoint) instead of the adapter."
     )
+    flags.DEFINE_bool(
+        "overwrite", False, "Replace --out if it is a non-empty directory (its old files go)."
+    )
     flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -109,11 +147,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)
     f = flags.FLAGS
+    out = check_out_dir(f.out, f.overwrite)
     config, setup, trainable = runs.load_run(f.workdir)
-    if f.merged:
-        out = export_merged(config, setup, trainable, f.out)
-    else:
-        out = export_adapter(config, setup, trainable, f.out)
+    export = export_merged if f.merged else export_adapter
+    write_replacing(out, lambda tmp: export(config, setup, trainable, tmp))
     files = sorted(p for p in out.iterdir() if p.is_file())
     written = sum(p.stat().st_size for p in files)
     print(f"wrote {out}: {', '.join(p.name for p in files)} ({written / 1e6:.2f} MB)")
@@ -126,4 +163,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main, "lorax.export")

@@ -19,7 +19,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from lorax import paths
+from lorax import cli, paths
 from lorax.models import decoder
 
 PROMPT_MULTIPLE = 16  # prompts are left-padded to a multiple of this: few distinct compiles
@@ -264,4 +264,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main, "lorax.generate")

@@ -32,6 +32,31 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             os.remove(tmp)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(
+    tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors.numpy.save_file`` through a temporary file and a rename, with the mode an
+    ordinary file gets (``safetensors`` itself creates 0600 files, unlike every other file an
+    export writes)."""
+    from safetensors.numpy import save_file
+
+    path = os.fspath(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def strict_json(obj: Any) -> Any:
     """``obj`` with every NaN or infinite float replaced by None (strict JSON has no such
     numbers); a dict gains ``"nonfinite": {dotted path: "nan" | "inf" | "-inf"}`` saying which

@@ -21,7 +21,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from lorax import loop, lora, paths, runfiles, runlock, sharding
+from lorax import cli, loop, lora, paths, runfiles, runlock, sharding
 from lorax import setup as setup_lib
 from lorax.checkpoints.state import Checkpointer
 from lorax.runfiles import MetricsLog
@@ -118,4 +118,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main, "lorax.train")

@@ -152,3 +152,59 @@ def test_a_damaged_summary_json_is_named(tiny_model_dir, tiny_snli_dir, tmp_path
         train_lib.train_and_evaluate(config, str(workdir))
     (workdir / "summary.json").unlink()  # as the message says: the end is redone
     assert train_lib.train_and_evaluate(config, str(workdir))["steps"] == 2
+
+
+def test_export_refuses_a_non_empty_out_and_overwrite_leaves_no_stale_files(
+    tiny_model_dir, tiny_snli_dir, tmp_path
+):
+    """An export into a used directory is refused naming what is there; with overwrite the
+    directory ends holding only the new export, every file mode 0644 (umask 022)."""
+    from lorax import export, runs
+
+    workdir, out = tmp_path / "run", tmp_path / "adapter"
+    config = tiny_config(tiny_model_dir, tiny_snli_dir, **{"train.num_steps": 2})
+    train_lib.train_and_evaluate(config, str(workdir))
+    out.mkdir()
+    (out / "stale.bin").write_text("from an older export")
+    with pytest.raises(ValueError, match=r"adapter is not empty \(stale.bin\); pass --overwrite"):
+        export.check_out_dir(out, overwrite=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"file is a file"):
+        export.check_out_dir(tmp_path / "file", overwrite=True)
+    config, setup, trainable = runs.load_run(str(workdir))
+    previous = os.umask(0o022)
+    try:
+        export.write_replacing(
+            export.check_out_dir(out, overwrite=True),
+            lambda tmp: export.export_adapter(config, setup, trainable, tmp),
+        )
+    finally:
+        os.umask(previous)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["adapter_config.json", "adapter_model.safetensors"]
+    assert {oct(os.stat(out / n).st_mode & 0o777) for n in names} == {"0o644"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "file", "run"]
+
+    def failing(tmp):
+        (tmp / "half").mkdir(parents=True)
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        export.write_replacing(out, failing)
+    assert sorted(p.name for p in out.iterdir()) == names  # the old export is untouched
+
+
+@pytest.mark.slow
+def test_command_lines_print_a_user_error_as_one_line_not_a_traceback(tmp_path):
+    (tmp_path / "run").write_text("not a directory")
+    for module, args in (
+        ("lorax.train", ["--config=configs/wq_wv_r4.py", f"--workdir={tmp_path / 'run'}"]),
+        ("lorax.export", [f"--workdir={tmp_path / 'missing'}", f"--out={tmp_path / 'run'}"]),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True
+        )
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+        assert f"{module}: error: " in done.stderr
+        assert "run" in done.stderr.splitlines()[-2]

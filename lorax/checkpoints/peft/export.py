@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lorax import lora, paths
+from lorax import lora, paths, runfiles
 from lorax.checkpoints.peft import layout
 from lorax.models import decoder, encoder
 
@@ -154,8 +154,6 @@ def export_peft(
       ValueError: the delta adapts something the model (or PEFT) has no Linear module for, or
         its shapes or ranks do not fit the config and spec.
     """
-    from safetensors.numpy import save_file
-
     names, default_prefix, default_task, shapes = layout.family(config)
     prefix = default_prefix if module_prefix is None else module_prefix
     gpt2 = isinstance(config, decoder.DecoderConfig) and config.family == "gpt2"
@@ -182,7 +180,7 @@ def export_peft(
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / layout.CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
-    save_file(tensors, str(out / layout.WEIGHTS_NAME), metadata={"format": "pt"})
+    runfiles.save_safetensors(tensors, out / layout.WEIGHTS_NAME, metadata={"format": "pt"})
     return out
 
 
