@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -320,6 +321,45 @@ def test_unsupported_configs_are_clear_errors():
         decoder.DecoderConfig.from_hf(raw)
     with pytest.raises(ValueError, match=r"not a multiple of num_kv_heads"):
         decoder.DecoderConfig.from_hf(_llama(heads=8, kv_heads=3).to_dict())
+
+
+@pytest.mark.parametrize(
+    "make, field, value",
+    [
+        (_gpt2, "scale_attn_by_inverse_layer_idx", True),
+        (_gpt2, "scale_attn_weights", False),
+        (_gpt2, "tie_word_embeddings", False),
+        (_gpt2, "add_cross_attention", True),
+        (_llama, "partial_rotary_factor", 0.5),
+        (_llama, "layer_types", ["full_attention", "sliding_attention", "full_attention"]),
+        (_qwen2, "use_sliding_window", True),
+    ],
+)
+def test_config_fields_lorax_does_not_compute_are_refused_by_name(tmp_path, make, field, value):
+    """Loaded silently, each of these would give other logits than transformers; the default
+    dicts of every family (which hold these fields at their defaults) load as before."""
+    raw = make().to_dict()
+    decoder.DecoderConfig.from_hf(raw)
+    raw[field] = value
+    with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}") + " changes the"):
+        decoder.DecoderConfig.from_hf(raw)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path))}: config.json: {field}="):
+        hf.load_decoder(tmp_path)
+
+
+def test_gpt2_inverse_layer_scaling_really_changes_the_logits():
+    """Why the refusal above matters: transformers' output moves with the field."""
+    ids = torch.tensor(np.random.default_rng(0).integers(0, VOCAB, (1, 12)))
+    logits = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(
+            _gpt2().__class__(**{**_gpt2().to_dict(), "scale_attn_by_inverse_layer_idx": flag})
+        ).eval()
+        with torch.no_grad():
+            logits.append(model(ids).logits.numpy())
+    assert np.abs(logits[0] - logits[1]).max() > 1e-3
 
 
 def test_wrong_shape_in_checkpoint_names_the_path(tmp_path):

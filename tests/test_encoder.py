@@ -159,6 +159,20 @@ def test_config_from_hf_names_the_missing_key():
         encoder.EncoderConfig.from_hf(cfg)
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [("position_embedding_type", "relative_key"), ("is_decoder", True),
+     ("add_cross_attention", True)],
+)  # fmt: skip
+def test_config_fields_an_encoder_does_not_compute_are_refused_by_name(field, value):
+    transformers = pytest.importorskip("transformers")
+    raw = transformers.BertConfig(hidden_size=8, num_attention_heads=2).to_dict()
+    encoder.EncoderConfig.from_hf(raw)  # the defaults of every such field load
+    raw[field] = value
+    with pytest.raises(ValueError, match=rf"{field}={value!r} changes the model's math"):
+        encoder.EncoderConfig.from_hf(raw)
+
+
 def test_loader_reads_task_checkpoints_old_names_and_shards(tmp_path):
     """A "bert."-prefixed checkpoint with gamma/beta LayerNorm names and a classifier, split
     over two shards with an index, loads to exactly the params of the plain checkpoint."""

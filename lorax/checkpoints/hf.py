@@ -244,6 +244,14 @@ def read_config(model_dir: str | os.PathLike) -> dict:
         return json.load(f)
 
 
+def _config_from(from_hf, raw: dict, model_dir) -> Any:
+    """``from_hf(raw)``, an error in it prefixed with the model directory."""
+    try:
+        return from_hf(raw)
+    except ValueError as e:
+        raise ValueError(f"{model_dir}: {e}") from None
+
+
 def read_safetensors_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every tensor of one ``.safetensors`` file, as read-only numpy views of a memory map.
 
@@ -408,7 +416,7 @@ def load_encoder(model_dir: str | os.PathLike, dtype=np.float32) -> tuple[Encode
             f"{model_dir}: model_type {raw.get('model_type')!r} is not a BERT-family "
             "encoder; supported: 'bert'"
         )
-    config = EncoderConfig.from_hf(raw)
+    config = _config_from(EncoderConfig.from_hf, raw, model_dir)
     flat = to_canonical(read_safetensors(model_dir), BERT, dtype, where=str(model_dir))
     # A checkpoint without a pooler is fine for mean pooling; init_params asks for it for "cls".
     check_shapes(flat, param_shapes(config), str(model_dir), optional=("pooler/",))
@@ -480,7 +488,7 @@ def load_decoder(
       ValueError: an unsupported ``model_type``, an unknown key, a missing weight or a wrong
         shape, naming the key or path and the expected shape.
     """
-    config = decoder.DecoderConfig.from_hf(read_config(model_dir))
+    config = _config_from(decoder.DecoderConfig.from_hf, read_config(model_dir), model_dir)
     names = decoder_names(config)
     flat = to_canonical(read_safetensors(model_dir), names, dtype, where=str(model_dir))
     if config.family == "gpt2":

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from lorax import nn as lnn
 from lorax import paths
+from lorax.models import hf_fields
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -107,6 +108,7 @@ class DecoderConfig:
         """Reads a Hugging Face ``config.json`` dict of a Llama, Qwen2 or GPT-2 model."""
         model_type = d.get("model_type")
         if model_type == "gpt2":
+            hf_fields.check(d, "gpt2")
             return cls._from_gpt2(d)
         if model_type not in LLAMA_TYPES:
             raise ValueError(
@@ -121,6 +123,7 @@ class DecoderConfig:
             "intermediate_size",
         )
         _require(d, need, model_type)
+        hf_fields.check(d, model_type)
         heads = int(d["num_attention_heads"])
         qwen = model_type == "qwen2"
         scaling = d.get("rope_scaling") or d.get("rope_parameters")

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from lorax import nn as lnn
 from lorax import paths
+from lorax.models import hf_fields
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # BERT's exact erf GELU
@@ -67,6 +68,7 @@ class EncoderConfig:
             "num_heads": "num_attention_heads",
             "intermediate_size": "intermediate_size",
         }
+        hf_fields.check(d, "bert")
         missing = [hf for hf in names.values() if hf not in d]
         if missing:
             raise ValueError(
