@@ -73,7 +73,7 @@ NUMBERS = (
     ("checkpoint_every", 0, None, True),
     ("keep_checkpoints", 1, None, True),
     ("task.max_length", 2, None, True),
-    ("task.validation_size", 0, None, True),
+    ("task.validation_size", 1, None, True),
     ("task.max_eval_examples", 0, None, True),
     ("task.max_test_examples", 0, None, True),
     ("model.dropout", 0.0, 1.0, False),

@@ -373,3 +373,30 @@ def test_sentence_csv_bad_rows(tmp_path, tokenizer):
         ValueError, match=r"line 64: category = 'meh' is not valid; valid: \['fresh'"
     ):
         small.load(tmp_path, tokenizer, max_length=32, validation_size=5)
+
+
+def test_an_empty_test_split_or_validation_size_0_is_refused_before_training(small_dir, tokenizer):
+    """A test file whose every row lacks a gold label leaves nothing to evaluate: refused when
+    the task loads (before any step), naming the split and what its rows were counted as."""
+    _write(small_dir, [_row("p", "q", "-"), _row("r", "s", "-")], "test.jsonl")
+    with pytest.raises(
+        ValueError, match=r"the test split has no examples.*'test/skipped_no_gold_label': 2"
+    ):
+        data.load_task("snli", small_dir, tokenizer, max_length=64, validation_size=5)
+    (small_dir / "test.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"the test split has no examples.*none"):
+        data.load_task("snli", small_dir, tokenizer, max_length=64, validation_size=5)
+    with pytest.raises(ValueError, match=r"validation_size = 0 leaves no validation rows"):
+        data.load_task("snli", small_dir, tokenizer, max_length=64, validation_size=0)
+
+
+def test_a_damaged_csv_bz2_is_named(tmp_path, tokenizer):
+    import bz2
+
+    good = bz2.compress(b"category,text\n" + b"fresh,a good film\n" * 50)
+    task = dataclasses.replace(data.tasks.ROTTEN_TOMATOES, test_size=5)
+    path = tmp_path / "rotten_tomatoes.csv.bz2"
+    for damaged in (good[: len(good) // 2], b"BZh9" + b"\x00" * 64, b"not bzip2 at all"):
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"rotten_tomatoes\.csv\.bz2 cannot be read as bzip2"):
+            task.load(tmp_path, tokenizer, max_length=32, validation_size=5)

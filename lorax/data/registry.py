@@ -50,8 +50,30 @@ def load_task(name: str, data_dir, tokenizer, *, max_length: int, validation_siz
       :class:`lorax.data.causal.ChoiceExamples` instead of :class:`lorax.data.tasks.Examples`.
     """
     check_task(name)
+    if validation_size < 1:
+        raise ValueError(
+            f"task.validation_size = {validation_size} leaves no validation rows; it must be "
+            "at least 1 (rows held out of the train file)"
+        )
     task = CAUSAL_TASKS[name] if name in CAUSAL_TASKS else TASKS[name]
-    return task.load(data_dir, tokenizer, max_length=max_length, validation_size=validation_size)
+    data = task.load(data_dir, tokenizer, max_length=max_length, validation_size=validation_size)
+    check_splits(name, data_dir, data)
+    return data
+
+
+def check_splits(name: str, data_dir, data: TaskData) -> None:
+    """Raises, before any training, if a split has no examples (a test file with no rows, or
+    none with a gold label), saying what its file's rows were counted as."""
+    for split in ("train", "validation", "test"):
+        if data.counts.get(f"{split}/rows", 1):
+            continue
+        source = "train" if split == "validation" else split
+        seen = {k: v for k, v in sorted(data.counts.items()) if k.startswith(f"{source}/") and v}
+        seen |= {k: v for k, v in sorted(data.counts.items()) if k.startswith("all/") and v}
+        raise ValueError(
+            f"task {name!r} in {data_dir}: the {split} split has no examples, so it could not "
+            f"be evaluated after training; rows counted: {seen or 'none'}"
+        )
 
 
 def make_batcher(examples, batch_size: int, task_config, *, seed: int, pad_id: int) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bz2
+import csv
 import dataclasses
 import json
 import logging
@@ -336,15 +338,41 @@ class SentenceClassification:
 
     def load(self, data_dir, tokenizer, *, max_length: int, validation_size: int) -> TaskData:
         """See :func:`lorax.data.registry.load_task`."""
-        import bz2
-        import csv
-
         path = os.path.join(os.fspath(data_dir), self.file)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} does not exist; the task needs {self.file}")
-        opener = bz2.open if path.endswith(".bz2") else open
         counts = {"file_rows": 0, "skipped_label": 0, "skipped_empty_text": 0}
         counts.update({"skipped_missing_field": 0, "bad_utf8": 0})
+        try:
+            texts, labels = self.read(path, counts)
+        except (OSError, EOFError, csv.Error) as e:  # a damaged .bz2 stream, a broken CSV
+            kind = "bzip2-compressed CSV" if path.endswith(".bz2") else "CSV"
+            raise ValueError(f"{path} cannot be read as {kind}: {e}") from None
+        counts = {f"all/{k}": v for k, v in counts.items()}
+        if validation_size < 0 or validation_size + self.test_size >= len(texts):
+            raise ValueError(
+                f"task.validation_size = {validation_size} must be in 0.."
+                f"{len(texts) - self.test_size - 1} ({len(texts)} usable rows, "
+                f"{self.test_size} held out for test)"
+            )
+        held, test, rest = hold_out(len(texts), [validation_size, self.test_size])
+        splits = {}
+        for split, idx in (("train", rest), ("validation", held), ("test", test)):
+            splits[split] = encode_pairs(
+                tokenizer,
+                [texts[i] for i in idx],
+                None,
+                [labels[i] for i in idx],
+                max_length=max_length,
+                counts=counts,
+                split=split,
+            )
+            counts[f"{split}/rows"] = len(splits[split])
+        return TaskData(splits, self.label_names, counts)
+
+    def read(self, path: str, counts: dict[str, int]) -> tuple[list[str], list[int]]:
+        """The texts and label ids of the CSV at ``path``; counts skipped and odd rows."""
+        opener = bz2.open if path.endswith(".bz2") else open
         texts, labels = [], []
         index = {name: i for i, name in enumerate(self.label_names)}
         with opener(path, "rt", newline="", encoding="utf-8", errors="replace") as f:
@@ -372,27 +400,7 @@ class SentenceClassification:
                     counts["bad_utf8"] += "\ufffd" in text
                     texts.append(text.strip())
                     labels.append(index[self.labels[label]])
-        counts = {f"all/{k}": v for k, v in counts.items()}
-        if validation_size < 0 or validation_size + self.test_size >= len(texts):
-            raise ValueError(
-                f"task.validation_size = {validation_size} must be in 0.."
-                f"{len(texts) - self.test_size - 1} ({len(texts)} usable rows, "
-                f"{self.test_size} held out for test)"
-            )
-        held, test, rest = hold_out(len(texts), [validation_size, self.test_size])
-        splits = {}
-        for split, idx in (("train", rest), ("validation", held), ("test", test)):
-            splits[split] = encode_pairs(
-                tokenizer,
-                [texts[i] for i in idx],
-                None,
-                [labels[i] for i in idx],
-                max_length=max_length,
-                counts=counts,
-                split=split,
-            )
-            counts[f"{split}/rows"] = len(splits[split])
-        return TaskData(splits, self.label_names, counts)
+        return texts, labels
 
 
 ROTTEN_TOMATOES = SentenceClassification(
