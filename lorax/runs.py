@@ -27,7 +27,7 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 def restore_trainable(workdir: str | os.PathLike) -> dict[str, Any]:
     """The latest checkpoint's ``{"delta", "head"}`` as numpy arrays (either may be empty)."""
-    ckpt = Checkpointer(os.fspath(workdir))
+    ckpt = Checkpointer(os.fspath(workdir), writable=False)
     try:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"{workdir} holds no checkpoint ({ckpt.directory})")

@@ -208,3 +208,47 @@ def test_command_lines_print_a_user_error_as_one_line_not_a_traceback(tmp_path):
         assert "Traceback" not in done.stderr
         assert f"{module}: error: " in done.stderr
         assert "run" in done.stderr.splitlines()[-2]
+
+
+def test_checkpoints_that_cannot_be_written_are_named_before_any_step(
+    tiny_model_dir, tiny_snli_dir, tmp_path
+):
+    """Not at the first save: the run stops before step 1 (no metrics row) naming the path."""
+    config = tiny_config(tiny_model_dir, tiny_snli_dir, **{"train.num_steps": 2})
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "checkpoints").write_text("")
+    with pytest.raises(NotADirectoryError, match=r"run/checkpoints exists and is not a directory"):
+        train_lib.train_and_evaluate(config, str(workdir))
+    assert not (workdir / "metrics.jsonl").exists()
+    (workdir / "checkpoints").unlink()
+    if os.geteuid() != 0:  # root writes through permission bits; a read-only mount stops it too
+        (workdir / "checkpoints").mkdir(mode=0o555)
+        with pytest.raises(PermissionError, match=r"run/checkpoints is not writable"):
+            train_lib.train_and_evaluate(config, str(workdir))
+        assert not (workdir / "metrics.jsonl").exists()
+
+
+def test_closed_event_loop_noise_from_a_damaged_checkpoint_is_dropped(tmp_path):
+    """The hook drops exactly 'Event loop is closed' RuntimeErrors; others still print."""
+    import sys
+
+    from lorax.checkpoints import state
+
+    state.Checkpointer(tmp_path)
+    seen = []
+    previous = sys.unraisablehook
+    try:
+        sys.unraisablehook = lambda u: seen.append(str(u.exc_value))
+        state._drop_closed_loop_noise()
+
+        class Unraisable:
+            def __init__(self, e):
+                self.exc_type, self.exc_value, self.exc_traceback = type(e), e, None
+                self.err_msg, self.object = None, None
+
+        sys.unraisablehook(Unraisable(RuntimeError("Event loop is closed")))
+        sys.unraisablehook(Unraisable(RuntimeError("something else")))
+    finally:
+        sys.unraisablehook = previous
+    assert seen == ["something else"]

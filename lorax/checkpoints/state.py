@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -26,6 +27,26 @@ from lorax import paths
 log = logging.getLogger(__name__)
 
 STATE, INTEGRITY = "state", "integrity"
+
+
+def _drop_closed_loop_noise() -> None:
+    """Installs (once) an unraisable-exception hook that drops ``RuntimeError('Event loop is
+    closed')``: when a restore fails on a damaged OCDBT node, TensorStore's outstanding reads
+    complete later into Orbax's already-closed event loop, and each prints such a traceback
+    (~160 for one run), burying the one line that says which checkpoint was set aside. Every
+    other unraisable exception goes to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_lorax_drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._lorax_drops_closed_loop = True
+    sys.unraisablehook = hook
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -76,9 +97,14 @@ class Checkpointer:
     Checkpoints found corrupt are moved to ``<workdir>/checkpoints-corrupt/`` (never deleted).
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, keep: int = 2):
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 2, writable: bool = True):
+        """``writable``: check at once that checkpoints can be written (a training run), not
+        at the first save; False for reading a finished run (which may be read-only)."""
         self.workdir = os.path.abspath(os.fspath(workdir))
         self.directory = os.path.join(self.workdir, "checkpoints")
+        _drop_closed_loop_noise()
+        if writable:
+            _check_writable(self.directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True),
@@ -209,6 +235,23 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_writable(directory: str) -> None:
+    """Raises PermissionError naming ``directory`` unless a file can be created in it."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"{directory} exists and is not a directory; checkpoints go there")
+    probe = os.path.join(directory, f".write-check-{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(
+            f"{directory} is not writable ({e.strerror}); the run could not save a checkpoint. "
+            "Make it writable, or give the run another workdir"
+        ) from None
 
 
 def _first_line(e: Exception, limit: int = 200) -> str:
