@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import tqdm
 
-from lorax import evaluate, lora, paths, quant, sharding
+from lorax import evaluate, lora, paths, quant, runfiles, sharding
 from lorax import setup as setup_lib
 from lorax import step as step_lib
 from lorax.checkpoints.state import Checkpointer, IncompatibleCheckpointError
@@ -173,10 +173,12 @@ class Result:
     first_step: int
     validation: list[dict[str, float]]  # per adapter
     test: list[dict[str, float]]
-    train_seconds: float
-    train_tokens: int  # all adapters together
+    train_seconds: float  # every session of the run (see _Timing), this one included
+    train_tokens: int  # all adapters together, every session
     step_seconds_median: float | None
     step_memory_bytes: int | None
+    earlier_wall_seconds: float = 0.0  # the earlier sessions' time up to their kept checkpoint
+    sessions: int = 1  # processes that trained this run (resumes + 1)
 
 
 class _Window:
@@ -198,6 +200,64 @@ class _Window:
              "tokens_per_second": float(self.tokens[k] / elapsed)}
             for k in range(len(count))
         ]  # fmt: skip
+
+
+class _Timing:
+    """Training time and tokens summed over the processes (sessions) a run took.
+
+    Each checkpoint save appends this session's totals so far to ``timing.json`` beside the
+    checkpoints. A session resuming from step S counts every earlier session up to its last
+    record at or before S (the work past S is redone, so counted once), so a run resumed at
+    its final checkpoint still reports its throughput. ``step_seconds_median`` combines the
+    sessions' medians weighted by their step counts. A damaged file only loses the history.
+    """
+
+    def __init__(self, directory: str, first_step: int, primary: bool):
+        self.path, self.primary = os.path.join(directory, "timing.json"), primary
+        try:
+            with open(self.path) as f:
+                sessions = json.load(f)["sessions"]
+        except FileNotFoundError:
+            sessions = []
+        except (ValueError, KeyError, TypeError) as e:
+            tqdm.tqdm.write(f"{self.path} is damaged ({e}); earlier sessions' time is not counted")
+            sessions = []
+        self.earlier = []
+        for session in sessions:
+            kept = [r for r in session["records"] if r["step"] <= first_step]
+            if session["first_step"] < first_step and kept:
+                self.earlier.append({"first_step": session["first_step"], "records": kept})
+        self.current = {"first_step": first_step, "records": []}
+
+    def record(self, step: int, seconds: float, tokens: int, wall: float, times) -> None:
+        median = float(np.median(times)) if times else None
+        self.current["records"].append(
+            {"step": step, "train_seconds": seconds, "tokens": tokens, "wall_seconds": wall,
+             "step_seconds_median": median, "steps_timed": len(times)}
+        )  # fmt: skip
+        if self.primary:
+            runfiles.write_json_atomic(self.path, {"sessions": [*self.earlier, self.current]})
+
+    def totals(self, seconds: float, tokens: int, times) -> dict[str, Any]:
+        """Result fields for the whole run: this session's figures plus the earlier ones'."""
+        last = [s["records"][-1] for s in self.earlier]
+        medians = [(r["step_seconds_median"], r["steps_timed"]) for r in last]
+        if times:
+            medians.append((float(np.median(times)), len(times)))
+        medians = sorted((m, n) for m, n in medians if m is not None and n)
+        median, seen = None, 0
+        for m, n in medians:  # the weighted median of the sessions' medians
+            seen += n
+            if seen * 2 >= sum(n for _, n in medians):
+                median = m
+                break
+        return {
+            "train_seconds": seconds + sum(r["train_seconds"] for r in last),
+            "train_tokens": tokens + sum(r["tokens"] for r in last),
+            "step_seconds_median": median,
+            "earlier_wall_seconds": sum(r["wall_seconds"] for r in last),
+            "sessions": len(last) + 1,
+        }
 
 
 class _Skips:
@@ -269,6 +329,7 @@ def run(
     window, pending, train_tokens = _Window(stepper.size), None, 0
     skips = _Skips(stepper.names, t, first_step)
     step_times, step_memory, loop_start = [], None, time.time()
+    timing, session_start = _Timing(ckpt.workdir, first_step, jax.process_index() == 0), time.time()
 
     def drain(item):
         """Adds step ``step``'s sums to the window, or applies the NaN/Inf policy."""
@@ -327,6 +388,8 @@ def run(
                 drain(pending)
                 pending = None
             ckpt.save(done, state)
+            now = time.time()
+            timing.record(done, now - loop_start, train_tokens, now - session_start, step_times)
     if pending is not None:
         drain(pending)
     bar.close()
@@ -338,8 +401,8 @@ def run(
         "test", setup_lib.subset(task.splits["test"], config.task.max_test_examples), t.num_steps
     )
     return Result(
-        state, first_step, validation, test, train_seconds, train_tokens,
-        float(np.median(step_times)) if step_times else None, step_memory,
+        state, first_step, validation, test, step_memory_bytes=step_memory,
+        **timing.totals(train_seconds, train_tokens, step_times),
     )  # fmt: skip
 
 
@@ -374,8 +437,12 @@ def make_summary(
         "base_quantize": config.model.get("quantize") or "none",
         "steps": config.train.num_steps,
         "resumed_from": result.first_step,
-        "wall_seconds": time.time() - start,
+        # every session's: this process's wall time plus the earlier ones' (to their kept
+        # checkpoint); train_seconds, tokens_per_second and step_seconds_median likewise
+        "wall_seconds": time.time() - start + result.earlier_wall_seconds,
+        "sessions": result.sessions,
         "train_seconds": result.train_seconds,
+        "train_tokens": result.train_tokens,
         "tokens_per_second": result.train_tokens / max(result.train_seconds, 1e-9),
         # median wall time of a step (fetching the previous step's metrics included)
         "step_seconds_median": result.step_seconds_median,

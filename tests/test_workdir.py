@@ -252,3 +252,36 @@ def test_closed_event_loop_noise_from_a_damaged_checkpoint_is_dropped(tmp_path):
     finally:
         sys.unraisablehook = previous
     assert seen == ["something else"]
+
+
+def test_summaries_account_for_every_session_of_a_resumed_run(
+    tiny_model_dir, tiny_snli_dir, tmp_path, monkeypatch
+):
+    """Cut off mid-way (after the step-2 checkpoint) and again after the final checkpoint
+    (in the final evaluation), the run's summary still counts every token once (the same
+    number as an uninterrupted run), a positive throughput, a step time, and three sessions."""
+    from helpers import train_until_interrupted
+
+    overrides = {"train.num_steps": 6, "checkpoint_every": 2, "eval_every": 0}
+    config = tiny_config(tiny_model_dir, tiny_snli_dir, **overrides)
+    straight = train_lib.train_and_evaluate(config, str(tmp_path / "straight"))
+    cut = tmp_path / "cut"
+    train_until_interrupted(config, cut, 3, monkeypatch)  # steps 0-2 ran; kept: step 2
+    with monkeypatch.context() as m:
+
+        def dying(self, *args, **kwargs):
+            raise KeyboardInterrupt("killed in the final evaluation")
+
+        m.setattr(loop.Stepper, "evaluate", dying)
+        with pytest.raises(KeyboardInterrupt):
+            train_lib.train_and_evaluate(config, str(cut))
+    summary = train_lib.train_and_evaluate(config, str(cut))  # resumes at step 6 of 6
+    assert summary["resumed_from"] == 6
+    assert summary["sessions"] == 3
+    assert summary["train_tokens"] == straight["train_tokens"] > 0
+    assert summary["tokens_per_second"] > 0
+    assert summary["step_seconds_median"] is not None
+    assert summary["wall_seconds"] > summary["train_seconds"] > 0
+    timing = json.loads((cut / "timing.json").read_text())["sessions"]
+    assert [s["first_step"] for s in timing] == [0, 2]  # the third ran no step
+    assert [r["step"] for r in timing[0]["records"]] == [2]  # its step-3 work was redone
