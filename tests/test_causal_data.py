@@ -79,7 +79,7 @@ def test_loss_mask_covers_exactly_the_response_and_eos(tmp_path, tok):
     rows = _instruction_rows(30)
     _write_jsonl(tmp_path / "train.jsonl", rows)
     _write_jsonl(tmp_path / "test.jsonl", rows[:4])
-    t = data.load_task("instructions", tmp_path, tok, max_length=128, validation_size=0)
+    t = data.load_task("instructions", tmp_path, tok, max_length=128, validation_size=1)
     test = t.splits["test"]
     assert isinstance(test, data.CausalExamples) and len(test) == 4 and t.label_names == ()
     for row, ids, mask in zip(rows[:4], test.input_ids, test.loss_mask, strict=True):
@@ -150,8 +150,9 @@ def test_truncation_cuts_response_then_prompt_and_keeps_bos(tmp_path):
     ]
     _write_jsonl(tmp_path / "train.jsonl", rows)
     _write_jsonl(tmp_path / "test.jsonl", rows)
-    t = data.load_task("instructions", tmp_path, tok, max_length=40, validation_size=0)
-    assert t.counts["test/truncated"] == 2 and t.counts["train/truncated"] == 2
+    t = data.load_task("instructions", tmp_path, tok, max_length=40, validation_size=1)
+    assert t.counts["test/truncated"] == 2
+    assert t.counts["train/truncated"] + t.counts["validation/truncated"] == 2
     (long_resp, long_prompt, short), masks = t.splits["test"].input_ids, t.splits["test"].loss_mask
     prompt0 = [BOS] + _ids(tok, "Instruction:\nshort\n\nResponse:\n")
     assert len(long_resp) == 40 and long_resp[: len(prompt0)].tolist() == prompt0

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from lorax.data.tasks import SNLI, TaskData, hold_out, read_jsonl
+from lorax.data.tables import read_jsonl
+from lorax.data.tasks import SNLI, TaskData, hold_out
 
 # The instruction prompt (Alpaca/Dolly layout). The response follows the prompt directly and is
 # followed by the tokenizer's eos token; only the response and eos are training targets.
@@ -170,7 +171,7 @@ def _eos_id(tokenizer: Any) -> int:
 def read_instruction_rows(path: str, split: str, counts: dict[str, int]) -> list[tuple[str, ...]]:
     """Reads (instruction, context, response) rows of a JSONL file, skipping and counting bad ones.
 
-    Lines are read by :func:`lorax.data.tasks.read_jsonl` (bad JSON and bad UTF-8 counted).
+    Lines are read by :func:`lorax.data.tables.read_jsonl` (bad JSON and bad UTF-8 counted).
     Skip reasons (``<split>/skipped_<reason>``): ``missing_field`` (no instruction or
     response, or null), ``bad_type`` (a field that is not a string), ``empty_text``
     (instruction or response blank). A missing, null or empty ``context`` means none.

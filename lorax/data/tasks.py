@@ -5,18 +5,13 @@ from __future__ import annotations
 import bz2
 import csv
 import dataclasses
-import json
-import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-log = logging.getLogger(__name__)
-
-# Bad rows named in a warning each, per file; the rest only counted.
-MAX_ROW_WARNINGS = 10
+from lorax.data.tables import read_jsonl
 
 # The validation hold-out is drawn with this fixed seed, never the run's seed, so every run of
 # every seed in a sweep is validated on the same rows.
@@ -159,70 +154,6 @@ class PairClassification:
         for reason, n in skipped.items():
             counts[f"{split}/skipped_{reason}"] = n
         return a_texts, b_texts, labels
-
-
-def _lone_surrogates(value) -> bool:
-    """True for a string holding an unpaired surrogate (from a valid JSON escape such as
-    "\\ud800", but not Unicode text: no tokenizer or UTF-8 writer takes it)."""
-    if not isinstance(value, str):
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def _replace_surrogates(value):
-    """A string with each unpaired surrogate replaced by U+FFFD, as undecodable bytes are."""
-    if not _lone_surrogates(value):
-        return value
-    return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
-
-def read_jsonl(path: str, split: str, counts: dict[str, int]) -> Iterator[tuple[int, dict]]:
-    """Yields ``(line number, object)`` for each JSON object line of ``path``.
-
-    Read line by line with plain ``json``, so one bad line is counted, never fatal: blank
-    lines are ignored; bytes that are not UTF-8, and unpaired surrogate escapes such as
-    ``"\\ud800"``, are replaced (U+FFFD) and the row kept and counted under
-    ``<split>/bad_utf8``; a line that is not a JSON object is skipped, counted
-    under ``<split>/skipped_bad_json`` and named in a warning (the first few per file).
-    ``<split>/file_rows`` counts the non-blank lines.
-    """
-    file_rows = bad_utf8 = bad_json = 0
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a UTF-8 byte order mark
-            if not raw.strip():
-                continue
-            file_rows += 1
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                line = raw.decode("utf-8", errors="replace")
-                bad_utf8 += 1
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                row, why = None, f"invalid JSON ({e.msg} at column {e.colno})"
-            else:
-                why = f"a JSON {type(row).__name__}, not an object"
-            if not isinstance(row, dict):
-                bad_json += 1
-                if bad_json <= MAX_ROW_WARNINGS:
-                    log.warning("%s line %d: skipped: %s", path, line_no, why)
-                continue
-            if any(_lone_surrogates(v) for v in row.values()):
-                row = {k: _replace_surrogates(v) for k, v in row.items()}
-                bad_utf8 += 1
-            yield line_no, row
-    counts[f"{split}/file_rows"] = file_rows
-    counts[f"{split}/bad_utf8"] = bad_utf8
-    counts[f"{split}/skipped_bad_json"] = bad_json
-    if bad_json > MAX_ROW_WARNINGS:
-        log.warning("%s: %d lines skipped as bad JSON in all", path, bad_json)
 
 
 def hold_out(usable: int, sizes: Sequence[int]) -> list[np.ndarray]:
