@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
 
 import jax
@@ -25,6 +26,35 @@ def classification_sums(logits_BC: jax.Array, batch: Mapping[str, jax.Array]) ->
         "loss_sum": jnp.sum(ce_B * w_B),
         "correct": jnp.sum(correct_B * w_B),
         "count": jnp.sum(w_B),
+        "confusion": _confusion(logits_BC, batch["labels"], w_B),
+    }
+
+
+def _confusion(scores_BC: jax.Array, labels_B: jax.Array, w_B: jax.Array) -> jax.Array:
+    """[C, C] weighted counts: row = true class, column = predicted class."""
+    c = scores_BC.shape[-1]
+    true_BC = jax.nn.one_hot(labels_B, c, dtype=jnp.float32) * w_B[:, None]
+    pred_BC = jax.nn.one_hot(jnp.argmax(scores_BC, -1), c, dtype=jnp.float32)
+    return true_BC.T @ pred_BC
+
+
+def class_metrics(confusion_CC: np.ndarray) -> dict:
+    """Macro-F1 and per-class precision, recall, F1 and support from a confusion matrix
+    (rows true, columns predicted); a class never predicted (or absent) has precision (recall)
+    0, as scikit-learn's ``zero_division=0`` gives."""
+    conf = np.asarray(confusion_CC, np.float64)
+    tp, predicted, support = np.diag(conf), conf.sum(0), conf.sum(1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {
+        "macro_f1": float(f1.mean()),
+        "per_class": [
+            {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+            for p, r, f, n in zip(precision, recall, f1, support, strict=True)
+        ],
+        "confusion": conf.round().astype(int).tolist(),
     }
 
 
@@ -70,6 +100,7 @@ def choice_sums(logits_BTV: jax.Array, batch: Mapping[str, jax.Array]) -> dict:
         "loss_sum": jnp.sum(ce_B * w_B),
         "correct": jnp.sum(correct_B * w_B),
         "count": jnp.sum(w_B),
+        "confusion": _confusion(scores_BC, labels_B, w_B),
     }
 
 
@@ -93,8 +124,9 @@ def evaluate(
     sums_of: Callable, batches: Iterable[Mapping[str, np.ndarray]], mesh
 ) -> list[dict[str, float]]:
     """Sums ``sums_of(batch)`` over ``batches`` (placed on ``mesh``); returns each adapter's
-    mean loss, accuracy and row count: one dict for scalar sums (a single run), K for sums
-    with a leading [K] axis (the adapters of a multi-adapter job, on the same batches).
+    mean loss, accuracy and row count (for classification also :func:`class_metrics`): one
+    dict for scalar sums (a single run), K for sums with a leading [K] axis (the adapters of a
+    multi-adapter job, on the same batches).
 
     Sums stay on the device until the end, so batches are dispatched back to back.
     """
@@ -104,14 +136,41 @@ def evaluate(
         total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
     if total is None:
         raise ValueError("evaluation got no batches: the split is empty")
-    total = {k: np.atleast_1d(np.asarray(v, np.float64)) for k, v in jax.device_get(total).items()}
-    return [
-        {
-            "loss": float(loss / count),
-            "accuracy": float(correct / count),
-            "count": int(count),
-        }
-        for loss, correct, count in zip(
-            total["loss_sum"], total["correct"], total["count"], strict=True
-        )
+    total = {k: np.asarray(v, np.float64) for k, v in jax.device_get(total).items()}
+    loss, correct, count = (np.atleast_1d(total[k]) for k in ("loss_sum", "correct", "count"))
+    results = [
+        {"loss": float(lo / n), "accuracy": float(c / n), "count": int(n)}
+        for lo, c, n in zip(loss, correct, count, strict=True)
     ]
+    if "confusion" in total:  # classification: [C, C], or [K, C, C] for K adapters
+        confusion = total["confusion"].reshape(len(results), *total["confusion"].shape[-2:])
+        for result, conf in zip(results, confusion, strict=True):
+            result.update(class_metrics(conf))
+    return results
+
+
+def plot_confusion(confusion: list[list[int]], names: list[str], path: str, title: str) -> None:
+    """A confusion-matrix PNG: counts in each cell, rows true and columns predicted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conf = np.asarray(confusion)
+    size = min(0.6 * len(names) + 2.5, 14)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    ax.imshow(conf, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(names) <= 30:
+        for (i, j), n in np.ndenumerate(conf):
+            color = "white" if n > conf.max() / 2 else "black"
+            ax.text(j, i, str(n), ha="center", va="center", color=color, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

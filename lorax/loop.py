@@ -28,6 +28,7 @@ from lorax.checkpoints.state import Checkpointer, IncompatibleCheckpointError
 from lorax.runfiles import MetricsLog
 
 _WINDOW = ("loss_sum", "correct", "count")
+_SUMMARY_ONLY = ("per_class", "confusion")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -319,7 +320,10 @@ def run(
 
     def run_eval(split, examples, step):
         results = stepper.evaluate(state, examples)
-        write(results, step=step, split=split)
+        # metrics.jsonl keeps the scalars; per-class figures and the confusion matrix go to
+        # the summary only
+        write([{k: v for k, v in r.items() if k not in _SUMMARY_ONLY} for r in results],
+              step=step, split=split)  # fmt: skip
         return results
 
     bar = tqdm.tqdm(
@@ -412,6 +416,7 @@ def make_summary(
     """The ``summary.json`` of adapter ``k`` of a finished :func:`run` (a single run: k = 0),
     whose trained ``{"delta", "head"}`` is ``adapter``."""
     val, test = result.validation[k], result.test[k]
+    names = list(setup.task.label_names)
     return {
         "validation_accuracy": val["accuracy"],
         "validation_loss": val["loss"],
@@ -419,6 +424,9 @@ def make_summary(
         "test_loss": test["loss"],
         "test_examples": test["count"],
         "validation_examples": val["count"],
+        "label_names": names,  # class index -> name (empty for causal-LM tasks)
+        **_class_metrics("validation", val, names),
+        **_class_metrics("test", test, names),
         "model_kind": setup.kind,
         "method": config.method,
         # lora_params: the LoRA delta's size (0 for other methods); delta_params: the
@@ -456,3 +464,28 @@ def make_summary(
         "data_counts": dict(setup.task.counts),
         "config": json.loads(config.to_json_best_effort()),
     }
+
+
+def _class_metrics(split: str, metrics: Mapping[str, Any], names: Sequence[str]) -> dict:
+    """A split's macro-F1, per-class precision/recall/F1/support by class name, and its
+    confusion matrix (rows true, columns predicted, in ``label_names`` order)."""
+    if "confusion" not in metrics:
+        return {}
+    return {
+        f"{split}_macro_f1": metrics["macro_f1"],
+        f"{split}_per_class": dict(zip(names, metrics["per_class"], strict=True)),
+        f"{split}_confusion": metrics["confusion"],
+    }
+
+
+def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
+    """Writes ``summary.json`` (last: a workdir holding one is finished) after, for a
+    classification run, ``confusion_test.png``."""
+    if summary.get("test_confusion"):
+        evaluate.plot_confusion(
+            summary["test_confusion"], summary["label_names"],
+            os.path.join(workdir, "confusion_test.png"),
+            f"test: accuracy {summary['test_accuracy']:.4f}, "
+            f"macro-F1 {summary['test_macro_f1']:.4f}",
+        )  # fmt: skip
+    runfiles.write_json_atomic(os.path.join(workdir, "summary.json"), summary)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lorax import data as data_lib
 from lorax import loop, lora, methods, paths, runfiles, runlock, sharding
 from lorax import setup as setup_lib
 from lorax import step as step_lib
@@ -361,6 +362,7 @@ def train_many(
         raise ValueError(f"{len(configs)} configs for {len(workdirs)} workdirs")
     with runlock.hold_all(workdirs):
         for config, workdir in zip(configs, workdirs, strict=True):
+            data_lib.resolve_labels(config)  # config.json names the classes
             runfiles.write_config_once(workdir, config)  # refuses a changed config, up front
         return _train_many(configs, workdirs)
 
@@ -391,6 +393,6 @@ def _train_many(configs, workdirs) -> list[dict[str, Any]]:
         summary = loop.make_summary(config, stepper.setup, adapter, result, k, start)
         summary["multi_adapter_job"] = stepper.size
         # Written last: a workdir with summary.json is finished (sweeps skip it).
-        runfiles.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+        loop.write_summary(workdir, summary)
         summaries[k] = summary
     return summaries

@@ -19,6 +19,7 @@ import numpy as np
 
 from lorax import assets, checkpoints, evaluate, methods, paths, quant, sharding
 from lorax import data as data_lib
+from lorax.data import filetasks
 from lorax.models import decoder, encoder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -73,7 +74,7 @@ NUMBERS = (
     ("checkpoint_every", 0, None, True),
     ("keep_checkpoints", 1, None, True),
     ("task.max_length", 2, None, True),
-    ("task.validation_size", 1, None, True),
+    ("task.validation_size", 1, None, True),  # file tasks: a count or a fraction (below)
     ("task.max_eval_examples", 0, None, True),
     ("task.max_test_examples", 0, None, True),
     ("model.dropout", 0.0, 1.0, False),
@@ -86,7 +87,13 @@ def check_numbers(config) -> None:
     """Raises naming the first numeric field (of :data:`NUMBERS`) outside its valid range, or
     not a number; fields a config lacks are skipped. A learning rate of 0 is allowed (it
     evaluates the untrained model through the same path)."""
+    file_task = config.get("task") and config.task.get("name") in data_lib.FILE_TASKS
+    if file_task:  # hold-outs as a count or a fraction of the training rows
+        for field in ("validation_size", "test_size"):
+            filetasks.check_size(config.task.get(field), f"task.{field}")
     for field, lo, hi, integer in NUMBERS:
+        if file_task and field == "task.validation_size":
+            continue
         node = config
         for part in field.split("."):
             node = node.get(part) if hasattr(node, "get") else None
@@ -124,7 +131,7 @@ def _model_and_params(config, model_config, base, key):
     model_config = dataclasses.replace(model_config, hidden_dropout=config.model.dropout)
     model = encoder.EncoderClassifier(
         config=model_config,
-        num_classes=len(data_lib.label_names(config.task.name)),
+        num_classes=len(data_lib.label_names(config.task)),
         pooling=config.model.pooling,
         dtype=compute_dtype,
         head_dropout=config.model.head_dropout,
@@ -184,12 +191,14 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
     tokenizer = checkpoints.load_tokenizer(model_dir)
     task = None
     if with_task:
+        file_task = config.task.name in data_lib.FILE_TASKS  # it finds its own files
         task = data_lib.load_task(
             config.task.name,
-            assets.resolve(config.task.data),
+            None if file_task else assets.resolve(config.task.data),
             tokenizer,
             max_length=config.task.max_length,
             validation_size=config.task.validation_size,
+            task_config=config.task,
         )
     return Setup(model, kind, method, frozen, head, delta, task, mesh, base_params, tokenizer)
 

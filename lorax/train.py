@@ -22,6 +22,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from lorax import cli, loop, lora, paths, runfiles, runlock, sharding
+from lorax import data as data_lib
 from lorax import setup as setup_lib
 from lorax.checkpoints.state import Checkpointer
 from lorax.runfiles import MetricsLog
@@ -42,6 +43,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with runlock.hold(workdir) if primary else contextlib.nullcontext():
         os.makedirs(workdir, exist_ok=True)
         try:
+            data_lib.resolve_labels(config)  # config.json names the classes
             if primary:
                 runfiles.write_config_once(workdir, config)
             setup = setup_lib.build(config)
@@ -74,7 +76,7 @@ def _train(config, setup: setup_lib.Setup, workdir: str, primary: bool, start: f
             config, setup, stepper.adapter(result.state, 0), result, 0, start
         )
         if primary:
-            runfiles.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+            loop.write_summary(workdir, summary)
         return summary
 
 

@@ -9,12 +9,20 @@ from lorax.data.causal import (
     format_prompt,
     train_examples,
 )
+from lorax.data.filetasks import FILE_TASKS
 from lorax.data.packing import ChoiceBatcher, PackedBatcher, count_lm_tokens
-from lorax.data.registry import check_task, label_names, load_task, make_batcher
+from lorax.data.registry import (
+    check_task,
+    label_names,
+    load_task,
+    make_batcher,
+    resolve_labels,
+)
 from lorax.data.tasks import TASKS, Examples, PairClassification, TaskData
 
 __all__ = [
     "CAUSAL_TASKS",
+    "FILE_TASKS",
     "INSTRUCTIONS_TINY_DIR",
     "TASKS",
     "Batcher",
@@ -32,5 +40,6 @@ __all__ = [
     "label_names",
     "load_task",
     "make_batcher",
+    "resolve_labels",
     "train_examples",
 ]

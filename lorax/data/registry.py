@@ -6,11 +6,15 @@ from typing import Any
 
 from lorax.data.batching import Batcher
 from lorax.data.causal import CAUSAL_TASKS, CausalExamples, ChoiceExamples
+from lorax.data.filetasks import FILE_TASKS
 from lorax.data.packing import ChoiceBatcher, PackedBatcher
 from lorax.data.tasks import TASKS, TaskData
 
 # The kind of model a task's examples fit: "classify" (an encoder with a head) or "lm".
-KINDS = {**{name: "classify" for name in TASKS}, **{name: "lm" for name in CAUSAL_TASKS}}
+KINDS = {
+    **{name: "classify" for name in (*TASKS, *FILE_TASKS)},
+    **{name: "lm" for name in CAUSAL_TASKS},
+}
 
 
 def check_task(name: str, model_kind: str | None = None, model_name: str = "") -> None:
@@ -27,12 +31,29 @@ def check_task(name: str, model_kind: str | None = None, model_name: str = "") -
         )
 
 
-def label_names(name: str) -> tuple[str, ...]:
-    """The class names of classification task ``name``, in class-index order."""
-    return tuple(TASKS[name].label_names)
+def label_names(task_config) -> tuple[str, ...]:
+    """The class names of a config's classification task, in class-index order: its
+    ``task.labels`` when set (a run's config.json records them, so a finished run needs no
+    data to know them), else the built-in task's. () for a causal-LM task."""
+    fixed = tuple(str(x) for x in task_config.get("labels") or ())
+    if fixed:
+        return fixed
+    name = task_config.name
+    if name in FILE_TASKS:
+        return FILE_TASKS[name].label_names(task_config)
+    return tuple(TASKS[name].label_names) if name in TASKS else ()
 
 
-def load_task(name: str, data_dir, tokenizer, *, max_length: int, validation_size: int) -> TaskData:
+def resolve_labels(config) -> None:
+    """Sets ``config.task.labels`` to the run's class names (for a file task, discovered from
+    its training rows) before the config is written, so config.json names the classes."""
+    if KINDS.get(config.task.name) == "classify" and not config.task.get("labels"):
+        config.task.labels = label_names(config.task)
+
+
+def load_task(
+    name: str, data_dir, tokenizer, *, max_length: int, validation_size, task_config=None
+) -> TaskData:
     """Loads task ``name`` from the files in ``data_dir``, tokenized with ``tokenizer``.
 
     Args:
@@ -42,7 +63,10 @@ def load_task(name: str, data_dir, tokenizer, *, max_length: int, validation_siz
       tokenizer: a Hugging Face (fast) tokenizer.
       max_length: longest example in tokens; longer ones are truncated and counted.
       validation_size: rows held out of the train file as the validation split; the same rows
-        on every call, whatever the run's seed.
+        on every call, whatever the run's seed (file tasks: a count or a fraction).
+      task_config: the config's ``task`` section; file tasks (``text_classification``,
+        ``pair_classification``, :mod:`lorax.data.filetasks`) read their files, fields and
+        labels from it, and ``data_dir`` is then unused.
 
     Returns:
       The splits "train", "validation" and "test" (the task's test file), with counts. For
@@ -50,11 +74,23 @@ def load_task(name: str, data_dir, tokenizer, *, max_length: int, validation_siz
       :class:`lorax.data.causal.ChoiceExamples` instead of :class:`lorax.data.tasks.Examples`.
     """
     check_task(name)
+    if name in FILE_TASKS:
+        if task_config is None:
+            raise ValueError(f"task {name!r} reads its files and fields from task_config")
+        data = FILE_TASKS[name].load(task_config, tokenizer, max_length=max_length)
+        check_splits(name, task_config.get("train_file") or task_config.get("data"), data)
+        return data
     if validation_size < 1:
         raise ValueError(
             f"task.validation_size = {validation_size} leaves no validation rows; it must be "
             "at least 1 (rows held out of the train file)"
         )
+    if not float(validation_size).is_integer():
+        raise ValueError(
+            f"task.validation_size = {validation_size}: task {name!r} takes a row count "
+            "(fractions are for text_classification / pair_classification)"
+        )
+    validation_size = int(validation_size)
     task = CAUSAL_TASKS[name] if name in CAUSAL_TASKS else TASKS[name]
     data = task.load(data_dir, tokenizer, max_length=max_length, validation_size=validation_size)
     check_splits(name, data_dir, data)
