@@ -89,8 +89,15 @@ def _gib(n) -> str:
     return _f(None if n is None else n / 2**30, ".2f")
 
 
-def markdown(results: Mapping[str, tuple[Record | None, Record | None]]) -> str:
-    """The report: throughput and memory per mode, the ratios, the goals."""
+def markdown(
+    results: Mapping[str, tuple[Record | None, Record | None]],
+    roles: Mapping[str, str] | None = None,
+) -> str:
+    """The report: throughput and memory per mode, the ratios, the goals.
+
+    ``roles`` maps a goal's model (:data:`GOALS`) to the model in ``results`` that stands in
+    for it (the run-book's smoke profile: "gpt2-124m" -> "tiny-gpt2"); default: itself.
+    """
     rows = ["| model | framework | mode | tokens/s | step ms | MFU (measured peak) | "
             "MFU (datasheet) | peak GiB | compile s |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -112,7 +119,8 @@ def markdown(results: Mapping[str, tuple[Record | None, Record | None]]) -> str:
     for model, r in table.items():
         ratio_rows.append(f"| {model} | " + " | ".join(_f(r[n], ".2f") for n in names) + " |")
     goal_rows = ["| goal | model | value | target | met |", "|---|---|---:|---:|---|"]
-    for model, goal, key, op, target in GOALS:
+    for goal_model, goal, key, op, target in GOALS:
+        model = (roles or {}).get(goal_model, goal_model)
         if model not in table:
             continue
         value = table[model][key]

@@ -1,0 +1,204 @@
+"""The GPU run-book (benchmarks/runbook.py): the whole --smoke sequence runs end to end on a CPU
+and a second run skips what is recorded; the budget decides what runs; failures and timeouts
+are recorded and teach the next estimate; the wheels cover what a stock image lacks."""
+
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import tomllib
+
+import pytest
+
+from benchmarks import runbook, runbook_report, runbook_steps
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _records(out) -> list[dict]:
+    with open(os.path.join(out, runbook.RECORDS)) as f:
+        return [json.loads(line) for line in f]
+
+
+def _runbook(out, scratch, *argv, env=None):
+    cmd = [sys.executable, "-m", "benchmarks.runbook", f"--out={out}", f"--scratch={scratch}",
+           *argv]  # fmt: skip
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "LORAX_CACHE"}
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_smoke_runs_every_step_then_a_second_run_skips_them(tmp_path):
+    """``--smoke`` runs steps 1-5 on tiny models within 3 minutes, each recorded 'ok' with its
+    result; step 6 (no bundle) is 'not available'. DIR stays small (<= 8 files), its report has
+    the performance table, ratios, goals, A/B rows and the grid, and ``benchmarks.compare
+    --from=DIR`` renders the same records. A second run skips every recorded step at once."""
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    start = time.monotonic()
+    stdout = _runbook(out, scratch, "--smoke", "--budget=900")
+    assert time.monotonic() - start < 180, stdout[-2000:]
+    lines = _records(out)
+    status = {r["step"]: r["status"] for r in lines}
+    keys = [s.key for s in runbook_steps.plan(runbook_steps.PROFILES["smoke"])]
+    assert list(status) == keys
+    assert {k: v for k, v in status.items() if not k.startswith("6/")} == dict.fromkeys(
+        [k for k in keys if not k.startswith("6/")], "ok"
+    )
+    assert status["6/table5/snli"] == "not available"
+    assert all(r["seconds"] >= 0 and r["estimate_s"] > 0 for r in lines if r["status"] == "ok")
+    files = sorted(os.listdir(out))
+    sides = [f"{side}-{m}.json" for side in ("lorax", "peer") for m in ("tiny-gpt2", "tiny")]
+    assert files == sorted(["records.jsonl", "report.md", "log.txt", *sides])
+    assert sum(os.path.getsize(out / f) for f in files) < 1_000_000
+    device = lines[0]["result"]
+    assert device["peaks"]["measured_tflops"] > 0 and device["versions"]["jax"]
+    grid = next(r["result"] for r in lines if r["step"] == "5/grid")
+    assert grid["runs"] == 7 and grid["single_measured_runs"] == 2
+    assert grid["multi_seconds"] > 0 and grid["speedup"] > 0
+    report = (out / "report.md").read_text()
+    needles = ("| tiny-gpt2 | lorax | lora |", "| tiny | peft | eager |",
+               "| 4. LoRA tokens/s vs full fine-tuning | tiny-gpt2 |",
+               "| scan over layers | tiny | lora |", "#### Step 5", "not available")  # fmt: skip
+    for needle in needles:
+        assert needle in report, needle
+    compare = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compare", f"--from={out}", "--models=tiny-gpt2,tiny"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "| tiny | lorax | multi x2 |" in compare
+
+    start = time.monotonic()
+    again = _runbook(out, scratch, "--smoke", "--budget=900")
+    assert time.monotonic() - start < 30
+    assert _records(out) == lines  # nothing ran, not even a repeated 'not available'
+    for key in keys[:-2]:
+        assert f"== {key}: recorded, skipped" in again
+
+
+# --------------------------------------------------------------------------- the scheduler
+
+
+def _fake_plan(monkeypatch, steps):
+    monkeypatch.setattr(runbook_steps, "plan", lambda profile: steps)
+
+
+def _sleep(seconds: float):
+    def run(ctx):
+        ctx.call([sys.executable, "-c", f"import time; time.sleep({seconds}); print('slept')"])
+        return {"slept": seconds}
+
+    return run
+
+
+def _run(out, budget, monkeypatch, tmp_path):
+    return runbook.run(runbook.parse_args(
+        [f"--out={out}", f"--scratch={tmp_path / 'scratch'}", f"--budget={budget}", "--smoke"]
+    ))  # fmt: skip
+
+
+def test_budget_decides_what_runs_and_failures_teach_the_next_estimate(
+    tmp_path, monkeypatch, capsys
+):
+    """A step whose estimate exceeds the budget left is not run (a cheaper later one is); a
+    failing step is recorded 'failed' with its error and runs again next time; a step that
+    outlives the budget is killed, recorded 'timeout', and next time needs 1.5x its time."""
+    out = tmp_path / "out"
+
+    def fail(ctx):
+        ctx.call([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
+
+    _fake_plan(monkeypatch, [
+        runbook_steps.Step("a/too-big", "costs more than the budget", 1000, _sleep(0)),
+        runbook_steps.Step("b/fails", "exits 3", 1, fail),
+        runbook_steps.Step("c/fits", "sleeps 0.1 s", 1, _sleep(0.1)),
+        runbook_steps.Step("d/hangs", "sleeps past the budget", 1, _sleep(60)),
+    ])  # fmt: skip
+    start = time.monotonic()
+    report = _run(out, 8, monkeypatch, tmp_path)
+    assert time.monotonic() - start < 30
+    stdout = capsys.readouterr().out
+    assert "== a/too-big: needs ~1000 s" in stdout
+    lines = {r["step"]: r for r in _records(out)}
+    assert list(lines) == ["b/fails", "c/fits", "d/hangs"]
+    assert lines["b/fails"]["status"] == "failed" and "exited 3" in lines["b/fails"]["error"]
+    assert "boom" in lines["b/fails"]["error"]
+    assert lines["c/fits"]["status"] == "ok" and lines["c/fits"]["result"] == {"slept": 0.1}
+    assert lines["d/hangs"]["status"] == "timeout" and lines["d/hangs"]["seconds"] < 20
+    assert "| d/hangs | timeout |" in report
+    store = runbook.Store(str(out), "smoke")
+    hang = runbook_steps.Step("d/hangs", "", 1, _sleep(60))
+    assert runbook.estimate(hang, store) == pytest.approx(1.5 * lines["d/hangs"]["seconds"])
+    assert store.done("c/fits") and not store.done("b/fails")
+
+
+def test_empty_ab_registry_is_recorded_as_not_available_once(tmp_path, monkeypatch):
+    """With no speed path registered, step 4 is one 'not available' line naming the registry,
+    written once however often the run-book runs; the report shows it."""
+    monkeypatch.setattr(runbook_steps, "AB_PAIRS", ())
+    steps = [s for s in runbook_steps.plan(runbook_steps.PROFILES["smoke"]) if s.key == "4/ab"]
+    assert len(steps) == 1
+    _fake_plan(monkeypatch, steps)
+    for _ in range(2):
+        report = _run(tmp_path / "out", 5, monkeypatch, tmp_path)
+    (line,) = _records(tmp_path / "out")
+    assert line["status"] == "not available" and "AB_PAIRS is empty" in line["reason"]
+    assert "4/ab | not available: no speed path" in report
+
+
+def test_table5_step_needs_a_bundle(tmp_path, monkeypatch):
+    """Step 6 is available only where LORAX_CACHE holds MiniLM-L6 and both data sets."""
+    monkeypatch.delenv("LORAX_CACHE", raising=False)
+    with pytest.raises(runbook_steps.Unavailable, match="LORAX_CACHE is not set"):
+        runbook_steps.bundle_root()
+    for name in ("minilm-l6", "snli"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".lorax-complete").write_text("x")
+    monkeypatch.setenv("LORAX_CACHE", str(tmp_path))
+    with pytest.raises(runbook_steps.Unavailable, match=r"lacks the assets \['rotten-tomatoes'\]"):
+        runbook_steps.bundle_root()
+    (tmp_path / "rotten-tomatoes").mkdir()
+    (tmp_path / "rotten-tomatoes" / ".lorax-complete").write_text("x")
+    assert runbook_steps.bundle_root() == str(tmp_path)
+
+
+def test_records_of_another_profile_are_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / runbook.RECORDS).write_text(json.dumps({"step": "1/device", "profile": "gpu",
+                                                   "status": "ok"}) + "\n")  # fmt: skip
+    with pytest.raises(SystemExit, match="'gpu'.*profile"):
+        runbook.Store(str(out), "smoke")
+    assert runbook_report.render(str(tmp_path / "empty")).startswith("no run-book records")
+
+
+# --------------------------------------------------------------------------- what it imports
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~ \[;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_wheels_are_what_a_stock_image_lacks_pinned_to_the_tested_versions():
+    """WHEELS names exactly lorax's dependencies that a stock CUDA image lacks (less the
+    documented NOT_BROUGHT), each pinned to the version installed here."""
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        deps = {_name(d) for d in tomllib.load(f)["project"]["dependencies"]}
+    lacking = deps - set(runbook.STOCK) - set(runbook.NOT_BROUGHT)
+    assert {_name(w) for w in runbook.WHEELS} == lacking
+    for wheel in runbook.WHEELS:
+        name, version = wheel.split("==")
+        assert importlib.metadata.version(name) == version, wheel
+
+
+def test_runbook_imports_neither_jax_nor_torch():
+    """The run-book's own process leaves the device to its steps' processes."""
+    heavy = "{'jax', 'torch', 'lorax', 'ml_collections'}"
+    code = f"import sys, benchmarks.runbook; print(sorted({heavy} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    assert out.strip() == "[]"
