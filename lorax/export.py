@@ -21,6 +21,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from lorax import assets, cli, methods, paths, runfiles, runs
+from lorax import data as data_lib
 
 
 def merged_params(setup, trainable) -> dict[str, Any]:
@@ -58,7 +59,9 @@ def export_merged(config, setup, trainable, out: str | os.PathLike) -> pathlib.P
         _, original = checkpoints.load_pretrained(model_dir)
         if "pooler" in original and "pooler" not in params["encoder"]:
             tensors.update(hf.encoder_to_hf({"pooler": original["pooler"]}))
-        shutil.copy(pathlib.Path(model_dir) / "config.json", out / "config.json")
+        model_config = json.loads((pathlib.Path(model_dir) / "config.json").read_text())
+        model_config.update(label_maps(config))
+        (out / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
         runfiles.save_safetensors(
             {k: np.ascontiguousarray(v) for k, v in paths.flatten(params["head"]).items()},
             out / "lorax_head.safetensors",
@@ -67,6 +70,26 @@ def export_merged(config, setup, trainable, out: str | os.PathLike) -> pathlib.P
     runfiles.save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
     setup.tokenizer.save_pretrained(out)
     return out
+
+
+def label_maps(config) -> dict[str, dict]:
+    """``id2label`` / ``label2id`` of a classification run, as Hugging Face configs hold them
+    ({} for a causal-LM run)."""
+    names = data_lib.label_names(config.task)
+    if not names:
+        return {}
+    return {
+        "id2label": {str(i): n for i, n in enumerate(names)},
+        "label2id": {n: i for i, n in enumerate(names)},
+    }
+
+
+def write_label_maps(config, out: pathlib.Path) -> None:
+    """``lorax_labels.json`` beside an export of a classification run: its class names as
+    ``id2label`` / ``label2id`` and its task."""
+    maps = label_maps(config)
+    if maps:
+        runfiles.write_json_atomic(out / "lorax_labels.json", {"task": config.task.name, **maps})
 
 
 def export_adapter(config, setup, trainable, out: str | os.PathLike) -> pathlib.Path:
@@ -150,7 +173,12 @@ def main(argv):
     out = check_out_dir(f.out, f.overwrite)
     config, setup, trainable = runs.load_run(f.workdir)
     export = export_merged if f.merged else export_adapter
-    write_replacing(out, lambda tmp: export(config, setup, trainable, tmp))
+
+    def write(tmp):
+        export(config, setup, trainable, tmp)
+        write_label_maps(config, tmp)
+
+    write_replacing(out, write)
     files = sorted(p for p in out.iterdir() if p.is_file())
     written = sum(p.stat().st_size for p in files)
     print(f"wrote {out}: {', '.join(p.name for p in files)} ({written / 1e6:.2f} MB)")

@@ -172,3 +172,60 @@ def test_class_metrics_match_a_hand_computed_example():
     assert m["per_class"][1]["f1"] == pytest.approx(0.8)
     assert m["per_class"][2] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
     assert m["macro_f1"] == pytest.approx((0.75 + 0.8 + 0) / 3)
+
+
+@pytest.mark.slow
+def test_csv_to_train_predict_export_from_the_command_line_alone(tiny_model_dir, tmp_path):
+    """The whole path with no Python written, each step a fresh process: train from a CSV
+    (with a parquet test file), predict a text and a JSONL file, export the adapter and the
+    merged model; the labels travel into every artifact."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    rows = _news_rows(150)
+    _write(tmp_path / "news.csv", rows[:120], "csv")
+    _write(tmp_path / "test.parquet", rows[120:], "parquet")
+    _write(tmp_path / "new.jsonl", [{"text": r["text"], "id": r["id"]} for r in rows[:7]]
+           + [{"text": "", "id": -1}], "jsonl")  # fmt: skip
+    run = tmp_path / "run"
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+    def cli(*args):
+        cmd = [sys.executable, "-m", *args]
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    cli("lorax.train", "--config=configs/wq_wv_r4.py", f"--workdir={run}",
+        f"--config.model.name={tiny_model_dir}", "--config.task.name=text_classification",
+        f"--config.task.data={tmp_path / 'news.csv'}",
+        f"--config.task.test_file={tmp_path / 'test.parquet'}",
+        "--config.task.label_field=category", "--config.task.validation_size=0.1",
+        "--config.task.max_length=32", "--config.task.buckets=(32,)",
+        "--config.train.num_steps=3", "--config.train.batch_size=8",
+        "--config.eval_batch_size=16", "--config.log_every=1")  # fmt: skip
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["label_names"] == ["politics", "sports", "tech"]
+    assert summary["test_examples"] == 30
+    out = cli("lorax.predict", f"--workdir={run}", "--text=the senate passed the budget")
+    assert json.loads(out.splitlines()[0].split("  (")[0])["label"] in summary["label_names"]
+    cli("lorax.predict", f"--workdir={run}", f"--input={tmp_path / 'new.jsonl'}",
+        f"--out={tmp_path / 'predicted.csv'}")  # fmt: skip
+    with open(tmp_path / "predicted.csv") as f:
+        predicted = list(csv.DictReader(f))
+    assert [r["id"] for r in predicted] == [str(r["id"]) for r in rows[:7]] + ["-1"]
+    assert predicted[-1]["label"] == "" and all(r["label"] for r in predicted[:7])
+    probs = np.array(
+        [[float(r[f"prob_{n}"]) for n in summary["label_names"]] for r in predicted[:7]]
+    )
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    cli("lorax.export", f"--workdir={run}", f"--out={tmp_path / 'adapter'}")
+    cli("lorax.export", f"--workdir={run}", f"--out={tmp_path / 'merged'}", "--merged")
+    labels = json.loads((tmp_path / "adapter" / "lorax_labels.json").read_text())
+    assert labels["id2label"] == {"0": "politics", "1": "sports", "2": "tech"}
+    merged = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert merged["label2id"] == {"politics": 0, "sports": 1, "tech": 2}

@@ -88,6 +88,11 @@ class Batcher:
         bucket, indices = self._plan[i]
         return self._assemble(indices, self.buckets[bucket])
 
+    @property
+    def num_eval_batches(self) -> int:
+        """How many batches :meth:`eval_batches` yields."""
+        return sum(-(-len(m) // self.batch_size) for m in self._members)
+
     def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
         """Yields every example exactly once, bucket by bucket from the shortest.
 
