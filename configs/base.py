@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.task.text_field = "text"  # the column holding the text
     c.task.text_pair_field = ""  # pair_classification: the column holding the second text
     c.task.label_field = "label"  # the column holding the label (strings, ints or booleans)
+    c.task.skip_labels = ()  # label values meaning "no gold label": skipped and counted
     c.task.test_size = 0.1  # file tasks without a test file: rows held out for test
 
     # --- method ------------------------------------------------------------------------------

@@ -93,12 +93,18 @@ def test_pair_task_from_a_folder_with_split_files_and_bad_rows_counted(tmp_path,
     folder.mkdir()
     good = [{"q": f"is it {i}", "a": f"it is {i}", "y": ["yes", "no"][i % 2]} for i in range(40)]
     bad = [{"q": "no answer field", "y": "yes"}, {"q": "", "a": "empty", "y": "no"},
-           {"q": "no label", "a": "x", "y": ""}, {"q": 5, "a": "number", "y": "yes"}]  # fmt: skip
+           {"q": "no label", "a": "x", "y": ""}, {"q": 5, "a": "number", "y": "yes"},
+           {"q": "unsure", "a": "x", "y": "-"}]  # fmt: skip
     _write(folder / "train.jsonl", good + bad, "jsonl")
     _write(folder / "dev.csv", good[:6], "csv")
     _write(folder / "test.parquet", good[6:16], "parquet")
     config = _task_config(
-        data=str(folder), text_field="q", text_pair_field="a", label_field="y", validation_size=1
+        data=str(folder),
+        text_field="q",
+        text_pair_field="a",
+        label_field="y",
+        validation_size=1,
+        skip_labels=("-",),
     )
     config.name = "pair_classification"
     task = data.load_task(
@@ -106,8 +112,9 @@ def test_pair_task_from_a_folder_with_split_files_and_bad_rows_counted(tmp_path,
         task_config=config,
     )  # fmt: skip
     assert [task.counts[f"{s}/rows"] for s in ("train", "validation", "test")] == [40, 6, 10]
-    for reason in ("missing_field", "empty_text", "no_gold_label", "bad_type"):
-        assert task.counts[f"train/skipped_{reason}"] == 1, reason
+    for reason, n in (("missing_field", 1), ("empty_text", 1), ("no_gold_label", 2),
+                      ("bad_type", 1)):  # fmt: skip
+        assert task.counts[f"train/skipped_{reason}"] == n, reason
     first = task.splits["validation"].input_ids[0].tolist()
     assert tokenizer.decode(first) == "[CLS] is it 0 [SEP] it is 0 [SEP]"
 

@@ -16,7 +16,8 @@ Labels: ``task.labels`` fixes the classes and their order; empty, they are the d
 of the usable training rows, sorted (numerically when every label is an integer). Labels may be
 strings, integers or booleans; a row of another split whose label is not among them is an error
 naming the file and row. Rows are skipped and counted like the built-in tasks' (``data_counts``):
-``missing_field``, ``no_gold_label`` (a null or empty label), ``bad_type`` (a text that is not a
+``missing_field``, ``no_gold_label`` (a null or empty label, or one of ``task.skip_labels``,
+e.g. SNLI's "-"), ``bad_type`` (a text that is not a
 string), ``empty_text``; undecodable bytes are replaced and counted under ``bad_utf8``.
 """
 
@@ -150,13 +151,14 @@ class FileClassification:
         labels, rows = [], []
         skipped = {"missing_field": 0, "no_gold_label": 0, "bad_type": 0, "empty_text": 0}
         seen: set[str] = set()
+        skip = {label_key(x) for x in task_config.get("skip_labels") or ()}
         for row_no, row in read_rows(path, split, counts):
             seen.update(row)
             values = [row.get(f) for f in text_fields]
             label = label_key(row.get(label_field))
             if label_field not in row or any(v is None for v in values):
                 skipped["missing_field"] += 1
-            elif label is None:
+            elif label is None or label in skip:
                 skipped["no_gold_label"] += 1
             elif not all(isinstance(v, str) for v in values):
                 skipped["bad_type"] += 1
