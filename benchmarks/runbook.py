@@ -221,8 +221,7 @@ def _environment(profile, scratch: str, wheel_dir: str) -> dict[str, str]:
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                "--no-compile", "--upgrade", "--target", site, *wheels]  # fmt: skip
         subprocess.run(cmd, check=True)
-        paths.insert(0, site)
-        sys.path.insert(0, site)
+        paths.insert(0, site)  # for the steps' processes; this one needs none of them
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p])
     return env
 

@@ -202,3 +202,31 @@ def test_runbook_imports_neither_jax_nor_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout  # fmt: skip
     assert out.strip() == "[]"
+
+
+def test_carried_wheels_are_installed_offline_for_the_steps(tmp_path, monkeypatch):
+    """``--with-wheels=DIR`` installs DIR's wheels with no index and the steps' processes
+    import them (a step that imports a package only the wheel has succeeds)."""
+    import zipfile
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "carried_probe-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("carried_probe/__init__.py", "VALUE = 17\n")
+        info = "carried_probe-1.0.dist-info/"
+        z.writestr(info + "METADATA", "Metadata-Version: 2.1\nName: carried-probe\nVersion: 1.0\n")
+        z.writestr(info + "WHEEL", "Wheel-Version: 1.0\nGenerator: t\nRoot-Is-Purelib: true\n"
+                   "Tag: py3-none-any\n")  # fmt: skip
+        z.writestr(info + "RECORD", "")
+
+    def imports(ctx):
+        out = ctx.call([sys.executable, "-c", "import carried_probe; print(carried_probe.VALUE)"])
+        return {"value": int(out.split()[-1])}
+
+    _fake_plan(monkeypatch, [runbook_steps.Step("w/imports", "imports the wheel", 1, imports)])
+    runbook.run(runbook.parse_args([
+        f"--out={tmp_path / 'out'}", f"--scratch={tmp_path / 'scratch'}", "--budget=60",
+        "--smoke", f"--with-wheels={wheels}",
+    ]))  # fmt: skip
+    (line,) = _records(tmp_path / "out")
+    assert line["status"] == "ok" and line["result"] == {"value": 17}
