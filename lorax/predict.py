@@ -62,6 +62,13 @@ class Predictor:
         self, texts: Sequence[str], pairs: Sequence[str] | None = None, progress: bool = False
     ) -> np.ndarray:
         """[N, C] class probabilities, in the order of ``texts`` (and ``pairs``)."""
+        logits = self.logits(texts, pairs, progress)
+        return np.asarray(jax.nn.softmax(logits, axis=-1))
+
+    def logits(
+        self, texts: Sequence[str], pairs: Sequence[str] | None = None, progress: bool = False
+    ) -> np.ndarray:
+        """[N, C] fp32 logits, in the order of ``texts`` (and ``pairs``)."""
         if self.pair != (pairs is not None):
             need = "--text_pair (the run's task reads pairs)" if self.pair else "no --text_pair"
             raise ValueError(f"this run takes {need}")
@@ -85,9 +92,8 @@ class Predictor:
             logits = self._logits(
                 self.trainable, self.setup.frozen, sharding.put_batch(batch, self.setup.mesh)
             )
-            probs = np.asarray(jax.nn.softmax(np.asarray(logits, np.float32), axis=-1))
             real = batch["weights"] > 0
-            out[batch["labels"][real]] = probs[real]
+            out[batch["labels"][real]] = np.asarray(logits, np.float32)[real]
         return out
 
 

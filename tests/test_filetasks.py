@@ -236,3 +236,41 @@ def test_csv_to_train_predict_export_from_the_command_line_alone(tiny_model_dir,
     assert labels["id2label"] == {"0": "politics", "1": "sports", "2": "tech"}
     merged = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert merged["label2id"] == {"politics": 0, "sports": 1, "tech": 2}
+
+
+@pytest.mark.slow
+def test_seq_cls_export_predicts_in_peft_what_lorax_predicts(tiny_model_dir, tmp_path):
+    """A cls-pooled run exported with task_type=seq_cls loads with
+    AutoPeftModelForSequenceClassification (the base from disk) and gives lorax.predict's
+    logits within 1e-4 and the same labels; a mean-pooled run is refused, saying why."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from lorax import export
+    from lorax.predict import Predictor
+
+    path = _write(tmp_path / "news.csv", _news_rows(90), "csv")
+    overrides = {
+        "task.name": "text_classification", "task.data": str(path), "task.label_field":
+        "category", "task.validation_size": 9, "task.test_size": 9, "train.num_steps": 4,
+        "model.pooling": "cls", "lora.targets": "q,k,v,o",
+    }  # fmt: skip
+    train_lib.train_and_evaluate(tiny_config(tiny_model_dir, "", **overrides), str(tmp_path / "r"))
+    config, setup, trainable = runs.load_run(str(tmp_path / "r"))
+    out = export.export_adapter(config, setup, trainable, tmp_path / "seq_cls", "seq_cls")
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["task_type"] == "SEQ_CLS"
+    assert adapter_config["modules_to_save"] == ["classifier"]
+    model = peft.AutoPeftModelForSequenceClassification.from_pretrained(
+        str(out), num_labels=3
+    ).eval()
+    texts = [r["text"] for r in _news_rows(12)] + ["a much longer text " * 6]
+    enc = setup.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        theirs = model(**enc).logits.numpy()
+    ours = Predictor(str(tmp_path / "r")).logits(texts)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    assert (ours.argmax(1) == theirs.argmax(1)).all()
+    assert np.abs(ours).max() > 1e-3  # a trained head, not zeros
+    config.model.pooling = "mean"
+    with pytest.raises(ValueError, match=r"pooling = 'mean'.*only a model.pooling = 'cls' run"):
+        export.export_adapter(config, setup, trainable, tmp_path / "no", "seq_cls")

@@ -131,6 +131,7 @@ def export_peft(
     base_model_name_or_path: str | None = None,
     module_prefix: str | None = None,
     task_type: str | None = "auto",
+    modules_to_save: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> pathlib.Path:
     """Writes ``delta`` as a PEFT LoRA adapter that ``PeftModel.from_pretrained`` loads.
 
@@ -146,6 +147,9 @@ def export_peft(
         ``GPT2LMHeadModel``; ``"bert."`` targets ``BertForSequenceClassification``.
       task_type: PEFT's task type; "auto" is FEATURE_EXTRACTION for encoders, CAUSAL_LM for
         decoders; None leaves it unset.
+      modules_to_save: whole modules trained beside the adapter, by PyTorch module name, each
+        ``{param name: array in PyTorch's layout}`` (e.g. ``{"classifier": {"weight": [C, D],
+        "bias": [C]}}``): saved as PEFT saves ``modules_to_save`` and listed in the config.
 
     Returns:
       ``out_dir`` as a path. Tensors are written in fp32.
@@ -169,6 +173,13 @@ def export_peft(
     peft_config = _adapter_config(modules, spec, target_modules, layers, gpt2, task)
     peft_config["base_model_name_or_path"] = base_model_name_or_path
     tensors = {}
+    if modules_to_save:
+        peft_config["modules_to_save"] = sorted(modules_to_save)
+        for module, params in modules_to_save.items():
+            for name, value in params.items():
+                tensors[f"{layout.KEY_PREFIX}{module}.{name}"] = np.ascontiguousarray(
+                    value, np.float32
+                )
     for module in sorted(modules):
         a_RD, b_FR, _, _ = modules[module]
         tensors[f"{layout.KEY_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(
