@@ -34,22 +34,22 @@ def get_config() -> ml_collections.ConfigDict:
     # for causal-LM tasks also the length of each packed training row
     c.task.buckets = (32, 64, 128)  # padded lengths; a step compiles once per bucket (for
     # causal-LM tasks only the scored-choice evaluation uses them)
-    # rows held out of train (same rows for every seed); a float field so that file tasks
-    # may give a fraction (0.1); built-in tasks take a count
-    c.task.validation_size = 5000.0
+    c.task.validation_size = 5000.0  # rows held out of train (the same rows for every seed):
+    # a count for built-in tasks; for file tasks a count or a fraction such as 0.1
     c.task.max_eval_examples = 0  # cap on validation rows used in periodic evals (0 = all)
     c.task.max_test_examples = 0  # cap on test rows in the final eval (0 = all; smoke tests)
     # Class names in class-index order. Empty: the built-in task's, or for a file task the
     # distinct labels of its training rows, sorted; a run's config.json records them.
     c.task.labels = ()
+
     # Your own data (task.name = "text_classification" or "pair_classification"): task.data is
     # a file (the training rows) or a folder (train.csv / train.jsonl / ..., optionally
     # validation.* and test.*); csv, tsv, jsonl, json or parquet (csv/tsv/jsonl may be .gz or
     # .bz2). Or name each split's file. A split without a file is held out of the training
     # rows: validation_size / test_size rows, a count or a fraction, the same rows every run.
-    c.task.train_file = ""
-    c.task.validation_file = ""
-    c.task.test_file = ""
+    c.task.train_file = ""  # file tasks: the training rows (else task.data)
+    c.task.validation_file = ""  # file tasks: the validation rows (else held out)
+    c.task.test_file = ""  # file tasks: the test rows (else held out)
     c.task.text_field = "text"  # the column holding the text
     c.task.text_pair_field = ""  # pair_classification: the column holding the second text
     c.task.label_field = "label"  # the column holding the label (strings, ints or booleans)

@@ -39,4 +39,37 @@ def run(main: Callable[[list[str]], object], prog: str) -> None:
             print("(LORAX_TRACEBACK=1 shows the traceback)", file=sys.stderr)
             sys.exit(2)
 
-    app.run(friendly)
+    try:
+        app.run(friendly)
+    except (AttributeError, KeyError):  # raised while applying a --config.<field> override
+        message = _unknown_override(sys.argv[1:])
+        if message is None or os.environ.get("LORAX_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _unknown_override(args: list[str]) -> str | None:
+    """For ``--config.a.b=v`` overrides naming no field of the ``--config`` file's config: the
+    first such one, and the valid fields of its section; None if every override exists."""
+    import runpy
+
+    files = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    if not files:
+        return None
+    config = runpy.run_path(files[0])["get_config"]()
+    for arg in args:
+        if not arg.startswith("--config."):
+            continue
+        dotted = arg[len("--config.") :].split("=", 1)[0]
+        node, where = config, "the config"
+        for part in dotted.split("."):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in keys:
+                return (
+                    f"--config.{dotted}: {where} has no field {part!r}; its fields: "
+                    f"{', '.join(sorted(keys))} (--print_config lists every field with its "
+                    "meaning)"
+                )
+            node, where = node[part], f"section {part!r}"
+    return None

@@ -21,7 +21,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from lorax import cli, loop, lora, paths, runfiles, runlock, sharding
+from lorax import cli, configdoc, loop, lora, paths, runfiles, runlock, sharding
 from lorax import data as data_lib
 from lorax import setup as setup_lib
 from lorax.checkpoints.state import Checkpointer
@@ -70,6 +70,12 @@ def _train(config, setup: setup_lib.Setup, workdir: str, primary: bool, start: f
             f"frozen base {sharding.bytes_per_device(frozen) / 2**20:.1f} MiB per device of "
             f"{paths.nbytes(frozen) / 2**20:.1f} MiB"
         )
+        cut = {s: setup.task.counts.get(f"{s}/truncated", 0) for s in setup.task.splits}
+        if any(cut.values()):
+            tqdm.tqdm.write(
+                f"examples cut to task.max_length = {config.task.max_length} tokens: "
+                + ", ".join(f"{s} {n:,} of {len(setup.task.splits[s]):,}" for s, n in cut.items())
+            )
         log = MetricsLog(os.path.join(workdir, "metrics.jsonl")) if primary else None
         result = loop.run(stepper, stepper.init_state(), ckpt, [log])
         summary = loop.make_summary(
@@ -90,6 +96,9 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "workdir", None, "Run directory (default: runs/<config file name without .py>)."
     )
+    flags.DEFINE_bool(
+        "print_config", False, "Print every config field, its value and its comment, and exit."
+    )
     flags.mark_flag_as_required("config")
 
 
@@ -97,6 +106,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
+    if flags.FLAGS.print_config:
+        print(configdoc.describe(flags.FLAGS.config))
+        return
     if flags.FLAGS.config.mesh.distributed:  # before anything touches a device
         sharding.initialize_distributed(flags.FLAGS.config.mesh)
     config_path = config_flags.get_config_filename(flags.FLAGS["config"])

@@ -285,3 +285,27 @@ def test_summaries_account_for_every_session_of_a_resumed_run(
     timing = json.loads((cut / "timing.json").read_text())["sessions"]
     assert [s["first_step"] for s in timing] == [0, 2]  # the third ran no step
     assert [r["step"] for r in timing[0]["records"]] == [2]  # its step-3 work was redone
+
+
+def test_print_config_gives_every_field_its_value_and_comment_and_a_typo_lists_the_section():
+    sys.path.insert(0, REPO)
+    from configs import base, wq_wv_r4
+    from lorax import cli, configdoc, paths
+
+    config = wq_wv_r4.get_config()
+    text = configdoc.describe(config)
+    lines = {line.split(" = ")[0].strip(): line for line in text.splitlines()}
+    assert set(lines) == {k.replace("/", ".") for k in paths.flatten(config.to_dict())}
+    assert lines["lora.rank"].endswith("= 4  # rank r for every target")
+    assert (
+        "wrapped onto" not in text
+        and "causal-LM tasks only the scored-choice" in (lines["task.buckets"])
+    )
+    documented = configdoc.base_comments(os.path.join(REPO, "configs", "base.py"))
+    undocumented = [k for k in paths.flatten(base.get_config().to_dict())
+                    if not documented.get(k.replace("/", "."))]  # fmt: skip
+    assert not undocumented, f"configs/base.py fields without a comment: {undocumented}"
+    message = cli._unknown_override(["--config=configs/wq_wv_r4.py", "--config.lora.rnak=3"])
+    assert message.startswith("--config.lora.rnak: section 'lora' has no field 'rnak'; its")
+    assert "rank, rank_pattern" in message
+    assert cli._unknown_override(["--config=configs/wq_wv_r4.py", "--config.lora.rank=3"]) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -56,4 +57,7 @@ def load_tokenizer(model: str | os.PathLike):
         return gguf.tokenizer_from_gguf(path)
     import transformers  # heavy; only once a model is being loaded
 
+    # lorax tokenizes without truncation and cuts (and counts) long examples itself, so the
+    # tokenizer's "longer than the specified maximum sequence length" warning is wrong here.
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
     return transformers.AutoTokenizer.from_pretrained(os.fspath(model))
