@@ -99,6 +99,7 @@ def main() -> None:
 
     flags.DEFINE_string("model", "minilm-l6", "Model asset name.")
     flags.DEFINE_string("task", "snli", "Task name.")
+    flags.DEFINE_string("config", "", "A config file to study instead (e.g. your own task).")
     flags.DEFINE_integer("seeds", 3, "Seeds per method (0, 1, ...).")
     flags.DEFINE_integer("steps", 0, "Override train.num_steps (0 = the base config's).")
     flags.DEFINE_list("methods", list(METHOD_RUNS), "Methods to run (labels of METHOD_RUNS).")
@@ -111,12 +112,11 @@ def main() -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         f = flags.FLAGS
-        base = sweep.base_config(f.model, f.task)
+        name, base = sweep.study_base("methods", f.config, f.model, f.task, sweep.BASE_CONFIGS)
         if f.steps:
             base.train.num_steps = f.steps
         extra = dict(item.split("=", 1) for item in f.set)
         base = sweep.apply_overrides(base, {k: _literal(v) for k, v in extra.items()})
-        name = f"methods_{f.model}_{f.task}"
         rows = run_study(name, runs(f.methods, f.seeds), base, f.root)
         print(f"{len(rows)} results in {os.path.join(f.root, name, 'results.json')}")
 

@@ -65,6 +65,28 @@ def base_config(model: str, task: str, table=BASE_CONFIGS) -> ml_collections.Con
     return module.get_config()
 
 
+def config_file(path: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of a config file anywhere (a user's own task, e.g. a
+    ``text_classification`` on their CSV); an error names a file that is not one."""
+    import runpy
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config={path} does not exist")
+    sys.path.insert(0, REPO)  # config files import configs.base
+    get_config = runpy.run_path(path).get("get_config")
+    if get_config is None:
+        raise ValueError(f"--config={path} defines no get_config()")
+    return get_config()
+
+
+def study_base(study: str, config: str, model: str, task: str, table) -> tuple[str, Any]:
+    """``(study name, base config)``: from ``--config=FILE`` (named after the file) when given,
+    else from the (model, task) pair's config in ``table``."""
+    if config:
+        return f"{study}_{os.path.splitext(os.path.basename(config))[0]}", config_file(config)
+    return f"{study}_{model}_{task}", base_config(model, task, table)
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]):
     """A copy of ``config`` with dotted overrides; an unknown key is an error naming it."""
     config = ml_collections.ConfigDict(config.to_dict())
@@ -194,6 +216,7 @@ def main_for(study: str, grid, *, per_job: int = 0, target_sets: Sequence[str] =
 
     flags.DEFINE_string("model", "minilm-l6", "Model asset name.")
     flags.DEFINE_string("task", "snli", "Task name.")
+    flags.DEFINE_string("config", "", "A config file to study instead (e.g. your own task).")
     flags.DEFINE_integer("seeds", 3, "Seeds per grid point (0, 1, ...).")
     flags.DEFINE_integer("steps", 0, "Override train.num_steps (0 = the base config's).")
     flags.DEFINE_integer("max_adapters", per_job, "Adapters per job (0 = sized to the device).")
@@ -207,10 +230,10 @@ def main_for(study: str, grid, *, per_job: int = 0, target_sets: Sequence[str] =
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         f = flags.FLAGS
-        base = base_config(f.model, f.task, STUDY_CONFIGS)
+        name, base = study_base(study, f.config, f.model, f.task, STUDY_CONFIGS)
         if f.steps:
             base.train.num_steps = f.steps
-        name = f"{study}_{f.model}_{f.task}" + ("_alpha2r" if f.alpha_per_rank else "")
+        name += "_alpha2r" if f.alpha_per_rank else ""
         if target_sets:
             by_short = {t.replace(",", ""): t for t in target_sets}
             unknown = sorted(set(f.targets) - set(by_short))

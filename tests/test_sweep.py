@@ -96,3 +96,38 @@ def test_study_runs_as_jobs_resumes_and_reports(
     # No study under a root: nothing written, and the command says so.
     assert report.report(str(tmp_path / "nothing")) == ""
     assert not (tmp_path / "nothing").exists()
+
+
+@pytest.mark.slow
+def test_a_study_runs_on_any_config_file_such_as_a_users_own_task(tiny_model_dir, tmp_path):
+    """--config=FILE: the study's base is the user's config (here a text_classification on
+    their CSV), named after the file; a missing file or one without get_config is named."""
+    rows = [{"text": f"{['good', 'bad'][i % 2]} film number {i}", "y": ["pos", "neg"][i % 2]}
+            for i in range(80)]  # fmt: skip
+    with open(tmp_path / "reviews.csv", "w") as f:
+        f.write("text,y\n" + "".join(f"{r['text']},{r['y']}\n" for r in rows))
+    config_path = tmp_path / "my_reviews.py"
+    config_path.write_text(
+        "from configs import wq_wv_r4\n\n\ndef get_config():\n"
+        "    c = wq_wv_r4.get_config()\n"
+        f"    c.model.name = {str(tiny_model_dir)!r}\n"
+        "    c.task.name = 'text_classification'\n"
+        f"    c.task.data = {str(tmp_path / 'reviews.csv')!r}\n"
+        "    c.task.label_field = 'y'\n"
+        "    c.task.validation_size, c.task.test_size = 8, 8\n"
+        "    c.task.max_length, c.task.buckets = 32, (32,)\n"
+        "    c.train.num_steps, c.train.batch_size, c.eval_batch_size = 2, 8, 16\n"
+        "    return c\n"
+    )
+    name, base = sweep.study_base("table5", str(config_path), "minilm-l6", "snli", {})
+    assert name == "table5_my_reviews" and base.task.name == "text_classification"
+    runs = [r for r in table5.grid(seeds=1) if r.name in ("q_r8_s0", "qv_r4_s0")]
+    done = sweep.run_study(name, runs, base, root=str(tmp_path / "sweeps"), max_adapters=2)
+    assert [r["name"] for r in done] == ["q_r8_s0", "qv_r4_s0"]
+    summary = json.loads((tmp_path / "sweeps" / name / "q_r8_s0" / "summary.json").read_text())
+    assert summary["label_names"] == ["neg", "pos"] and "test_macro_f1" in summary
+    with pytest.raises(FileNotFoundError, match="nope.py does not exist"):
+        sweep.study_base("table5", str(tmp_path / "nope.py"), "", "", {})
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="defines no get_config"):
+        sweep.study_base("table5", str(tmp_path / "empty.py"), "", "", {})
