@@ -196,7 +196,26 @@ def define_flags() -> None:
     flags.DEFINE_bool(
         "raw", False, "Use the prompt as is, not wrapped in the task's prompt template."
     )
+    flags.DEFINE_bool(
+        "chat", False, "Wrap each prompt as a user turn in the model's chat template."
+    )
     flags.mark_flag_as_required("config")
+
+
+def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
+    """Each prompt as one user turn in the tokenizer's chat template, ending where the
+    assistant's reply begins; an error if the model has no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "--chat: this model's tokenizer has no chat template (a GGUF file's "
+            "tokenizer.chat_template, or tokenizer_config.json's chat_template); drop --chat"
+        )
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
 
 
 def _rows(n_prompts: int, n_adapters: int, chosen: list[int]) -> list[tuple[int, int]]:
@@ -228,7 +247,9 @@ def main(argv):
     setup, base = load_for_generation(config, None)
     tok = setup.tokenizer
     texts = list(f.prompt)
-    if not f.raw and config.task.name == "instructions":
+    if f.chat:
+        texts = chat_prompts(tok, texts)
+    elif not f.raw and config.task.name == "instructions":
         from lorax import data as data_lib
 
         texts = [data_lib.format_prompt(t) for t in texts]
@@ -245,7 +266,8 @@ def main(argv):
         if adapters:
             bank = serving.make_bank(base, adapters)
             params = serving.wrap(base, bank, jnp.asarray([a for _, a in rows]))
-    prompts = [tok(texts[p], add_special_tokens=True)["input_ids"] for p, _ in rows]
+    # a chat template writes its own special tokens
+    prompts = [tok(texts[p], add_special_tokens=not f.chat)["input_ids"] for p, _ in rows]
     outs = generate(
         setup.model,
         params,

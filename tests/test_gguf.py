@@ -416,3 +416,23 @@ def test_smollm2_hub_fallback_is_the_hugging_face_layout(tmp_path, monkeypatch):
     assert asked == [("HuggingFaceTB/SmolLM2-135M-Instruct", hub_files)]
     assert lg.find_gguf(d) is None and (d / "model.safetensors").is_file()
     assert (d / assets.COMPLETE).read_text().strip() == "hub:HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_the_chat_template_is_kept_and_survives_save_pretrained(smollm2_gguf, tmp_path):
+    """The GGUF's tokenizer.chat_template is the tokenizer's (so a merged export's tokenizer
+    files carry it), and lorax.generate --chat wraps a prompt as the model's own user turn."""
+    import transformers
+
+    from lorax import generate
+
+    ours = lg.tokenizer_from_gguf(smollm2_gguf)
+    assert ours.chat_template == lg.read_gguf_metadata(smollm2_gguf)["tokenizer.chat_template"]
+    (prompt,) = generate.chat_prompts(ours, ["What is 2+2?"])
+    assert prompt.endswith("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt.startswith("<|im_start|>system\n")
+    ours.save_pretrained(tmp_path)
+    reloaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert reloaded.chat_template == ours.chat_template
+    ours.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        generate.chat_prompts(ours, ["hi"])

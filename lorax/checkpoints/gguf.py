@@ -337,7 +337,8 @@ def tokenizer_from_gguf(path_or_dir: str | os.PathLike):
 
     Returns:
       A ``transformers.PreTrainedTokenizerFast`` with ``bos_token``, ``eos_token``,
-      ``unk_token`` and ``pad_token`` set from the file (pad falls back to eos).
+      ``unk_token`` and ``pad_token`` set from the file (pad falls back to eos), and the
+      file's ``tokenizer.chat_template`` as its chat template.
 
     Raises:
       ValueError: the file's tokenizer (``tokenizer.ggml.model``) is not byte-level BPE
@@ -383,4 +384,6 @@ def tokenizer_from_gguf(path_or_dir: str | os.PathLike):
         unk_token=special("unknown_token_id"),
         pad_token=special("padding_token_id") or eos,
         clean_up_tokenization_spaces=False,
+        # kept, so apply_chat_template and a merged export's tokenizer files have it
+        chat_template=meta.get("tokenizer.chat_template"),
     )
