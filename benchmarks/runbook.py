@@ -63,7 +63,11 @@ class Store:
         self.lines = []
         if os.path.exists(self.path):
             with open(self.path) as f:
-                self.lines = [json.loads(line) for line in f if line.strip()]
+                for number, text in enumerate(f, 1):
+                    try:
+                        self.lines.append(json.loads(text))
+                    except ValueError:  # a line cut off when a window ended mid-write
+                        print(f"{self.path}:{number}: not a whole record, ignored", flush=True)
         other = {r["profile"] for r in self.lines} - {profile}
         if other:
             raise SystemExit(

@@ -23,8 +23,14 @@ def _lines(out: str) -> list[dict[str, Any]]:
     path = os.path.join(out, "records.jsonl")
     if not os.path.exists(path):
         return []
+    lines = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for text in f:
+            try:
+                lines.append(json.loads(text))
+            except ValueError:  # cut off mid-write (benchmarks.runbook.Store says so)
+                continue
+    return lines
 
 
 def _load(path: str) -> dict | None:

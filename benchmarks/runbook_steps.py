@@ -260,7 +260,7 @@ def table5_step(ctx: Context, task: str) -> dict[str, Any]:
     seeds, steps = ctx.profile.table5
     root = os.path.join(ctx.scratch, "studies")
     ctx.python("experiments.table5", "--model=minilm-l6", f"--task={task}", f"--seeds={seeds}",
-               f"--steps={steps}", f"--root={root}")  # fmt: skip
+               f"--steps={steps}", f"--root={root}", "--verbosity=-1")  # fmt: skip
     study = _read(os.path.join(root, f"table5_minilm-l6_{task}", "results.json"))
     keep = ("name", "validation_accuracy", "test_accuracy", "lora_params", "wall_seconds",
             "train_seconds", "platform")  # fmt: skip

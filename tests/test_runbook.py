@@ -166,6 +166,17 @@ def test_table5_step_needs_a_bundle(tmp_path, monkeypatch):
     assert runbook_steps.bundle_root() == str(tmp_path)
 
 
+def test_a_record_cut_off_mid_write_is_ignored(tmp_path, capsys):
+    """A last line cut off when a window ended is skipped with a note; whole lines count."""
+    out = tmp_path / "out"
+    out.mkdir()
+    whole = {"step": "1/device", "profile": "smoke", "status": "ok", "seconds": 3}
+    (out / runbook.RECORDS).write_text(json.dumps(whole) + '\n{"step": "2/tiny')
+    store = runbook.Store(str(out), "smoke")
+    assert store.done("1/device") and len(store.lines) == 1
+    assert f"{out / runbook.RECORDS}:2: not a whole record, ignored" in capsys.readouterr().out
+
+
 def test_records_of_another_profile_are_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
