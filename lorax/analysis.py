@@ -102,7 +102,7 @@ def heatmap(grids: Mapping[str, np.ndarray], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _load(workdir: str) -> tuple[Any, dict, dict[str, float]]:
+def load(workdir: str) -> tuple[Any, dict, dict[str, float]]:
     """A run's per-layer base, delta, and the scale of each adapted kernel."""
     from lorax import lora, methods, paths, runs
 
@@ -126,7 +126,7 @@ def main(argv):
     if len(runs) != 2:
         raise app.UsageError("give exactly two --run directories to compare")
     os.makedirs(out, exist_ok=True)
-    (base, d1, s1), (_, d2, s2) = _load(runs[0]), _load(runs[1])
+    (base, d1, s1), (_, d2, s2) = load(runs[0]), load(runs[1])
     grids = {k: g for k, g in compare(d1, d2).items() if paths.layer_index(k) == layer}
     if not grids:
         raise app.UsageError(f"the two runs share no adapted kernel in layer {layer}")

@@ -1,6 +1,7 @@
 """Subspace similarity and amplification (lorax/analysis.py) on cases with known answers."""
 
 import numpy as np
+import pytest
 
 from lorax import analysis
 
@@ -30,3 +31,34 @@ def test_amplification_of_a_direction_w_barely_has():
     np.testing.assert_allclose(m["w_in_delta_dirs"], 0.01, rtol=1e-9)
     np.testing.assert_allclose(m["factor"], 200.0, rtol=1e-9)
     np.testing.assert_allclose(m["w_in_w_dirs"], 10.0, rtol=1e-9)
+
+
+@pytest.mark.slow
+def test_section7_renders_the_papers_figures_and_tables_from_a_table6_study(
+    tiny_model_dir, tiny_snli_dir, tmp_path
+):
+    """experiments.section7 on the {Wq, Wv} runs of a (tiny) Table 6 study: both heatmaps,
+    the amplification table at r = 4 and 64 for every layer, and φ's summary in [0, 1]."""
+    from helpers import tiny_config
+
+    from experiments import section7, sweep, table6
+
+    names = ("qv_r4_s0", "qv_r8_s0", "qv_r64_s0", "qv_r8_s1")
+    runs = [r for r in table6.grid(seeds=2, target_sets=("q,v",)) if r.name in names]
+    base = tiny_config(tiny_model_dir, tiny_snli_dir, **{"train.num_steps": 3})
+    sweep.run_study("t6", runs, base, root=str(tmp_path), max_adapters=4)
+    result = section7.section7(str(tmp_path / "t6"), str(tmp_path / "out"))
+    for name in ("phi_r8_vs_r64.png", "phi_seed0_vs_seed1.png", "section7.md", "amplification.md"):
+        assert (tmp_path / "out" / name).stat().st_size > 100, name
+    amp = result["amplification"]
+    assert sorted({(r["r"], r["matrix"]) for r in amp}) == [
+        (4, "Wq"), (4, "Wv"), (64, "Wq"), (64, "Wv"),
+    ]  # fmt: skip
+    assert len(amp) == 4 * 2  # two layers of the tiny model
+    # W's own top-r directions hold the most of W (all of it at r = 64 = d here)
+    assert all(
+        r["factor"] > 0 and r["w_in_w_dirs"] >= r["w_in_random_dirs"] * (1 - 1e-9) for r in amp
+    )
+    for n in ("1x1", "4x4", "8x8"):
+        for v in (*result["phi_mean_r8_vs_r64"][n].values(), *result["phi_mean_seeds"][n].values()):
+            assert 0 <= v <= 1
