@@ -571,3 +571,22 @@ def test_real_bundle_is_at_most_55_mb(tmp_path, minilm_dir, snli_dir):
     total = sum(f.stat().st_size for f in (tmp_path / "b").rglob("*") if f.is_file())
     assert total <= 55e6, out
     assert f"({total:,} bytes)" in out
+
+
+def test_hub_models_by_name_cached_or_a_clear_error_offline(tmp_path, monkeypatch):
+    """model.name = hf:org/name: a cached download is used with no network; offline, one not
+    yet cached is an error saying what to do; a malformed name is named."""
+    from helpers import REPO
+
+    monkeypatch.setenv("LORAX_OFFLINE", "1")
+    cached = tmp_path / "hf" / "org--model" / "main"
+    with pytest.raises(ValueError, match=r"hf:org/model' is not in the cache .* offline"):
+        assets.resolve("hf:org/model", cache_dir=tmp_path)
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    assert assets.resolve("hf:org/model", cache_dir=tmp_path) == cached
+    with pytest.raises(ValueError, match=r"expected hf:org/name"):
+        assets.resolve("hf:no-slash", cache_dir=tmp_path)
+    done = subprocess.run([sys.executable, "-m", "lorax.assets", "--help"], cwd=REPO,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0 and "hf:org/name" in done.stdout and "minilm-l6" in done.stdout

@@ -32,6 +32,8 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 
+from lorax.assets import hub
+
 log = logging.getLogger(__name__)
 
 # Written last, holding the source's sha256 (or "hub:<repo>"): a directory without it is not a
@@ -513,6 +515,9 @@ def resolve(
         log.info("asset %s: local path", path)
         return path
     name = os.fspath(name_or_path)
+    if name.startswith(hub.PREFIX):  # any Hub model: lorax/assets/hub.py
+        root = pathlib.Path(cache_dir).expanduser() if cache_dir else cache_root()
+        return hub.download(name, root, offline=_offline() if allow_hub is None else not allow_hub)
     if name not in KNOWN:
         raise ValueError(
             f"{name!r} is neither an existing path nor a known asset; known assets: {sorted(KNOWN)}"
@@ -561,11 +566,14 @@ def resolve(
 def main(argv: list[str]) -> int:
     """Command line: resolve each named asset and print where it lives."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not argv:
-        print("usage: python -m lorax.assets NAME [NAME ...]; known assets:")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print("usage: python -m lorax.assets NAME [NAME ...]   fetch into the cache, print where")
+        print("       python -m lorax.assets bundle --out=DIR [--dtype=bfloat16] NAME ...")
+        print(f"cache: {cache_root()} (LORAX_CACHE moves it); names: the assets below, a local")
+        print("path, or hf:org/name (a Hugging Face Hub model). Known assets:")
         for name, asset in sorted(KNOWN.items()):
             print(f"  {name}: {asset.description}")
-        return 2
+        return 0 if argv else 2
     for name in argv:
         print(f"{name}: {resolve(name)}")
     return 0
