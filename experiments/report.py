@@ -127,7 +127,8 @@ def plot(study: str, rows: list[dict], path: str) -> None:
             ys = [100 * r["test_accuracy"] for r in runs]
             ax.scatter([x] * len(ys), ys, color="tab:blue")
             ax.plot([x - 0.2, x + 0.2], [statistics.median(ys)] * 2, color="black")
-        ax.set_xticks(range(len(keys)), [",".join("W" + c for c in k) for k in keys])
+        labels = ["+".join("W" + c for c in k) for k in keys]
+        ax.set_xticks(range(len(keys)), labels, rotation=20, ha="right", fontsize=8)
         ax.set_xlabel("adapted matrices (budget-matched)")
     else:
         for targets in ("q", "qv", "qkvo"):
