@@ -55,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.task.label_field = "label"  # the column holding the label (strings, ints or booleans)
     c.task.skip_labels = ()  # label values meaning "no gold label": skipped and counted
     c.task.test_size = 0.1  # file tasks without a test file: rows held out for test
+    # task.name = "instructions" (causal LMs): the columns of its rows, from any file as above
+    c.task.prompt_field = "instruction"  # the instruction (or prompt) column
+    c.task.context_field = "context"  # an optional input column ("" = none)
+    c.task.response_field = "response"  # the response the model learns to write
 
     # --- method ------------------------------------------------------------------------------
     # What is trained beside the head (lorax/methods.py): "lora" (a low-rank delta),

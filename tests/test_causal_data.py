@@ -189,7 +189,7 @@ def test_hold_out_sizes_and_missing_files_are_errors(tmp_path, tok):
     with pytest.raises(FileNotFoundError, match=r"train.jsonl does not exist"):
         data.load_task("instructions", tmp_path, tok, max_length=64, validation_size=1)
     _write_jsonl(tmp_path / "train.jsonl", _instruction_rows(10))
-    with pytest.raises(ValueError, match=r"validation_size = 5 must be in 0..4 .*no test.jsonl"):
+    with pytest.raises(ValueError, match=r"validation_size = 5 must be in 0..4 .*no test file"):
         data.load_task("instructions", tmp_path, tok, max_length=64, validation_size=5)
     with pytest.raises(ValueError, match=r"max_length = 1 leaves no room"):
         data.load_task("instructions", tmp_path, tok, max_length=1, validation_size=1)
@@ -527,3 +527,32 @@ def test_task_registry_names_each_task_once():
     """lorax.data.registry dispatches to the classification and the causal tasks alike."""
     assert set(causal.CAUSAL_TASKS) == {"instructions", "snli_text"}
     assert not set(causal.CAUSAL_TASKS) & set(data.TASKS)
+
+
+def test_instructions_from_any_file_with_the_configs_field_names(tmp_path, tok):
+    """task.prompt_field / context_field / response_field name the columns of a CSV (or any
+    format); the rows encode exactly as the same rows in the default JSONL layout."""
+    import csv
+
+    from helpers import tiny_config
+
+    rows = _instruction_rows(20)
+    _write_jsonl(tmp_path / "train.jsonl", rows)
+    with open(tmp_path / "chat.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["question", "extra", "answer"])
+        w.writeheader()
+        w.writerows({"question": r["instruction"], "extra": r.get("context") or "",
+                     "answer": r["response"]} for r in rows)  # fmt: skip
+    config = tiny_config("unused", str(tmp_path / "chat.csv")).task
+    config.name = "instructions"
+    config.prompt_field, config.context_field, config.response_field = "question", "extra", "answer"
+    ours = data.load_task("instructions", None, tok, max_length=128, validation_size=2,
+                          task_config=config)  # fmt: skip
+    reference = data.load_task("instructions", tmp_path, tok, max_length=128, validation_size=2)
+    for split in ("train", "validation", "test"):
+        a, b = ours.splits[split], reference.splits[split]
+        assert [x.tolist() for x in a.input_ids] == [x.tolist() for x in b.input_ids], split
+    config.response_field = "reply"
+    with pytest.raises(ValueError, match=r"no row has the field\(s\) \['reply'\]"):
+        data.load_task("instructions", None, tok, max_length=128, validation_size=2,
+                       task_config=config)  # fmt: skip

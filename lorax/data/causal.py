@@ -10,11 +10,13 @@ from typing import Any
 
 import numpy as np
 
-from lorax.data.tables import read_jsonl
+from lorax.data.filetasks import split_files
+from lorax.data.tables import read_rows
 from lorax.data.tasks import SNLI, TaskData, hold_out
 
 # The instruction prompt (Alpaca/Dolly layout). The response follows the prompt directly and is
 # followed by the tokenizer's eos token; only the response and eos are training targets.
+INSTRUCTION_FIELDS = ("instruction", "context", "response")  # the default column names
 INSTRUCTION_TEMPLATE = "Instruction:\n{instruction}\n\nResponse:\n"
 INSTRUCTION_TEMPLATE_WITH_CONTEXT = (
     "Instruction:\n{instruction}\n\nInput:\n{context}\n\nResponse:\n"
@@ -168,19 +170,26 @@ def _eos_id(tokenizer: Any) -> int:
 # Instructions
 
 
-def read_instruction_rows(path: str, split: str, counts: dict[str, int]) -> list[tuple[str, ...]]:
-    """Reads (instruction, context, response) rows of a JSONL file, skipping and counting bad ones.
+def read_instruction_rows(
+    path: str, split: str, counts: dict[str, int], fields: tuple[str, str, str] = None
+) -> list[tuple[str, ...]]:
+    """Reads (instruction, context, response) rows of a data file, skipping and counting bad ones.
 
-    Lines are read by :func:`lorax.data.tables.read_jsonl` (bad JSON and bad UTF-8 counted).
-    Skip reasons (``<split>/skipped_<reason>``): ``missing_field`` (no instruction or
-    response, or null), ``bad_type`` (a field that is not a string), ``empty_text``
-    (instruction or response blank). A missing, null or empty ``context`` means none.
+    Any format :func:`lorax.data.tables.read_rows` reads (bad JSON and bad UTF-8 counted);
+    ``fields`` names the prompt, context and response columns (default
+    :data:`INSTRUCTION_FIELDS`). Skip reasons (``<split>/skipped_<reason>``):
+    ``missing_field`` (no instruction or response, or null), ``bad_type`` (a field that is not
+    a string), ``empty_text`` (instruction or response blank). A missing, null or empty
+    context means none.
     """
+    prompt_field, context_field, response_field = fields or INSTRUCTION_FIELDS
     rows = []
     skipped = {"missing_field": 0, "bad_type": 0, "empty_text": 0}
-    for _, row in read_jsonl(path, split, counts):
-        instruction, response = row.get("instruction"), row.get("response")
-        context = row.get("context")
+    seen: set[str] = set()
+    for _, row in read_rows(path, split, counts):
+        seen.update(row)
+        instruction, response = row.get(prompt_field), row.get(response_field)
+        context = row.get(context_field) if context_field else None
         context = "" if context is None else context
         if instruction is None or response is None:
             skipped["missing_field"] += 1
@@ -190,6 +199,12 @@ def read_instruction_rows(path: str, split: str, counts: dict[str, int]) -> list
             skipped["empty_text"] += 1
         else:
             rows.append((instruction, context, response))
+    absent = [f for f in (prompt_field, response_field) if f not in seen]
+    if absent and counts.get(f"{split}/file_rows"):
+        raise ValueError(
+            f"{path}: no row has the field(s) {absent}; its fields: {sorted(seen)}. Set "
+            "task.prompt_field / task.context_field / task.response_field"
+        )
     for reason, n in skipped.items():
         counts[f"{split}/skipped_{reason}"] = n
     return rows
@@ -247,44 +262,42 @@ def encode_instructions(
 
 @dataclasses.dataclass(frozen=True)
 class InstructionTask:
-    """An instruction-tuning task: JSONL rows with ``instruction``, ``context``, ``response``.
+    """An instruction-tuning task: rows with an instruction, an optional context and a response.
 
-    ``train.jsonl`` is required. The validation split is held out of it with
-    :func:`lorax.data.tasks.hold_out` (fixed seed, same rows every run). ``test.jsonl`` is
-    optional: without it a second hold-out of ``validation_size`` rows becomes the test split
-    (the validation rows are the same either way).
+    Without a task config: ``train.jsonl`` (required) and optionally ``test.jsonl`` in the
+    data directory, fields ``instruction`` / ``context`` / ``response``. With one (what a run
+    passes): any file or folder :func:`lorax.data.filetasks.split_files` finds (``task.data``,
+    or ``task.train_file`` / ``validation_file`` / ``test_file``; csv, tsv, jsonl, json,
+    parquet) and the fields ``task.prompt_field`` / ``context_field`` / ``response_field``.
+    A split without a file is held out of the training rows, ``validation_size`` rows each
+    (fixed seed, the same rows every run; the validation rows do not depend on whether test is
+    held out too).
     """
 
     train_file: str = "train.jsonl"
     test_file: str = "test.jsonl"
 
-    def load(self, data_dir, tokenizer, *, max_length: int, validation_size: int) -> TaskData:
+    def load(
+        self, data_dir, tokenizer, *, max_length: int, validation_size: int, task_config=None
+    ) -> TaskData:
         """See :func:`lorax.data.registry.load_task`."""
-        data_dir = os.fspath(data_dir)
-        train_path = os.path.join(data_dir, self.train_file)
-        test_path = os.path.join(data_dir, self.test_file)
-        if not os.path.isfile(train_path):
-            raise FileNotFoundError(
-                f"{train_path} does not exist; the task needs {self.train_file} (and optionally "
-                f"{self.test_file}) in its data directory"
-            )
+        files, fields = self._files(data_dir, task_config)
         counts: dict[str, int] = {}
-        train = read_instruction_rows(train_path, "train", counts)
-        has_test = os.path.isfile(test_path)
-        holdouts = 1 if has_test else 2
-        if not 0 <= validation_size * holdouts < len(train):
-            top = (len(train) - 1) // holdouts
-            why = "" if has_test else f" and no {self.test_file}, so test is held out too"
+        train = read_instruction_rows(files["train"], "train", counts, fields)
+        missing = [s for s in ("validation", "test") if files[s] is None]
+        if missing and not 0 <= validation_size * len(missing) < len(train):
+            top = (len(train) - 1) // len(missing)
+            why = " and no test file, so test is held out too" if files["test"] is None else ""
             raise ValueError(
                 f"task.validation_size = {validation_size} must be in 0..{top} "
                 f"(the train file has {len(train)} usable rows{why})"
             )
-        parts = hold_out(len(train), [validation_size] * holdouts)
-        rows = {"validation": [train[i] for i in parts[0]], "train": [train[i] for i in parts[-1]]}
-        if has_test:
-            rows["test"] = read_instruction_rows(test_path, "test", counts)
-        else:
-            rows["test"] = [train[i] for i in parts[1]]
+        parts = hold_out(len(train), [validation_size] * len(missing))
+        rows = {"train": [train[i] for i in parts[-1]]}
+        rows.update({s: [train[i] for i in idx] for s, idx in zip(missing, parts, strict=False)})
+        for split in ("validation", "test"):
+            if files[split] is not None:
+                rows[split] = read_instruction_rows(files[split], split, counts, fields)
         splits = {}
         for split in ("train", "validation", "test"):
             splits[split] = encode_instructions(
@@ -292,6 +305,25 @@ class InstructionTask:
             )
             counts[f"{split}/rows"] = len(splits[split])
         return TaskData(splits, (), counts)
+
+    def _files(self, data_dir, task_config) -> tuple[dict[str, str | None], tuple[str, ...]]:
+        """The split files (None: held out) and the (prompt, context, response) fields."""
+        if task_config is not None:
+            names = ("prompt_field", "context_field", "response_field")
+            fields = tuple(
+                task_config.get(n, d) for n, d in zip(names, INSTRUCTION_FIELDS, strict=True)
+            )
+            return split_files(task_config), fields
+        data_dir = os.fspath(data_dir)
+        train = os.path.join(data_dir, self.train_file)
+        test = os.path.join(data_dir, self.test_file)
+        if not os.path.isfile(train):
+            raise FileNotFoundError(
+                f"{train} does not exist; the task needs {self.train_file} (and optionally "
+                f"{self.test_file}) in its data directory"
+            )
+        test = test if os.path.isfile(test) else None
+        return {"train": train, "validation": None, "test": test}, INSTRUCTION_FIELDS
 
 
 # SNLI as text

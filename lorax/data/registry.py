@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lorax.data.batching import Batcher
-from lorax.data.causal import CAUSAL_TASKS, CausalExamples, ChoiceExamples
+from lorax.data.causal import CAUSAL_TASKS, CausalExamples, ChoiceExamples, InstructionTask
 from lorax.data.filetasks import FILE_TASKS
 from lorax.data.packing import ChoiceBatcher, PackedBatcher
 from lorax.data.tasks import TASKS, TaskData
@@ -92,7 +92,11 @@ def load_task(
         )
     validation_size = int(validation_size)
     task = CAUSAL_TASKS[name] if name in CAUSAL_TASKS else TASKS[name]
-    data = task.load(data_dir, tokenizer, max_length=max_length, validation_size=validation_size)
+    # instruction rows come from any file, with the config's field names
+    kw = {"task_config": task_config} if isinstance(task, InstructionTask) and task_config else {}
+    data = task.load(
+        data_dir, tokenizer, max_length=max_length, validation_size=validation_size, **kw
+    )
     check_splits(name, data_dir, data)
     return data
 
