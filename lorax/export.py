@@ -253,6 +253,33 @@ def main(argv):
         f"adapter {adapter / 1e6:.3f} MB (fp32) beside a frozen base of {base / 1e6:.1f} MB: "
         f"{base / max(adapter, 1):,.0f}x smaller"
     )
+    note = loading_note(config, setup, f.merged, f.task_type)
+    if note:
+        print(note)
+
+
+def loading_note(config, setup, merged: bool, task_type: str) -> str:
+    """What a classification run's export loads as in Hugging Face, and what it does not."""
+    if setup.kind != "classify":
+        return ""
+    if merged:
+        return (
+            "loads as a transformers BertModel (the encoder); the classifier is "
+            "lorax_head.safetensors beside it (kernel [D, C], bias [C]), classes in config.json"
+        )
+    if task_type == "seq_cls":
+        return (
+            "loads with peft.AutoPeftModelForSequenceClassification.from_pretrained(out, "
+            f"num_labels={len(data_lib.label_names(config.task))}) and predicts as lorax.predict"
+        )
+    if config.model.pooling != "cls":
+        return (
+            "a feature-extraction adapter: it loads onto a BertModel without the classifier. "
+            "This run pooled by mean, which Hugging Face's BertForSequenceClassification cannot "
+            "reproduce; for a classifier Hugging Face loads, train with model.pooling=cls and "
+            "export with --task_type=seq_cls (or use --merged and lorax_head.safetensors)"
+        )
+    return "a feature-extraction adapter; --task_type=seq_cls exports it with its classifier"
 
 
 if __name__ == "__main__":

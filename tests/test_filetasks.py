@@ -230,7 +230,8 @@ def test_csv_to_train_predict_export_from_the_command_line_alone(tiny_model_dir,
         [[float(r[f"prob_{n}"]) for n in summary["label_names"]] for r in predicted[:7]]
     )
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
-    cli("lorax.export", f"--workdir={run}", f"--out={tmp_path / 'adapter'}")
+    out = cli("lorax.export", f"--workdir={run}", f"--out={tmp_path / 'adapter'}")
+    assert "pooled by mean" in out and "--task_type=seq_cls" in out  # what it loads as
     cli("lorax.export", f"--workdir={run}", f"--out={tmp_path / 'merged'}", "--merged")
     labels = json.loads((tmp_path / "adapter" / "lorax_labels.json").read_text())
     assert labels["id2label"] == {"0": "politics", "1": "sports", "2": "tech"}
