@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import tqdm
 from absl import app, flags
+from absl import logging as absl_logging
 
 from lorax import cli, runs, sharding
 from lorax import data as data_lib
@@ -165,6 +166,7 @@ def define_flags() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it reads at INFO
     f = flags.FLAGS
     if bool(f.text) == bool(f.input) or bool(f.input) != bool(f.out):
         raise app.UsageError("give --text (and --text_pair), or --input with --out")
