@@ -53,12 +53,34 @@ def _grids(d1, d2) -> dict[tuple[int, str], np.ndarray]:
 
 
 def _heatmaps(grids, path: str, title: str, top: int = 8) -> None:
-    """One panel per (layer, kernel), the first ``top`` rows and columns (the paper's view)."""
-    panels = {
-        f"layer {layer} Δ{'Wq' if '/q/' in kernel else 'Wv'}": grid[:top, :top]
-        for (layer, kernel), grid in sorted(grids.items())
-    }
-    analysis.heatmap(panels, path, title)
+    """A grid of panels: a row per matrix (ΔWq, ΔWv), a column per layer, each φ(i, j) for
+    i, j ≤ ``top`` (the paper's view of the top directions)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted({layer for layer, _ in grids})
+    fig, axes = plt.subplots(
+        len(KERNELS), len(layers), figsize=(1.9 * len(layers) + 1, 4.2), squeeze=False
+    )
+    for row, kernel in enumerate(KERNELS):
+        for col, layer in enumerate(layers):
+            ax = axes[row][col]
+            grid = grids.get((layer, kernel))
+            if grid is not None:
+                im = ax.imshow(grid[:top, :top], vmin=0, vmax=1, cmap="viridis")
+            ax.set_title(f"layer {layer} Δ{'Wq' if '/q/' in kernel else 'Wv'}", fontsize=8)
+            ax.set_xticks([0, top - 1], [1, top], fontsize=7)
+            ax.set_yticks([0, top - 1], [1, top], fontsize=7)
+            if col == 0:
+                ax.set_ylabel("i", fontsize=8)
+            if row == len(KERNELS) - 1:
+                ax.set_xlabel("j", fontsize=8)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def amplification_rows(runs: dict[str, tuple], names: list[str]) -> list[dict]:
