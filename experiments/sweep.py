@@ -65,25 +65,14 @@ def base_config(model: str, task: str, table=BASE_CONFIGS) -> ml_collections.Con
     return module.get_config()
 
 
-def config_file(path: str) -> ml_collections.ConfigDict:
-    """``get_config()`` of a config file anywhere (a user's own task, e.g. a
-    ``text_classification`` on their CSV); an error names a file that is not one."""
-    import runpy
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config={path} does not exist")
-    sys.path.insert(0, REPO)  # config files import configs.base
-    get_config = runpy.run_path(path).get("get_config")
-    if get_config is None:
-        raise ValueError(f"--config={path} defines no get_config()")
-    return get_config()
-
-
 def study_base(study: str, config: str, model: str, task: str, table) -> tuple[str, Any]:
     """``(study name, base config)``: from ``--config=FILE`` (named after the file) when given,
     else from the (model, task) pair's config in ``table``."""
     if config:
-        return f"{study}_{os.path.splitext(os.path.basename(config))[0]}", config_file(config)
+        from lorax import configdoc
+
+        name = f"{study}_{os.path.splitext(os.path.basename(config))[0]}"
+        return name, configdoc.load_file(config)
     return f"{study}_{model}_{task}", base_config(model, task, table)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from absl import app
 
-from lorax import runlock
+from lorax import configdoc, runlock
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
@@ -52,12 +52,10 @@ def run(main: Callable[[list[str]], object], prog: str) -> None:
 def _unknown_override(args: list[str]) -> str | None:
     """For ``--config.a.b=v`` overrides naming no field of the ``--config`` file's config: the
     first such one, and the valid fields of its section; None if every override exists."""
-    import runpy
-
     files = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
     if not files:
         return None
-    config = runpy.run_path(files[0])["get_config"]()
+    config = configdoc.load_file(files[0])
     for arg in args:
         if not arg.startswith("--config."):
             continue

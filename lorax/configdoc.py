@@ -41,11 +41,30 @@ def base_comments(path: str) -> dict[str, str]:
     return comments
 
 
+# The repository root: config files import ``configs.base`` from there.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_file(path: str):
+    """``get_config()`` of a config file anywhere (a user's own task, e.g. a
+    ``text_classification`` on their CSV); an error names a file that is not one."""
+    import runpy
+    import sys
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config={path} does not exist")
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    get_config = runpy.run_path(path).get("get_config")
+    if get_config is None:
+        raise ValueError(f"--config={path} defines no get_config()")
+    return get_config()
+
+
 def describe(config, base_path: str | None = None) -> str:
     """Every field of ``config``: ``name = value  # comment`` (the comment from base.py)."""
     if base_path is None:
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        base_path = os.path.join(here, "configs", "base.py")
+        base_path = os.path.join(REPO, "configs", "base.py")
     comments = base_comments(base_path) if os.path.exists(base_path) else {}
     flat = paths.flatten(config.to_dict())
     width = max(len(k) for k in flat)

@@ -28,7 +28,7 @@ import glob
 import os
 from typing import Any
 
-from lorax.data.tables import FORMATS, file_format, read_rows
+from lorax.data.tables import file_format, read_rows
 from lorax.data.tasks import TaskData, encode_pairs, hold_out
 
 SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev"),
@@ -179,24 +179,26 @@ class FileClassification:
             counts[f"{split}/skipped_{reason}"] = n
         return texts[0], (texts[1] if self.pair else None), labels, rows
 
-    def label_names(self, task_config) -> tuple[str, ...]:
-        """``task.labels`` if given, else the sorted distinct labels of the training rows."""
+    def label_names(self, task_config, train_labels=None) -> tuple[str, ...]:
+        """``task.labels`` if given, else the sorted distinct labels of the training rows
+        (``train_labels`` when the caller has read them already, else read here)."""
         fixed = tuple(label_key(x) for x in task_config.get("labels") or ())
         if fixed:
             return fixed
         train = split_files(task_config)["train"]
-        _, _, labels, _ = self.read(train, "train", task_config, {})
-        if not labels:
+        if train_labels is None:
+            _, _, train_labels, _ = self.read(train, "train", task_config, {})
+        if not train_labels:
             raise ValueError(f"{train} has no usable rows to take the labels from")
-        return sort_labels(labels)
+        return sort_labels(train_labels)
 
     def load(self, task_config, tokenizer, *, max_length: int) -> TaskData:
         """The three splits, encoded; see :func:`lorax.data.registry.load_task`."""
         files = split_files(task_config)
-        names = self.label_names(task_config)
-        index = {name: i for i, name in enumerate(names)}
         counts: dict[str, int] = {}
         raw = {s: self.read(p, s, task_config, counts) for s, p in files.items() if p}
+        names = self.label_names(task_config, raw["train"][2])
+        index = {name: i for i, name in enumerate(names)}
         for split, (_, _, labels, rows) in raw.items():
             for label, row in zip(labels, rows, strict=True):
                 if label not in index:
@@ -247,4 +249,3 @@ class FileClassification:
 TEXT_CLASSIFICATION = FileClassification(pair=False)
 PAIR_CLASSIFICATION = FileClassification(pair=True)
 FILE_TASKS = {t.name: t for t in (TEXT_CLASSIFICATION, PAIR_CLASSIFICATION)}
-SUPPORTED = sorted(FORMATS)
