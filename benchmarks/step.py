@@ -37,7 +37,7 @@ import numpy as np
 
 from benchmarks import models, records
 from configs import base as base_config
-from lorax import evaluate, lora, methods, multi, sharding
+from lorax import attention, evaluate, lora, methods, multi, sharding
 from lorax import setup as setup_lib
 from lorax import step as step_lib
 from lorax.models import decoder
@@ -125,6 +125,7 @@ def build_step(
     adapters: int = 1,
     config=None,
     key: jax.Array | None = None,
+    loss_chunk: int = 0,
 ) -> Step:
     """The jitted train step of ``mode`` (see the module doc) and its arguments.
 
@@ -138,6 +139,7 @@ def build_step(
       adapters: K, for ``mode="multi"`` (B must divide by K).
       config: the optimiser config (default :func:`optimizer_config`).
       key: PRNG key of the init.
+      loss_chunk: positions per chunk of the LM loss (0: dense logits).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
@@ -146,7 +148,8 @@ def build_step(
 
     def setup(frozen, method, delta):  # base_params (0) only feeds a run's summary
         return setup_lib.Setup(model=model, kind="lm", method=method, frozen=frozen, head={},
-                               delta=delta, task=None, mesh=mesh, base_params=0)  # fmt: skip
+                               delta=delta, task=None, mesh=mesh, base_params=0,
+                               loss_chunk=loss_chunk)  # fmt: skip
 
     def single(s: setup_lib.Setup, forward, n_lora):
         """lorax.train's own step: optimizer, pure step, state and jit with shardings."""
@@ -284,7 +287,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     b, t = args.batch or bench.batch, args.seq or bench.seq
     config = bench.decoder_config()
     dtype = DTYPES[args.dtype]
-    model = decoder.Decoder(config, dtype, scan=args.scan, remat=args.remat)
+    kernel = attention.choose(args.attention, dtype, config.num_heads, config.num_kv_heads,
+                              config.head_dim)  # fmt: skip
+    model = decoder.Decoder(config, dtype, scan=args.scan, remat=args.remat, attention=kernel)
+    loss_chunk = evaluate.choose_loss_chunk(args.loss_chunk, b, t, config.vocab_size)
     mesh = one_device_mesh()
     batch = random_batch(config.vocab_size, b, t)
     wanted = set(filter(None, args.modes.split(","))) | ({"multi"} if args.multi else set())
@@ -297,7 +303,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = {}
     for mode in modes:
         step = build_step(mode, bench, model, batch, mesh=mesh, base_dtype=dtype,
-                          adapters=args.multi or 1)  # fmt: skip
+                          adapters=args.multi or 1, loss_chunk=loss_chunk)  # fmt: skip
         timed = time_step(step, args.warmup, args.steps)
         per_token = models.flops_per_token(config, t, step.n_lora)
         name = f"multi x{args.multi}" if mode == "multi" else mode
@@ -337,7 +343,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "peer": False,
         "device": {"kind": device.device_kind, "platform": device.platform},
         "versions": records.versions("jax", "jaxlib", "flax", "optax"),
-        "args": {**vars(args), "batch": b, "seq": t},
+        "args": {
+            **vars(args),
+            "batch": b,
+            "seq": t,
+            "attention_kernel": kernel,
+            "loss_chunk_positions": loss_chunk,
+        },  # fmt: skip
         "model": {
             "params": config.num_params(),
             "n_mm": models.matmul_params(config),
@@ -366,6 +378,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="compute dtype, and storage dtype of the frozen base")  # fmt: skip
     p.add_argument("--scan", action="store_true", help="layers under nn.scan")
     p.add_argument("--remat", action="store_true", help="rematerialise each layer")
+    p.add_argument(
+        "--attention",
+        default="auto",
+        choices=attention.CHOICES,
+        help="attention kernel, as model.attention (auto: cuDNN on a GPU)",
+    )
+    p.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=-1,
+        help="positions per chunk of the LM loss, as model.loss_chunk (-1 auto, 0 dense logits)",
+    )
     p.add_argument("--peak-size", type=int, default=0,
                    help="n of the n×n×n matmul peak (0: 8192 on GPU, 512 elsewhere)")  # fmt: skip
     p.add_argument("--results-dir", default=records.RESULTS_DIR)

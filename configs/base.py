@@ -20,6 +20,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.head_dropout = 0.1  # dropout on the pooled vector before the classifier head
     c.model.scan = False  # decoders: run the layers under nn.scan (compiles one layer, not L)
     c.model.remat = False  # decoders: recompute each layer's activations in the backward pass
+    c.model.attention = "auto"  # attention kernel: "auto" (cuDNN's fused kernel on a GPU where
+    # it runs these shapes, else XLA's), "xla" or "cudnn" (lorax/attention.py)
+    c.model.loss_chunk = -1  # causal LMs: positions per chunk of the output layer + loss, so
+    # no [B, T, V] logits are held; 0 = dense logits, -1 = auto (chunks on a GPU when a batch's
+    # fp32 logits would reach 1 GiB; dense on a CPU)
     c.model.quantize = ""  # QLoRA base: "" (none), "nf4" or "int8" attention and MLP kernels,
     # dequantized inside each matmul (lorax/quant.py); needs method = "lora"
     c.model.quant_block = 64  # weights per absmax scale in the quantized kernels (even)

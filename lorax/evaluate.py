@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Mapping
 
@@ -58,21 +59,94 @@ def class_metrics(confusion_CC: np.ndarray) -> dict:
     }
 
 
-def _target_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-    """log p(target) at every position [B, T], in fp32."""
-    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+@dataclasses.dataclass(frozen=True)
+class Hidden:
+    """A causal LM's final hidden states and its output layer, in place of [B, T, V] logits.
+
+    :func:`lm_sums` and :func:`choice_sums` take it wherever they take logits. From it they
+    compute each position's target log-probability and argmax ``chunk`` positions at a time,
+    each chunk under ``jax.checkpoint``: no pass holds more than [B, chunk, V] logits, where
+    the dense path writes fp32 [B, T, V] logits (3.3 GB for GPT-2 at 16×1024) and reads them
+    again for the log-softmax, the gather, the argmax and the backward pass. The price is one
+    more output-layer matmul (the backward recomputes each chunk's logits).
+
+    Attributes:
+      hidden_BTD: the final hidden states (after the final norm).
+      project: ``(x_BCD, i) -> logits_BCV`` for chunk ``i`` (``i`` keys its dropout).
+      chunk: positions per chunk.
+    """
+
+    hidden_BTD: jax.Array
+    project: Callable[[jax.Array, jax.Array], jax.Array]
+    chunk: int
 
 
-def lm_sums(logits_BTV: jax.Array, batch: Mapping[str, jax.Array]) -> dict:
+LOSS_CHUNK_BYTES = 256 << 20  # fp32 logits per chunk that "auto" aims for
+LOSS_CHUNK_FROM = 1 << 30  # "auto" chunks where a batch's fp32 logits would reach this
+
+
+def choose_loss_chunk(requested: int, rows: int, length: int, vocab: int) -> int:
+    """``model.loss_chunk`` resolved: positions per chunk of the LM loss, or 0 for dense logits.
+
+    -1 ("auto") chunks on an accelerator where a train batch's fp32 logits [rows, length,
+    vocab] would take 1 GiB or more, in chunks of the largest power of two positions whose
+    logits fit 256 MiB (GPT-2 at 16×1024: 64); on a CPU, where memory is plentiful and the
+    recomputed output layer costs time, it keeps the dense logits. 0 and N > 0 are taken as
+    they are.
+    """
+    if requested >= 0:
+        return requested
+    if jax.default_backend() == "cpu" or rows * length * vocab * 4 < LOSS_CHUNK_FROM:
+        return 0
+    chunk = 8
+    while chunk * 2 < length and rows * chunk * 2 * vocab * 4 <= LOSS_CHUNK_BYTES:
+        chunk *= 2
+    return chunk
+
+
+def _target_stats(out: jax.Array | Hidden, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(log p(target) in fp32, the argmax token), both [B, T], from logits or :class:`Hidden`."""
+    if isinstance(out, Hidden):
+        return _chunked_target_stats(out, targets_BT)
+    logp_BTV = jax.nn.log_softmax(out.astype(jnp.float32), axis=-1)
+    logp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return logp_BT, jnp.argmax(out, -1)
+
+
+def _chunked_target_stats(out: Hidden, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    b, t, d = out.hidden_BTD.shape
+    c = max(1, min(out.chunk, t))
+    n = -(-t // c)
+    x_BTD = jnp.pad(out.hidden_BTD, ((0, 0), (0, n * c - t), (0, 0)))
+    y_BT = jnp.pad(targets_BT, ((0, 0), (0, n * c - t)))
+
+    @jax.checkpoint
+    def one(args):
+        i, x_BCD, y_BC = args
+        logits_BCV = out.project(x_BCD, i).astype(jnp.float32)
+        target_BC = jnp.take_along_axis(logits_BCV, y_BC[..., None], axis=-1)[..., 0]
+        logp_BC = target_BC - jax.nn.logsumexp(logits_BCV, axis=-1)
+        return logp_BC, jnp.argmax(logits_BCV, -1)
+
+    chunks = (
+        jnp.arange(n),
+        x_BTD.reshape(b, n, c, d).swapaxes(0, 1),
+        y_BT.reshape(b, n, c).swapaxes(0, 1),
+    )
+    logp_NBC, pred_NBC = jax.lax.map(one, chunks)
+    return tuple(a.swapaxes(0, 1).reshape(b, n * c)[:, :t] for a in (logp_NBC, pred_NBC))
+
+
+def lm_sums(logits_BTV: jax.Array | Hidden, batch: Mapping[str, jax.Array]) -> dict:
     """Next-token loss and accuracy summed over the target tokens (``loss_mask``), with count.
 
     ``batch["targets"][b, t]`` is the token logits[b, t] predicts; ``loss_mask`` is 1 where it
-    is trained (response tokens), so prompts and padding count nothing.
+    is trained (response tokens), so prompts and padding count nothing. ``logits_BTV`` may be
+    a :class:`Hidden` (the chunked path).
     """
     m_BT = batch["loss_mask"].astype(jnp.float32)
-    logp_BT = _target_logprobs(logits_BTV, batch["targets"])
-    correct_BT = (jnp.argmax(logits_BTV, -1) == batch["targets"]).astype(jnp.float32)
+    logp_BT, pred_BT = _target_stats(logits_BTV, batch["targets"])
+    correct_BT = (pred_BT == batch["targets"]).astype(jnp.float32)
     return {
         "loss_sum": -jnp.sum(logp_BT * m_BT),
         "correct": jnp.sum(correct_BT * m_BT),
@@ -80,7 +154,7 @@ def lm_sums(logits_BTV: jax.Array, batch: Mapping[str, jax.Array]) -> dict:
     }
 
 
-def choice_sums(logits_BTV: jax.Array, batch: Mapping[str, jax.Array]) -> dict:
+def choice_sums(logits_BTV: jax.Array | Hidden, batch: Mapping[str, jax.Array]) -> dict:
     """Accuracy of picking the likeliest of C fixed continuations, summed over examples.
 
     Rows ``b·C + c`` hold example b's prompt followed by choice c (see
@@ -90,7 +164,7 @@ def choice_sums(logits_BTV: jax.Array, batch: Mapping[str, jax.Array]) -> dict:
     w_B = batch["weights"].astype(jnp.float32)
     labels_B = batch["labels"]
     rows_R = jnp.sum(
-        _target_logprobs(logits_BTV, batch["targets"]) * batch["loss_mask"].astype(jnp.float32),
+        _target_stats(logits_BTV, batch["targets"])[0] * batch["loss_mask"].astype(jnp.float32),
         axis=-1,
     )
     scores_BC = rows_R.reshape(labels_B.shape[0], -1)

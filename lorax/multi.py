@@ -201,14 +201,18 @@ def make_multi_train_step(forward, tx, sums_fn):
 
         grads, sums = jax.grad(loss_fn, has_aux=True)(state["trainable"])
         grads = {"delta": apply_mask(grads["delta"], masks), "head": grads["head"]}
-        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-        updates = {
-            "delta": jax.tree_util.tree_map(lambda u: u * lr, updates["delta"]),
-            "head": jax.tree_util.tree_map(lambda u: u * head_lr, updates["head"]),
-        }
-        trainable = jax.tree_util.tree_map(jnp.add, state["trainable"], updates)
-        trainable = {"delta": apply_mask(trainable["delta"], masks), "head": trainable["head"]}
-        return step_lib.next_state(state, trainable, opt_state, sums)
+
+        def update(trainable, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            updates = {
+                "delta": jax.tree_util.tree_map(lambda u: u * lr, updates["delta"]),
+                "head": jax.tree_util.tree_map(lambda u: u * head_lr, updates["head"]),
+            }
+            trainable = jax.tree_util.tree_map(jnp.add, trainable, updates)
+            delta = apply_mask(trainable["delta"], masks)
+            return {"delta": delta, "head": trainable["head"]}, opt_state
+
+        return step_lib.next_state(state, update, sums)
 
     return jax.vmap(one, in_axes=(0, None, 0, 0, 0, 0, 0, 0))
 

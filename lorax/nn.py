@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lorax import quant
+from lorax import attention, quant
 from lorax.kernels import BankedLoraWeight, Bottleneck, LoraWeight, WrappedKernel
 
 Initializer = Callable[..., jax.Array]
@@ -138,14 +138,22 @@ class Dense(nn.Module):
         kernel = kernel_param(
             self, "kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype
         )
-        adapter = kernel if isinstance(kernel, Bottleneck) else None
-        if adapter is not None:
-            kernel = adapter.w
-        y = lora_matmul(self, x, kernel, self.dtype, deterministic)
+        bias = None
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            y = y + jnp.asarray(bias).astype(self.dtype)
-        return y if adapter is None else adapter.adapt(y, self.dtype)
+        return apply_kernel(self, x, kernel, bias, self.dtype, deterministic)
+
+
+def apply_kernel(module: nn.Module, x: jax.Array, kernel: Any, bias, dtype, deterministic: bool):
+    """What :class:`Dense` computes from its params: ``x@kernel (+ bias)``, where the kernel
+    may be plain, quantized, a LoRA node or a Bottleneck (whose adapter is added last)."""
+    adapter = kernel if isinstance(kernel, Bottleneck) else None
+    if adapter is not None:
+        kernel = adapter.w
+    y = lora_matmul(module, x, kernel, dtype, deterministic)
+    if bias is not None:
+        y = y + jnp.asarray(bias).astype(dtype)
+    return y if adapter is None else adapter.adapt(y, dtype)
 
 
 class Embed(nn.Module):
@@ -181,16 +189,21 @@ class Embed(nn.Module):
         return take_rows(table, ids, self.dtype)
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
-        """``x @ tableᵀ`` [.., V]; for a LoraWeight table ``x@wᵀ + scale·(x@bᵀ)@aᵀ``."""
-        table = self.embedding
-        x_BTD = x_BTD.astype(self.dtype)
-        if isinstance(table, BankedLoraWeight):
-            raise ValueError("an adapter bank cannot adapt the embedding table; merge it instead")
-        if isinstance(table, LoraWeight):
-            y = base_matmul(x_BTD, table.w, transpose=True)
-            z = x_BTD @ table.b.astype(self.dtype).T
-            return y + table.scale * (z @ table.a.astype(self.dtype).T)
-        return base_matmul(x_BTD, table, transpose=True)
+        """``x @ tableᵀ`` [.., V] (:func:`attend`)."""
+        return attend(self.embedding, x_BTD, self.dtype)
+
+
+def attend(table: Any, x_BTD: jax.Array, dtype) -> jax.Array:
+    """``x @ tableᵀ`` [.., V] for an embedding table [V, D] (plain or quantized); for a
+    LoraWeight table ``x@wᵀ + scale·(x@bᵀ)@aᵀ``. The tied output layer of GPT-2 and SmolLM2."""
+    x_BTD = x_BTD.astype(dtype)
+    if isinstance(table, BankedLoraWeight):
+        raise ValueError("an adapter bank cannot adapt the embedding table; merge it instead")
+    if isinstance(table, LoraWeight):
+        y = base_matmul(x_BTD, table.w, transpose=True)
+        z = x_BTD @ table.b.astype(dtype).T
+        return y + table.scale * (z @ table.a.astype(dtype).T)
+    return base_matmul(x_BTD, table, transpose=True)
 
 
 def _with_prefix(prefix, k_BSKE, v_BSKE, mask_B1TS):
@@ -224,6 +237,8 @@ class Attention(nn.Module):
       use_bias: biases on q, k, v (BERT and GPT-2 have them, Qwen2 too; Llama does not).
       o_bias: bias on o; None follows ``use_bias`` (Qwen2 has q/k/v biases but none on o).
       dtype: compute dtype.
+      implementation: the attention kernel, "xla" or "cudnn" (:mod:`lorax.attention`); a
+        cached decode and prefix keys always take XLA's.
     """
 
     num_heads: int
@@ -234,6 +249,7 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Initializer = nn.initializers.lecun_normal()
+    implementation: str = "xla"
 
     @nn.compact
     def __call__(
@@ -243,6 +259,7 @@ class Attention(nn.Module):
         deterministic: bool = True,
         rope: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
         kv_cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+        causal: bool = False,
     ):
         """Self-attention over ``x_BTD``; ``mask_BTS`` is True where a query may attend.
 
@@ -253,6 +270,8 @@ class Attention(nn.Module):
           rope: applied to (q, k) before attention (and before k enters the cache).
           kv_cache: ``(k_BSKE, v_BSKE, index)``: this call's keys and values are written at
             slots ``index .. index+T-1`` and the queries attend over the whole cache.
+          causal: ``mask_BTS`` lies inside the lower triangle (causal self-attention): a hint
+            the fused kernel uses to skip work; the result is the mask's either way.
 
         Returns:
           ``y_BTD`` without a cache; ``(y_BTD, (k_BSKE, v_BSKE))`` with one.
@@ -281,11 +300,18 @@ class Attention(nn.Module):
             )
         mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
         keys, values = k_BTKE, v_BTKE
+        implementation = self.implementation if kv_cache is None else "xla"
         if self.has_variable("params", "prefix"):  # prefix tuning: P more keys and values
             prefix = self.get_variable("params", "prefix")
             keys, values, mask = _with_prefix(prefix, keys, values, mask)
-        out_BTHE = jax.nn.dot_product_attention(
-            q_BTHE, keys.astype(q_BTHE.dtype), values.astype(q_BTHE.dtype), mask=mask
+            implementation = "xla"
+        out_BTHE = attention.attend(
+            q_BTHE,
+            keys.astype(q_BTHE.dtype),
+            values.astype(q_BTHE.dtype),
+            mask,
+            implementation=implementation,
+            causal=causal and not self.has_variable("params", "prefix") and kv_cache is None,
         )
         o_bias = self.use_bias if self.o_bias is None else self.o_bias
         y_BTD = dense(x_BTD.shape[-1], "o", o_bias)(out_BTHE.reshape(b, t, h * e), deterministic)

@@ -56,7 +56,7 @@ class Predictor:
         mesh = self.setup.mesh
         self.batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
         self.trainable = sharding.put(trainable, mesh)
-        forward = setup_lib.make_forward(self.setup)
+        forward = setup_lib.make_forward(self.setup, logits=True)
         self._logits = jax.jit(lambda t, f, b: forward(t, f, b, None, False))
 
     def probabilities(

@@ -120,8 +120,11 @@ class MetricsLog:
 
 
 # Config fields a rerun may change without changing what the run computes: how often it logs,
-# evaluates and checkpoints, how it batches evaluation, the periodic-eval subset, the devices.
+# evaluates and checkpoints, how it batches evaluation, the periodic-eval subset, the devices,
+# and the kernels of the same math (attention, the chunked LM loss: equal to float rounding).
 RESULT_NEUTRAL = (
+    "model/attention",
+    "model/loss_chunk",
     "log_every",
     "eval_every",
     "eval_batch_size",

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lorax import assets, checkpoints, evaluate, methods, paths, quant, sharding
+from lorax import assets, attention, checkpoints, evaluate, methods, paths, quant, sharding
 from lorax import data as data_lib
 from lorax.data import filetasks
 from lorax.models import decoder, encoder
@@ -46,6 +46,7 @@ class Setup:
     mesh: jax.sharding.Mesh  # frozen, head and delta are already placed on it (sharding.RULES)
     base_params: int  # parameters of the pretrained base model
     tokenizer: Any = None
+    loss_chunk: int = 0  # causal LMs: positions per chunk of the LM loss (0: dense logits)
 
     @property
     def pad_id(self) -> int:
@@ -61,6 +62,7 @@ NUMBERS = (
     ("seed", 0, None, True),
     ("train.num_steps", 1, None, True),
     ("train.batch_size", 1, None, True),
+    ("model.loss_chunk", -1, None, True),
     ("train.learning_rate", 0.0, None, False),
     ("train.head_learning_rate", 0.0, None, False),
     ("train.warmup_fraction", 0.0, 1.0, False),
@@ -122,19 +124,27 @@ def _check_quantize(config, method: methods.Method) -> None:
 def _model_and_params(config, model_config, base, key):
     """The Flax model for the checkpoint's family and the params tree it runs on."""
     compute_dtype = choice(config.model.dtype, DTYPES, "model.dtype")
+    requested = config.model.get("attention", "auto")
     if isinstance(model_config, decoder.DecoderConfig):
-        model_config = dataclasses.replace(model_config, dropout=config.model.dropout)
+        c = dataclasses.replace(model_config, dropout=config.model.dropout)
+        shape = (c.num_heads, c.num_kv_heads, c.head_dim)
         model = decoder.Decoder(
-            model_config, compute_dtype, scan=config.model.scan, remat=config.model.remat
+            c,
+            compute_dtype,
+            scan=config.model.scan,
+            remat=config.model.remat,
+            attention=attention.choose(requested, compute_dtype, *shape),
         )
         return model, paths.stack_layers(base) if config.model.scan else base
-    model_config = dataclasses.replace(model_config, hidden_dropout=config.model.dropout)
+    c = dataclasses.replace(model_config, hidden_dropout=config.model.dropout)
+    heads = c.num_heads
     model = encoder.EncoderClassifier(
-        config=model_config,
+        config=c,
         num_classes=len(data_lib.label_names(config.task)),
         pooling=config.model.pooling,
         dtype=compute_dtype,
         head_dropout=config.model.head_dropout,
+        attention=attention.choose(requested, compute_dtype, heads, heads, c.hidden_size // heads),
     )
     return model, encoder.init_params(model, base, key)
 
@@ -200,20 +210,36 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
             validation_size=config.task.validation_size,
             task_config=config.task,
         )
-    return Setup(model, kind, method, frozen, head, delta, task, mesh, base_params, tokenizer)
+    loss_chunk = 0
+    if kind == "lm":
+        loss_chunk = evaluate.choose_loss_chunk(
+            config.model.get("loss_chunk", -1),
+            config.train.batch_size,
+            config.task.max_length,
+            model_config.vocab_size,
+        )
+    return Setup(
+        model, kind, method, frozen, head, delta, task, mesh, base_params, tokenizer, loss_chunk
+    )
 
 
-def make_forward(setup: Setup, method: methods.Method | None = None) -> Callable:
+def make_forward(
+    setup: Setup, method: methods.Method | None = None, *, logits: bool = False
+) -> Callable:
     """``forward(trainable, frozen, batch, rng, train) -> logits``.
 
     The params the model sees are the frozen leaves, the trainable head leaves and the
     method's delta applied to them (``method``, default the setup's: for LoRA, wrapped around
     its kernels as LoraWeight nodes, never merged). Logits are [B, C] for a classifier and
-    [B, T, V] for a causal LM. On a mesh with an fsdp axis the params are first gathered to
-    their compute layout (:func:`sharding.gather_fsdp`).
+    [B, T, V] for a causal LM; with ``setup.loss_chunk`` a causal LM returns an
+    :class:`evaluate.Hidden` instead (which the LM sums take in place of logits), unless
+    ``logits``. On a mesh with an fsdp axis the params are first gathered to their compute
+    layout (:func:`sharding.gather_fsdp`).
     """
     model, kind, mesh = setup.model, setup.kind, setup.mesh
     method = setup.method if method is None else method
+
+    chunk = 0 if logits else setup.loss_chunk
 
     def forward(trainable, frozen, batch, rng, train: bool):
         frozen = sharding.gather_fsdp(frozen, mesh)
@@ -221,15 +247,24 @@ def make_forward(setup: Setup, method: methods.Method | None = None) -> Callable
         params = method.apply(paths.overlay(frozen, trainable["head"]), trainable["delta"])
         rngs = {"dropout": rng} if train else {}
         if kind == "lm":
-            logits, _ = model.apply(
+            out, _ = model.apply(
                 {"params": params},
                 batch["input_ids"],
                 batch["positions"],
                 decoder.causal_mask(batch["segment_ids"]),
                 deterministic=not train,
+                logits=not chunk,
                 rngs=rngs,
             )
-            return logits
+            if not chunk:
+                return out
+
+            def project(x_BCD, i):
+                r = {"dropout": jax.random.fold_in(rng, i)} if train else {}
+                variables = {"params": params}
+                return model.apply(variables, x_BCD, not train, method="project", rngs=r)
+
+            return evaluate.Hidden(out, project, chunk)
         return model.apply(
             {"params": params},
             batch["input_ids"],

@@ -141,6 +141,24 @@ def test_scan_and_loop_follow_the_same_loss_curve(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_chunked_lm_loss_trains_and_scores_like_dense_logits(
+    tiny_gpt2_dir, tiny_snli_dir, tmp_path
+):
+    """model.loss_chunk = 7 (96-token rows: chunks that do not divide them) gives the dense
+    logits' loss curve, and the same scored-choice test accuracy and loss."""
+    over = {"task.name": "snli_text", "task.data": str(tiny_snli_dir), "train.num_steps": 4,
+            "task.validation_size": 30, "task.buckets": (64, 128), "checkpoint_every": 0,
+            "task.max_test_examples": 24}  # fmt: skip
+    summaries = {}
+    for chunk in (0, 7):
+        config = lm_config(tiny_gpt2_dir, **over, **{"model.loss_chunk": chunk})
+        summaries[chunk] = train_lib.train_and_evaluate(config, str(tmp_path / f"c{chunk}"))
+    np.testing.assert_allclose(_losses(tmp_path / "c7"), _losses(tmp_path / "c0"), rtol=1e-5)
+    assert summaries[7]["test_accuracy"] == summaries[0]["test_accuracy"]
+    np.testing.assert_allclose(summaries[7]["test_loss"], summaries[0]["test_loss"], rtol=1e-5)
+
+
+@pytest.mark.slow
 def test_snli_as_text_on_gpt2_is_scored_by_choice_likelihood(
     tiny_gpt2_dir, tiny_snli_dir, tmp_path
 ):

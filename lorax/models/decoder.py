@@ -354,6 +354,7 @@ class Block(nn.Module):
     config: DecoderConfig
     dtype: Any
     deterministic: bool = True
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x_BTD, cache, positions_BT, mask_BTS):
@@ -372,12 +373,13 @@ class Block(nn.Module):
             use_bias=c.qkv_bias,
             o_bias=c.o_bias,
             dtype=self.dtype,
+            implementation=self.attention,
             name="attn",
         )
         drop = nn.Dropout(c.dropout, deterministic=self.deterministic)
         h_BTD = _norm(c, self.dtype, "attn_norm")(x_BTD)
-        if cache is None:
-            h_BTD = attn(h_BTD, mask_BTS, self.deterministic, rope)
+        if cache is None:  # causal_mask (and a soft prompt's) lies inside the lower triangle
+            h_BTD = attn(h_BTD, mask_BTS, self.deterministic, rope, causal=True)
             new_cache = None
         else:
             h_BTD, (k, v) = attn(h_BTD, mask_BTS, self.deterministic, rope, kv_cache=cache)
@@ -469,12 +471,14 @@ class Decoder(nn.Module):
       scan: run the layers as one ``nn.scan`` (params under ``layers/`` with a leading [L]
         axis): one layer is compiled instead of L.
       remat: rematerialise each layer in the backward pass (less memory, ~⅓ more compute).
+      attention: the attention kernel, "xla" or "cudnn" (:func:`lorax.attention.choose`).
     """
 
     config: DecoderConfig
     dtype: Any = jnp.float32
     scan: bool = False
     remat: bool = False
+    attention: str = "xla"
 
     @nn.compact
     def __call__(
@@ -484,6 +488,7 @@ class Decoder(nn.Module):
         mask_BTS: jax.Array,
         cache: Mapping[str, jax.Array] | None = None,
         deterministic: bool = True,
+        logits: bool = True,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         """Runs the decoder.
 
@@ -495,6 +500,8 @@ class Decoder(nn.Module):
           cache: from :func:`init_cache`; this call's keys and values are written at
             ``cache["index"]``, which advances by T.
           deterministic: False turns on dropout and LoRA dropout ("dropout" rng).
+          logits: False returns the final hidden states [B, T, D] (after the final norm)
+            instead of the logits; :meth:`project` is the output layer alone.
         """
         c = self.config
         prompt_PD = (
@@ -523,7 +530,7 @@ class Decoder(nn.Module):
                 in_axes=(0, nn.broadcast, nn.broadcast),
                 length=c.num_layers,
             )
-            x_BTD, new = scanned(c, self.dtype, deterministic, name="layers")(
+            x_BTD, new = scanned(c, self.dtype, deterministic, self.attention, name="layers")(
                 x_BTD, layer_caches, positions_BT, mask_BTS
             )
         else:
@@ -532,24 +539,36 @@ class Decoder(nn.Module):
                 layer_cache = None
                 if layer_caches is not None:
                     layer_cache = tuple(part[i] for part in layer_caches)
-                x_BTD, out = block(c, self.dtype, deterministic, name=f"layers_{i}")(
-                    x_BTD, layer_cache, positions_BT, mask_BTS
-                )
+                x_BTD, out = block(
+                    c, self.dtype, deterministic, self.attention, name=f"layers_{i}"
+                )(x_BTD, layer_cache, positions_BT, mask_BTS)
                 if out is not None:
                     new_k.append(out[0])
                     new_v.append(out[1])
             new = (jnp.stack(new_k), jnp.stack(new_v), None) if new_k else None
         x_BTD = _norm(c, self.dtype, "final_norm")(x_BTD[:, p:])
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": new[0], "v": new[1], "index": index + input_ids_BT.shape[1]}
+        if not logits:
+            return x_BTD, new_cache
         if c.tie_embeddings:
             logits_BTV = embed.attend(x_BTD)
         else:
             logits_BTV = lnn.Dense(c.vocab_size, False, dtype=self.dtype, name="lm_head")(
                 x_BTD, deterministic
             )
-        new_cache = None
-        if cache is not None:
-            new_cache = {"k": new[0], "v": new[1], "index": index + input_ids_BT.shape[1]}
         return logits_BTV.astype(jnp.float32), new_cache
+
+    def project(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
+        """The output layer alone: logits [.., V] in the compute dtype from final hidden
+        states, as ``__call__`` computes them (read from the bound params; used by the
+        chunked LM loss, :class:`lorax.evaluate.Hidden`)."""
+        params = self.variables["params"]
+        if self.config.tie_embeddings:
+            return lnn.attend(params["embed"]["token"]["embedding"], x_BTD, self.dtype)
+        kernel = params["lm_head"]["kernel"]
+        return lnn.apply_kernel(self, x_BTD, kernel, None, self.dtype, deterministic)
 
 
 def param_shapes(config: DecoderConfig, scan: bool = False) -> dict[str, tuple[int, ...]]:

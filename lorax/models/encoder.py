@@ -140,15 +140,20 @@ class _Layer(nn.Module):
 
     config: EncoderConfig
     dtype: Any
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x_BTD, mask_BTS, deterministic):
         c = self.config
         drop = nn.Dropout(c.hidden_dropout)
         norm = lambda name: nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
-        h = lnn.Attention(c.num_heads, c.hidden_size // c.num_heads, dtype=self.dtype, name="attn")(
-            x_BTD, mask_BTS, deterministic
-        )
+        h = lnn.Attention(
+            c.num_heads,
+            c.hidden_size // c.num_heads,
+            dtype=self.dtype,
+            implementation=self.attention,
+            name="attn",
+        )(x_BTD, mask_BTS, deterministic)
         x_BTD = norm("attn_norm")(x_BTD + drop(h, deterministic=deterministic))
         h = _Mlp(c, self.dtype, name="mlp")(x_BTD, deterministic)
         return norm("mlp_norm")(x_BTD + drop(h, deterministic=deterministic))
@@ -161,11 +166,13 @@ class Encoder(nn.Module):
       config: the hyperparameters.
       dtype: compute dtype (params may be stored in another dtype; they are cast).
       with_pooler: also compute BERT's pooler (dense + tanh on the first token).
+      attention: the attention kernel, "xla" or "cudnn" (:func:`lorax.attention.choose`).
     """
 
     config: EncoderConfig
     dtype: Any = jnp.float32
     with_pooler: bool = False
+    attention: str = "xla"
 
     @nn.compact
     def __call__(
@@ -204,7 +211,8 @@ class Encoder(nn.Module):
             keys_BS = jnp.concatenate([jnp.ones((keys_BS.shape[0], p), bool), keys_BS], axis=1)
         mask_BTS = jnp.broadcast_to(keys_BS[:, None, :], (x_BTD.shape[0], t, t))
         for i in range(c.num_layers):
-            x_BTD = _Layer(c, self.dtype, name=f"layers_{i}")(x_BTD, mask_BTS, deterministic)
+            layer = _Layer(c, self.dtype, self.attention, name=f"layers_{i}")
+            x_BTD = layer(x_BTD, mask_BTS, deterministic)
         x_BTD = x_BTD[:, p:]  # the prompt's outputs are not pooled or returned
         pooled_BD = None
         if self.with_pooler:
@@ -258,6 +266,7 @@ class EncoderClassifier(nn.Module):
       pooling: "mean" over real tokens, or "cls" (BERT's pooler on the first token).
       dtype: compute dtype; logits are returned in fp32 regardless.
       head_dropout: dropout on the pooled vector during training.
+      attention: the attention kernel, "xla" or "cudnn" (:func:`lorax.attention.choose`).
     """
 
     config: EncoderConfig
@@ -265,6 +274,7 @@ class EncoderClassifier(nn.Module):
     pooling: str = "mean"
     dtype: Any = jnp.float32
     head_dropout: float = 0.1
+    attention: str = "xla"
 
     @nn.compact
     def __call__(
@@ -276,7 +286,7 @@ class EncoderClassifier(nn.Module):
                 f"model.pooling = {self.pooling!r} is not valid; choose one of {list(POOLINGS)}"
             )
         hidden_BTD, pooled_BD = Encoder(
-            self.config, self.dtype, self.pooling == "cls", name="encoder"
+            self.config, self.dtype, self.pooling == "cls", self.attention, name="encoder"
         )(input_ids_BT, token_type_ids_BT, attention_mask_BT, deterministic)
         if self.pooling == "mean":
             pooled_BD = mean_pool(hidden_BTD, attention_mask_BT)

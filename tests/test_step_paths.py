@@ -1,0 +1,224 @@
+"""The GPU speed paths against their fallbacks, where a CPU can run them: the chunked LM loss
+against dense logits, the causal hint the fused attention kernel gets against the masks the
+models build, the attention and loss-chunk choices, and the non-finite guard's cost."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from benchmarks import models as bench_models
+from benchmarks import step as bench_step
+from lorax import attention, evaluate, lora
+from lorax import step as step_lib
+from lorax.models import decoder, encoder
+
+VOCAB = 61
+
+
+def _decoder(tied: bool) -> decoder.DecoderConfig:
+    return decoder.DecoderConfig(
+        vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=8, intermediate_size=48, tie_embeddings=tied,
+    )  # fmt: skip
+
+
+def _packed_batch(b=3, t=13, seed=0) -> dict:
+    """Rows holding two packed segments and right padding, a partial loss mask."""
+    rng = np.random.default_rng(seed)
+    seg = np.zeros((b, t), np.int32)
+    seg[:, :5], seg[:, 5:10] = 1, 2
+    seg[0, 10:] = 3  # one row packed full
+    positions = np.zeros((b, t), np.int32)
+    for s in (1, 2, 3):
+        for r in range(b):
+            idx = np.flatnonzero(seg[r] == s)
+            positions[r, idx] = np.arange(len(idx))
+    return {
+        "input_ids": jnp.asarray(rng.integers(0, VOCAB, (b, t)), jnp.int32),
+        "targets": jnp.asarray(rng.integers(0, VOCAB, (b, t)), jnp.int32),
+        "loss_mask": jnp.asarray((seg > 0) & (rng.random((b, t)) > 0.3), jnp.float32),
+        "segment_ids": jnp.asarray(seg),
+        "positions": jnp.asarray(positions),
+    }
+
+
+def _forward(model, chunk):
+    def forward(params, batch):
+        mask = decoder.causal_mask(batch["segment_ids"])
+        args = ({"params": params}, batch["input_ids"], batch["positions"], mask)
+        out, _ = model.apply(*args, logits=not chunk)
+        if not chunk:
+            return out
+
+        def project(x, i):
+            return model.apply({"params": params}, x, method="project")
+
+        return evaluate.Hidden(out, project, chunk)
+
+    return forward
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("chunk", [4, 13])
+def test_chunked_lm_loss_equals_dense_logits_with_gradients(tied, chunk):
+    """Loss, accuracy and the gradient of every parameter (output layer, tied table, LoRA
+    factors) are the dense path's, for chunks that do and do not divide T."""
+    config = _decoder(tied)
+    model = decoder.Decoder(config)
+    batch = _packed_batch()
+    mask = decoder.causal_mask(batch["segment_ids"])
+    base = model.init(jax.random.key(0), batch["input_ids"], batch["positions"], mask)["params"]
+    base = jax.tree_util.tree_map(lambda x: x * 3, base)  # sharper logits, varied argmax
+    spec = lora.make_spec(("q", "v"), rank=2, alpha=4.0)
+    delta = lora.init(base, spec, jax.random.key(1))
+    delta = jax.tree_util.tree_map(lambda x: x + 0.1, delta)  # B != 0: the branch counts
+
+    def loss(base, delta, chunk):
+        sums = evaluate.lm_sums(_forward(model, chunk)(lora.wrap(base, delta, spec), batch), batch)
+        return sums["loss_sum"] / sums["count"], sums
+
+    (want, want_sums), want_grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(base, delta, 0)
+    (got, got_sums), got_grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(base, delta, chunk)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert float(got_sums["correct"]) == float(want_sums["correct"])
+    assert float(want_sums["correct"]) > 0 or not tied  # the tied model predicts some targets
+    assert float(got_sums["count"]) == float(want_sums["count"])
+    leaves = jax.tree_util.tree_leaves
+    for g, w in zip(leaves(got_grads), leaves(want_grads), strict=True):
+        # fp32 sums in another order: equal to ~1e-6 of the leaf's largest entry
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(np.abs(w).max()))
+
+
+def test_chunked_choice_scores_equal_dense_logits():
+    """Scored-choice evaluation (SNLI as text) from hidden states is the dense path's."""
+    model = decoder.Decoder(_decoder(True))
+    batch = _packed_batch(b=6, t=9, seed=3)
+    batch["labels"] = jnp.array([0, 2], jnp.int32)  # 2 examples x 3 choices
+    batch["weights"] = jnp.ones((2,), jnp.float32)
+    mask = decoder.causal_mask(batch["segment_ids"])
+    params = model.init(jax.random.key(2), batch["input_ids"], batch["positions"], mask)["params"]
+    want = evaluate.choice_sums(_forward(model, 0)(params, batch), batch)
+    got = evaluate.choice_sums(_forward(model, 4)(params, batch), batch)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)
+
+
+def _without_hint(monkeypatch):
+    real = attention.attend
+
+    def attend(q, k, v, mask, *, implementation, causal):
+        return real(q, k, v, mask, implementation=implementation, causal=False)
+
+    monkeypatch.setattr(attention, "attend", attend)
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt", "prefix"])
+def test_the_causal_hint_agrees_with_every_decoder_mask(method, monkeypatch):
+    """XLA applies ``is_causal`` as one more mask, so a hint that did not hold for a mask the
+    decoder builds (packed segments, padding, a soft prompt, prefix keys) would change the
+    output; with and without the hint the logits are equal."""
+    from lorax import methods
+
+    model = decoder.Decoder(_decoder(False))
+    batch = _packed_batch()
+    mask = decoder.causal_mask(batch["segment_ids"])
+    base = model.init(jax.random.key(0), batch["input_ids"], batch["positions"], mask)["params"]
+    method_ = {
+        "lora": methods.LoRA(lora.make_spec(("q", "v"), rank=2, alpha=4.0)),
+        "prompt": methods.Prompt(length=3),
+        "prefix": methods.Prefix(length=3, reparam=False),
+    }[method]
+    delta = jax.tree_util.tree_map(lambda x: x + 0.3, method_.init(base, jax.random.key(1)))
+    params = method_.apply(base, delta)
+    args = ({"params": params}, batch["input_ids"], batch["positions"], mask)
+    with_hint = model.apply(*args)[0]
+    _without_hint(monkeypatch)
+    np.testing.assert_array_equal(model.apply(*args)[0], with_hint)
+
+
+def test_a_wrong_causal_hint_would_be_caught(monkeypatch):
+    """The check above can fail: claiming causality for a bidirectional encoder changes it."""
+    config = encoder.EncoderConfig(vocab_size=VOCAB, hidden_size=16, num_layers=1, num_heads=2,
+                                   intermediate_size=32)  # fmt: skip
+    model = encoder.Encoder(config)
+    ids = jnp.ones((2, 7), jnp.int32)
+    keys = jnp.array([[1] * 7, [1] * 4 + [0] * 3], jnp.int32)
+    params = model.init(jax.random.key(0), ids, jnp.zeros_like(ids), keys)
+    right = model.apply(params, ids, jnp.zeros_like(ids), keys)[0]
+    real = attention.attend
+
+    def attend(q, k, v, mask, *, implementation, causal):
+        return real(q, k, v, mask, implementation=implementation, causal=True)
+
+    monkeypatch.setattr(attention, "attend", attend)
+    wrong = model.apply(params, ids, jnp.zeros_like(ids), keys)[0]
+    assert float(jnp.max(jnp.abs(wrong - right))) > 1e-3
+
+
+def test_attention_choice_by_backend_and_config():
+    """On a CPU "auto" is XLA's path; "cudnn" is refused naming the field and why; a
+    misspelt choice names the valid ones."""
+    assert attention.choose("auto", jnp.bfloat16, 12, 12, 64) == "xla"
+    assert attention.choose("xla", jnp.bfloat16, 12, 12, 64) == "xla"
+    with pytest.raises(ValueError, match=r"model.attention = 'cudnn' cannot run here: the "
+                                         r"backend is 'cpu'.*'auto'.*'xla'"):  # fmt: skip
+        attention.choose("cudnn", jnp.bfloat16, 12, 12, 64)
+    with pytest.raises(ValueError, match=r"model.attention = 'flash'.*'auto', 'xla', 'cudnn'"):
+        attention.choose("flash", jnp.float32, 12, 12, 64)
+
+
+def test_loss_chunk_choice(monkeypatch):
+    """auto: dense on a CPU and for small logits; on a GPU, GPT-2 at 16×1024 gets chunks of
+    64 positions (16·64·50257 fp32 logits = 206 MB <= 256 MiB); explicit values pass."""
+    assert evaluate.choose_loss_chunk(-1, 16, 1024, 50257) == 0  # this CPU
+    assert evaluate.choose_loss_chunk(32, 16, 1024, 50257) == 32
+    assert evaluate.choose_loss_chunk(0, 16, 1024, 50257) == 0
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert evaluate.choose_loss_chunk(-1, 16, 1024, 50257) == 64
+    assert evaluate.choose_loss_chunk(-1, 8, 1024, 128256) == 64  # 263 MB
+    assert evaluate.choose_loss_chunk(-1, 4, 256, 49152) == 0  # 200 MB of logits: dense
+
+
+def _bytes(compiled) -> float:
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["bytes accessed"]
+
+
+def test_the_nonfinite_guard_adds_no_pass_over_full_fine_tuning_state():
+    """XLA's cost analysis of a full fine-tuning step: with the guard (a lax.cond) it reads and
+    writes what the same step without any guard does; the guard it replaced (jnp.where of new
+    and old state) read every parameter and both Adam moments once more (6 copies)."""
+    bench = bench_models.get("tiny")
+    model = decoder.Decoder(bench.decoder_config())
+    batch = bench_step.random_batch(bench.decoder_config().vocab_size, 2, 32)
+    guarded = bench_step.build_step("full", bench, model, batch, mesh=bench_step.one_device_mesh())
+    state = guarded.args[0]
+    n = sum(x.size for x in jax.tree_util.tree_leaves(state["trainable"]))
+    tx = step_lib.make_optimizer(bench_step.optimizer_config().train)
+
+    def unguarded(state, frozen, batch, key):  # make_train_step with the update unconditional
+        def loss_fn(trainable):
+            out = _full_forward(model)(trainable, batch)
+            sums = evaluate.lm_sums(out, batch)
+            return sums["loss_sum"] / sums["count"], sums
+
+        grads, sums = jax.grad(loss_fn, has_aux=True)(state["trainable"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, sums
+
+    with_guard = _bytes(guarded.fn.lower(*guarded.args).compile())
+    without = _bytes(jax.jit(unguarded, donate_argnums=0).lower(*guarded.args).compile())
+    assert with_guard - without < 0.5 * 4 * n, (with_guard, without, 4 * n)
+
+
+def _full_forward(model):
+    def forward(trainable, batch):
+        params = trainable["delta"]
+        mask = decoder.causal_mask(batch["segment_ids"])
+        out, _ = model.apply({"params": params}, batch["input_ids"], batch["positions"], mask)
+        return out
+
+    return forward
