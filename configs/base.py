@@ -100,6 +100,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.init = "kaiming"  # init of A: "kaiming" (uniform, 1/sqrt(d_in)) or "gaussian" (std 1/r)
     c.lora.dropout = 0.0  # dropout on the input of the low-rank branch
     c.lora.rslora = False  # scale by alpha / sqrt(r) instead of alpha / r
+    c.lora.dora = False  # DoRA (Liu et al. 2024): each adapted kernel also learns a magnitude
+    # per output column, m · (W0 + s·BA) / ‖W0 + s·BA‖ (PEFT's use_dora)
+    c.lora.lr_ratio_b = 1.0  # LoRA+ (Hayou et al. 2024): the B factors' learning rate is this
+    # many times the A factors' (their paper suggests 16); 1 = plain LoRA
 
     # --- optimisation ------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()

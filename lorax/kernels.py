@@ -59,6 +59,38 @@ class LoraWeight(WrappedKernel):
 
 
 @struct.dataclass
+class DoraWeight(WrappedKernel):
+    """A frozen kernel with a DoRA update (Liu et al. 2024): the adapted kernel is
+    ``m · (w + scale·a@b) / ‖w + scale·a@b‖``, column norms over D, the norm held constant in
+    the backward pass (the paper's §4.3, as PEFT computes it); leaves (w, a, b, m)."""
+
+    w: jax.Array  # [D, F] frozen base kernel
+    a: jax.Array  # [D, R]
+    b: jax.Array  # [R, F]
+    m: jax.Array  # [F] learned magnitude, initialised to the base kernel's column norms
+    scale: float = struct.field(pytree_node=False, default=1.0)
+    dropout: float = struct.field(pytree_node=False, default=0.0)
+
+    def materialize(self) -> jax.Array:
+        """The adapted kernel, in ``w``'s dtype (computed in fp32)."""
+        merged = merge_kernel(self.w, self.a, self.b, self.scale).astype(jnp.float32)
+        norm_F = jnp.linalg.norm(merged, axis=-2)
+        return (merged * (self.m.astype(jnp.float32) / norm_F)[..., None, :]).astype(self.w.dtype)
+
+
+def column_norms(w_DF: jax.Array, a_DR: jax.Array, b_RF: jax.Array, scale) -> jax.Array:
+    """``‖w + scale·a@b‖`` over D for every column [F], in fp32, without building the sum:
+    ‖w_f‖² + 2·scale·Σ_r b_rf (aᵀw)_rf + scale²·b_fᵀ(aᵀa)b_f. Leading axes (scanned layers)
+    are kept."""
+    w, a, b = (x.astype(jnp.float32) for x in (w_DF, a_DR, b_RF))
+    aw_RF = jnp.einsum("...dr,...df->...rf", a, w)
+    aab_RF = jnp.einsum("...dr,...ds,...sf->...rf", a, a, b)
+    sq_F = jnp.sum(w * w, axis=-2) + 2 * scale * jnp.sum(b * aw_RF, axis=-2)
+    sq_F = sq_F + scale * scale * jnp.sum(b * aab_RF, axis=-2)
+    return jnp.sqrt(jnp.maximum(sq_F, 0.0))
+
+
+@struct.dataclass
 class BankedLoraWeight(WrappedKernel):
     """A frozen kernel with a bank of N low-rank updates, one chosen per batch row.
 

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import tqdm
 
-from lorax import evaluate, lora, paths, quant, runfiles, sharding
+from lorax import evaluate, lora, methods, paths, quant, runfiles, sharding
 from lorax import setup as setup_lib
 from lorax import step as step_lib
 from lorax.checkpoints.state import Checkpointer, IncompatibleCheckpointError
@@ -52,7 +52,7 @@ class Stepper:
         self.setup, self.config, self.names = setup, config, [name]
         self.configs = [config]
         self.forward = setup_lib.make_forward(setup)
-        self.tx = step_lib.make_optimizer(config.train)
+        self.tx = step_lib.make_optimizer(config.train, lr_ratio_b=methods.lr_ratio_b(config))
         self._key = jax.random.fold_in(jax.random.key(config.seed), 3)
         self._batcher = setup_lib.make_batcher(
             setup, setup.task.splits["train"], config.train.batch_size, config

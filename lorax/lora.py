@@ -20,8 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax import paths
-from lorax.kernels import LoraWeight, merge_kernel
+from lorax import paths, quant
+from lorax.kernels import DoraWeight, LoraWeight, merge_kernel
 
 # Canonical target names -> regexes over "/"-joined param paths. Every model family in
 # lorax.models uses these module names, so a target set means the same thing on every model.
@@ -80,6 +80,7 @@ class LoraSpec:
     init: str = "kaiming"
     dropout: float = 0.0
     rslora: bool = False
+    dora: bool = False  # DoRA (Liu et al. 2024): a learned magnitude "m" [F] per kernel too
 
     def __post_init__(self):
         if not self.targets:
@@ -113,6 +114,7 @@ def make_spec(
     init: str = "kaiming",
     dropout: float = 0.0,
     rslora: bool = False,
+    dora: bool = False,
 ) -> LoraSpec:
     """Builds a :class:`LoraSpec` the way configs describe one.
 
@@ -121,7 +123,7 @@ def make_spec(
       rank, alpha: defaults for every target.
       rank_pattern, alpha_pattern: per-target overrides keyed by target name (as in PEFT).
       layers: layer filter applied to every target; None or empty means all layers.
-      init, dropout, rslora: see :class:`LoraSpec`.
+      init, dropout, rslora, dora: see :class:`LoraSpec`.
     """
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -144,6 +146,7 @@ def make_spec(
         init=init,
         dropout=float(dropout),
         rslora=bool(rslora),
+        dora=bool(dora),
     )
 
 
@@ -245,7 +248,7 @@ def init(
             return jax.random.uniform(k, shape, dtype, -bound, bound)
         return jax.random.normal(k, shape, dtype) / site.rank
 
-    delta = {}
+    delta, base_flat = {}, paths.flatten(base)
     for path, site in resolve(base, spec).items():
         a_shape, b_shape = site.shapes
         if site.stack:
@@ -256,20 +259,30 @@ def init(
         else:
             a = draw(path, site)
         delta[path] = {"a": a, "b": jnp.zeros(b_shape, dtype)}
+        if spec.dora:  # m = ‖w‖ per column, so the adapted model starts as the base
+            w = base_flat[path]
+            if quant.is_quantized(w):
+                raise ValueError(
+                    f"DoRA over a quantized base ({path} is {w.kind}) is not supported; set "
+                    "model.quantize = '' or lora.dora = False"
+                )
+            delta[path]["m"] = jnp.linalg.norm(jnp.asarray(w, jnp.float32), axis=-2).astype(dtype)
     return paths.unflatten(delta)
 
 
-def _check_fits(base_flat, delta_flat, sites) -> None:
+def _check_fits(base_flat, delta_flat, sites, dora: bool = False) -> None:
     """Raises if ``delta`` does not have exactly the kernels and shapes ``spec`` implies."""
-    expected = {p: s.shapes for p, s in sites.items()}
+    parts = ("a", "b", "m") if dora else ("a", "b")
+    expected = {p: s.shapes + (((*s.stack, s.d_out),) if dora else ()) for p, s in sites.items()}
     got = {}
     for key, leaf in delta_flat.items():
         path, _, part = key.rpartition(paths.SEP)
-        if part not in ("a", "b"):
+        if part not in parts:
             raise ValueError(
-                f"delta leaf {key} is not an adapter factor; delta leaves end in '/a' or '/b'"
+                f"delta leaf {key} is not an adapter factor; delta leaves end in "
+                + " or ".join(f"'/{p}'" for p in parts)
             )
-        got.setdefault(path, [None, None])[part == "b"] = jnp.shape(leaf)
+        got.setdefault(path, [None] * len(parts))[parts.index(part)] = jnp.shape(leaf)
 
     def unexpected(path, **_):
         return f"delta has an adapter for {path}, which the spec does not target" + (
@@ -281,8 +294,12 @@ def _check_fits(base_flat, delta_flat, sites) -> None:
         expected,
         missing="delta has no adapter for {path}, which the spec targets",
         unexpected=unexpected,
-        mismatch="delta for {path} has shapes a{got[0]} b{got[1]}; "
-        "the base kernel and spec need a{want[0]} b{want[1]}",
+        mismatch=(
+            "delta for {path} has shapes a, b, m {got}; the base kernel and spec need {want}"
+            if dora
+            else "delta for {path} has shapes a{got[0]} b{got[1]}; "
+            "the base kernel and spec need a{want[0]} b{want[1]}"
+        ),
     )
 
 
@@ -290,20 +307,20 @@ def wrap(base: Mapping[str, Any], delta: Mapping[str, Any], spec: LoraSpec) -> d
     """Params in which each targeted kernel is a :class:`LoraWeight` (unmerged compute)."""
     base_flat, delta_flat = paths.flatten(base), paths.flatten(delta)
     sites = resolve(base, spec)
-    _check_fits(base_flat, delta_flat, sites)
+    _check_fits(base_flat, delta_flat, sites, spec.dora)
     for path, site in sites.items():
-        base_flat[path] = LoraWeight(
-            base_flat[path],
-            delta_flat[path + "/a"],
-            delta_flat[path + "/b"],
-            site.scale,
-            spec.dropout,
-        )
+        a, b = delta_flat[path + "/a"], delta_flat[path + "/b"]
+        if spec.dora:
+            m = delta_flat[path + "/m"]
+            base_flat[path] = DoraWeight(base_flat[path], a, b, m, site.scale, spec.dropout)
+        else:
+            base_flat[path] = LoraWeight(base_flat[path], a, b, site.scale, spec.dropout)
     return paths.unflatten(base_flat)
 
 
 def merge(base: Mapping[str, Any], delta: Mapping[str, Any], spec: LoraSpec) -> dict[str, Any]:
-    """Plain arrays ``W0 + scale·A@B`` at every target: zero added latency, exportable."""
+    """Plain arrays ``W0 + scale·A@B`` at every target (with DoRA, rescaled to the learned
+    column magnitudes): zero added latency, exportable."""
     return _apply(base, delta, spec, sign=1.0)
 
 
@@ -313,13 +330,19 @@ def unmerge(merged: Mapping[str, Any], delta: Mapping[str, Any], spec: LoraSpec)
 
 
 def _apply(base, delta, spec, sign):
+    if spec.dora and sign < 0:
+        raise ValueError("a DoRA merge cannot be undone from the delta alone (its column "
+                         "norms depend on the base); keep the base and merge again")  # fmt: skip
     base_flat, delta_flat = paths.flatten(base), paths.flatten(delta)
     sites = resolve(base, spec)
-    _check_fits(base_flat, delta_flat, sites)
+    _check_fits(base_flat, delta_flat, sites, spec.dora)
     for path, site in sites.items():
-        base_flat[path] = merge_kernel(
-            base_flat[path], delta_flat[path + "/a"], delta_flat[path + "/b"], sign * site.scale
-        )
+        a, b = delta_flat[path + "/a"], delta_flat[path + "/b"]
+        if spec.dora:
+            node = DoraWeight(base_flat[path], a, b, delta_flat[path + "/m"], site.scale)
+            base_flat[path] = node.materialize()
+        else:
+            base_flat[path] = merge_kernel(base_flat[path], a, b, sign * site.scale)
     return paths.unflatten(base_flat)
 
 

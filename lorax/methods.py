@@ -510,7 +510,21 @@ def lora_spec(section) -> lora.LoraSpec:
         init=section.init,
         dropout=section.dropout,
         rslora=section.rslora,
+        dora=section.get("dora", False),
     )
+
+
+def lr_ratio_b(config) -> float:
+    """LoRA+'s ``lora.lr_ratio_b`` (1 = plain LoRA), checked: positive, and only for LoRA."""
+    ratio = config.lora.get("lr_ratio_b", 1.0)
+    if not isinstance(ratio, int | float) or isinstance(ratio, bool) or not ratio > 0:
+        raise ValueError(f"lora.lr_ratio_b = {ratio!r} is not valid; it must be a number > 0")
+    if ratio != 1.0 and config.method != "lora":
+        raise ValueError(
+            f"lora.lr_ratio_b = {ratio} (LoRA+) applies to method = 'lora', not "
+            f"{config.method!r}; set it to 1"
+        )
+    return float(ratio)
 
 
 def from_config(config) -> Method:

@@ -108,7 +108,7 @@ class Stack:
         targets = tuple(
             lora.Target(f"^{re.escape(p)}$", self.rank, float(self.rank)) for p in self.paths
         )
-        return lora.LoraSpec(targets, dropout=dropout)
+        return lora.LoraSpec(targets, dropout=dropout, dora=self.specs[0].dora)
 
     def masks_and_scales(self) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
         """``{path: mask [K, R]}`` (1 on adapter k's rank slots) and ``{path: scale [K]}``."""
@@ -130,6 +130,8 @@ class Stack:
         for path, site in self.sites[k].items():
             a, b = flat[path + "/a"][k], flat[path + "/b"][k]
             out[path] = {"a": a[..., : site.rank], "b": b[..., : site.rank, :]}
+            if path + "/m" in flat:  # DoRA's magnitudes
+                out[path]["m"] = flat[path + "/m"][k]
         return paths.unflatten(out)
 
 
@@ -155,10 +157,14 @@ def _per_kernel(delta: Any, per_path: dict[str, jax.Array], fn) -> Any:
     return paths.unflatten(out)
 
 
-def apply_mask(delta: Any, masks: dict[str, jax.Array]) -> Any:
-    """Zeroes the padded rank slots of one adapter's (unstacked-K) padded delta."""
+def apply_mask(delta: Any, masks: dict[str, jax.Array], grads: bool = False) -> Any:
+    """Zeroes the padded rank slots of one adapter's (unstacked-K) padded delta, or of its
+    gradients. DoRA's magnitudes have no rank slots: their gradient is zeroed at the kernels
+    this adapter does not adapt (so they keep ``m = ‖w‖`` and the kernel stays the base's)."""
 
     def fn(leaf, part, mask_R):
+        if part == "m":
+            return leaf * jnp.max(mask_R) if grads else leaf
         return leaf * (mask_R[None, :] if part == "a" else mask_R[:, None])
 
     return _per_kernel(delta, masks, fn)
@@ -200,7 +206,7 @@ def make_multi_train_step(forward, tx, sums_fn):
             return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
 
         grads, sums = jax.grad(loss_fn, has_aux=True)(state["trainable"])
-        grads = {"delta": apply_mask(grads["delta"], masks), "head": grads["head"]}
+        grads = {"delta": apply_mask(grads["delta"], masks, grads=True), "head": grads["head"]}
 
         def update(trainable, opt_state):
             updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -259,7 +265,7 @@ class MultiStepper(loop.Stepper):
         self.forward = setup_lib.make_forward(
             setup, union_method(self.stack, setup, c0.lora.dropout)
         )
-        self.tx = step_lib.make_optimizer(c0.train, unit_peaks=True)
+        self.tx = step_lib.make_optimizer(c0.train, True, methods.lr_ratio_b(c0))
         self.masks, self.scales = ({}, {}) if self.stack is None else self.stack.masks_and_scales()
         self.eval_args = (self.scales,)
         self.rates = (
@@ -281,7 +287,9 @@ class MultiStepper(loop.Stepper):
             key = jax.random.fold_in(jax.random.key(config.seed), 2)
             if self.stack is not None:
                 spec = methods.lora_spec(config.lora)
-                delta = _pad_one(self.stack, methods.LoRA(spec).init(setup.frozen, key))
+                delta = _pad_one(
+                    self.stack, methods.LoRA(spec).init(setup.frozen, key), setup.frozen
+                )
             elif setup.method.replaces_base:  # the pretrained leaves, for every seed
                 delta = setup.delta
             else:
@@ -320,9 +328,10 @@ class MultiStepper(loop.Stepper):
         }
 
 
-def _pad_one(stack: Stack, delta: Any) -> Any:
-    """One adapter's delta padded to the union and rank R (no K axis)."""
-    flat = paths.flatten(delta)
+def _pad_one(stack: Stack, delta: Any, frozen: Any) -> Any:
+    """One adapter's delta padded to the union and rank R (no K axis). With DoRA a kernel the
+    adapter does not adapt gets ``m = ‖w‖`` per column, so it stays the base kernel."""
+    flat, base = paths.flatten(delta), paths.flatten(frozen)
     out = {}
     for path in stack.paths:
         shape_a, shape_b = _padded_shapes(stack, path)
@@ -335,6 +344,11 @@ def _pad_one(stack: Stack, delta: Any) -> Any:
             }
         else:
             out[path] = {"a": jnp.zeros(shape_a), "b": jnp.zeros(shape_b)}
+        if stack.specs[0].dora:
+            m = flat.get(path + "/m")
+            if m is None:
+                m = jnp.linalg.norm(jnp.asarray(base[path], jnp.float32), axis=-2)
+            out[path]["m"] = m
     return paths.unflatten(out)
 
 

@@ -18,7 +18,14 @@ import jax
 import jax.numpy as jnp
 
 from lorax import attention, quant
-from lorax.kernels import BankedLoraWeight, Bottleneck, LoraWeight, WrappedKernel
+from lorax.kernels import (
+    BankedLoraWeight,
+    Bottleneck,
+    DoraWeight,
+    LoraWeight,
+    WrappedKernel,
+    column_norms,
+)
 
 Initializer = Callable[..., jax.Array]
 
@@ -106,12 +113,29 @@ def lora_matmul(module: nn.Module, x_BxD: jax.Array, kernel: Any, dtype, determi
         b_BRF = jnp.take(kernel.b, kernel.ids, axis=0).astype(dtype)
         z_BxR = jnp.einsum("b...d,bdr->b...r", x_BxD, a_BDR)
         return y_BxF + jnp.einsum("b...r,brf->b...f", z_BxR, b_BRF).astype(y_BxF.dtype)
+    if isinstance(kernel, DoraWeight):
+        return dora_matmul(module, x_BxD, kernel, dtype, deterministic)
     if not isinstance(kernel, LoraWeight):
         return base_matmul(x_BxD, kernel)
     y_BxF = base_matmul(x_BxD, kernel.w)
     xd_BxD = _lora_dropout(module, x_BxD, kernel.dropout, deterministic)
     z_BxR = xd_BxD @ kernel.a.astype(dtype)
     return y_BxF + (kernel.scale * (z_BxR @ kernel.b.astype(dtype))).astype(y_BxF.dtype)
+
+
+def dora_matmul(module: nn.Module, x_BxD: jax.Array, kernel: DoraWeight, dtype, deterministic):
+    """``x`` through a DoRA kernel, unmerged: ``g·(x@w + scale·(x@a)@b)`` with the per-column
+    ``g = m / ‖w + scale·a@b‖`` (the norm from the factors, :func:`column_norms`, and held
+    constant in the backward pass). With LoRA dropout active the base term of the correction
+    sees the dropped input, as PEFT computes it: ``x@w + (g-1)·(x̃@w) + g·scale·(x̃@a)@b``."""
+    norm_F = jax.lax.stop_gradient(column_norms(kernel.w, kernel.a, kernel.b, kernel.scale))
+    g_F = (kernel.m.astype(jnp.float32) / norm_F).astype(dtype)
+    y_BxF = base_matmul(x_BxD, kernel.w)
+    xd_BxD = _lora_dropout(module, x_BxD, kernel.dropout, deterministic)
+    lora_BxF = kernel.scale * ((xd_BxD @ kernel.a.astype(dtype)) @ kernel.b.astype(dtype))
+    if xd_BxD is x_BxD:
+        return g_F * (y_BxF + lora_BxF.astype(y_BxF.dtype))
+    return y_BxF + (g_F - 1) * base_matmul(xd_BxD, kernel.w) + g_F * lora_BxF.astype(y_BxF.dtype)
 
 
 class Dense(nn.Module):

@@ -164,6 +164,7 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
         sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
         data_lib.check_task(config.task.name)
     method = methods.from_config(config)
+    methods.lr_ratio_b(config)  # checked before any compute
     _check_quantize(config, method)
 
     model_dir = assets.resolve(config.model.name)

@@ -24,14 +24,17 @@ def head_learning_rate(train_config) -> float:
     return train_config.head_learning_rate or train_config.learning_rate
 
 
-def make_optimizer(train_config, unit_peaks: bool = False) -> optax.GradientTransformation:
+def make_optimizer(
+    train_config, unit_peaks: bool = False, lr_ratio_b: float = 1.0
+) -> optax.GradientTransformation:
     """AdamW with linear warmup then decay, over the trainable tree ``{"delta", "head"}``.
 
     ``train_config`` is the config's ``train`` section. The clip's global norm is taken over
     the trainable tree only: a norm over the whole base would make XLA compute the base's
     gradient and lose LoRA's speed-up. ``unit_peaks`` sets both peak learning rates to 1, for
     a caller that scales the updates by its own rates (the multi-adapter step, whose adapters
-    each have theirs).
+    each have theirs). ``lr_ratio_b`` is LoRA+ (Hayou et al. 2024): the delta's ``b`` leaves
+    (LoRA's B factors) train at that multiple of the delta's rate.
     """
     t = train_config
 
@@ -61,9 +64,19 @@ def make_optimizer(train_config, unit_peaks: bool = False) -> optax.GradientTran
         )
 
     lr, head_lr = (1.0, 1.0) if unit_peaks else (t.learning_rate, head_learning_rate(t))
-    tx = optax.multi_transform(
-        {"delta": adamw(lr), "head": adamw(head_lr)}, {"delta": "delta", "head": "head"}
-    )
+    transforms = {"delta": adamw(lr), "head": adamw(head_lr)}
+    labels: Any = {"delta": "delta", "head": "head"}
+    if lr_ratio_b != 1.0:
+        transforms["delta_b"] = adamw(lr * lr_ratio_b)
+
+        def labels(tree):
+            def label(path, _):
+                return "delta_b" if getattr(path[-1], "key", None) == "b" else "delta"
+
+            delta = jax.tree_util.tree_map_with_path(label, tree["delta"])
+            return {"delta": delta, "head": jax.tree_util.tree_map(lambda _: "head", tree["head"])}
+
+    tx = optax.multi_transform(transforms, labels)
     if t.grad_clip:
         tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
     return tx

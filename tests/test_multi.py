@@ -18,10 +18,11 @@ VARIANTS = (  # targets, rank, alpha, rslora, seed, learning rate
 )
 
 
-def _configs(model_dir, data_dir, num_steps=4):
+def _configs(model_dir, data_dir, num_steps=4, **lora_fields):
     out = []
     for targets, rank, alpha, rslora, seed, lr in VARIANTS:
         c = tiny_config(model_dir, data_dir)
+        c.lora.update(lora_fields)
         c.train.num_steps = num_steps
         c.checkpoint_every = 0
         c.model.head_dropout = 0.1  # dropout on: each adapter must draw its own masks
@@ -39,10 +40,16 @@ def _final(workdir):
 
 
 @pytest.mark.slow
-def test_each_adapter_of_a_job_equals_its_single_run(tiny_model_dir, tiny_snli_dir, tmp_path):
+@pytest.mark.parametrize("variant", ["lora", "dora+lora_plus"])
+def test_each_adapter_of_a_job_equals_its_single_run(
+    tiny_model_dir, tiny_snli_dir, tmp_path, variant
+):
     """Three adapters with different targets, ranks, scales (one rsLoRA), seeds and learning
-    rates, trained as one job: each final delta and head equals its single run's (1e-5)."""
-    configs = _configs(tiny_model_dir, tiny_snli_dir)
+    rates, trained as one job: each final delta and head equals its single run's (1e-5). Also
+    with DoRA (a kernel an adapter does not adapt keeps m = ‖w‖ in the padded union) and
+    LoRA+ (B at 4 times the rate)."""
+    fields = {"dora": True, "lr_ratio_b": 4.0} if variant != "lora" else {}
+    configs = _configs(tiny_model_dir, tiny_snli_dir, **fields)
     singles = [str(tmp_path / f"single{k}") for k in range(len(configs))]
     for c, w in zip(configs, singles, strict=True):
         train_lib.train_and_evaluate(c, w)

@@ -356,11 +356,16 @@ def test_import_refuses_unsupported_options(tmp_path, llama_adapter, changes, me
 
 
 def test_import_refuses_tensors_it_would_drop(tmp_path, llama_adapter):
-    """A DoRA magnitude vector is not silently ignored."""
+    """A DoRA magnitude vector in an adapter whose config says plain LoRA is not silently
+    ignored, nor is a tensor that is no adapter factor at all."""
     config, params, src = llama_adapter
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
     bad = _rewrite(src, tmp_path / "bad", tensor_changes={key: np.ones(64, np.float32)})
-    with pytest.raises(ValueError, match="lora_magnitude_vector.*not a LoRA factor"):
+    with pytest.raises(ValueError, match="DoRA magnitude, but not use_dora=true"):
+        lpeft.import_peft(bad, params, config)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.bias"
+    bad = _rewrite(src, tmp_path / "bad2", tensor_changes={key: np.ones(64, np.float32)})
+    with pytest.raises(ValueError, match="q_proj.bias.*not a LoRA factor"):
         lpeft.import_peft(bad, params, config)
 
 

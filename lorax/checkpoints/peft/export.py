@@ -45,15 +45,20 @@ def _delta_factors(delta, spec, shapes, where):
     """
     flat = {k: np.asarray(jax.device_get(v), np.float32) for k, v in paths.flatten(delta).items()}
     kernels = set()
+    parts = ("a", "b", "m") if spec.dora else ("a", "b")
     for key in flat:
         path, _, part = key.rpartition("/")
-        if part not in ("a", "b"):
-            raise ValueError(f"delta leaf {key} is not an adapter factor ('/a' or '/b')")
+        if part not in parts:
+            raise ValueError(
+                f"delta leaf {key} is not an adapter factor ("
+                + " or ".join(f"'/{p}'" for p in parts)
+                + ")"
+            )
         kernels.add(path)
     targets = {}  # per-layer path -> target
     for path in sorted(kernels):
-        if path + "/a" not in flat or path + "/b" not in flat:
-            raise ValueError(f"delta for {path} lacks its 'a' or 'b' factor")
+        if any(path + "/" + p not in flat for p in parts):
+            raise ValueError(f"delta for {path} lacks one of its factors {list(parts)}")
         target, rank = _target_of(spec, path), flat[path + "/a"].shape[-1]
         if rank != target.rank:
             raise ValueError(
@@ -85,7 +90,7 @@ def _delta_factors(delta, spec, shapes, where):
                 f"delta for {path} has a{a.shape} b{b.shape}; the kernel [{d_in}, {d_out}] and "
                 f"rank {target.rank} need a{(d_in, target.rank)} b{(target.rank, d_out)}"
             )
-        out[canonical] = (a, b, target)
+        out[canonical] = (a, b, target, per_layer.get(path + "/m"))
     return out
 
 
@@ -133,7 +138,8 @@ def export_peft(
     task_type: str | None = "auto",
     modules_to_save: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> pathlib.Path:
-    """Writes ``delta`` as a PEFT LoRA adapter that ``PeftModel.from_pretrained`` loads.
+    """Writes ``delta`` as a PEFT LoRA adapter (DoRA's with ``spec.dora``: ``use_dora`` and
+    each kernel's ``lora_magnitude_vector``) that ``PeftModel.from_pretrained`` loads.
 
     Args:
       delta: a lorax delta (per-layer ``layers_i`` or scanned ``layers`` layout; an encoder
@@ -181,7 +187,11 @@ def export_peft(
                     value, np.float32
                 )
     for module in sorted(modules):
-        a_RD, b_FR, _, _ = modules[module]
+        a_RD, b_FR, _, _, magnitude = modules[module]
+        if magnitude is not None:
+            tensors[f"{layout.KEY_PREFIX}{module}.lora_magnitude_vector"] = np.ascontiguousarray(
+                magnitude, np.float32
+            )
         tensors[f"{layout.KEY_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(
             a_RD, np.float32
         )
@@ -198,10 +208,15 @@ def export_peft(
 def _peft_modules(factors, spec, names, prefix, gpt2, d) -> dict[str, tuple]:
     """PEFT module name -> (A [R, D_in], B [D_out, R], rank, alpha), alpha chosen so PEFT's
     scaling is ours; GPT-2's q, k, v factors are fused into one ``c_attn`` adapter."""
-    modules: dict[str, tuple[np.ndarray, np.ndarray, int, float]] = {}
+    modules: dict[str, tuple] = {}
     fused: dict[str, dict[str, tuple]] = collections.defaultdict(dict)
-    for path, (a, b, target) in factors.items():
+    for path, (a, b, target, magnitude) in factors.items():
         m = layout.QKV_RE.match(path) if gpt2 else None
+        if m and magnitude is not None:
+            raise ValueError(
+                f"delta for {path}: DoRA on GPT-2's q, k, v (PEFT's fused c_attn) cannot be "
+                "exported yet; DoRA on o and the MLP kernels can"
+            )
         if m:
             fused[layout.module_name(names, layout.fused(path, gpt2), prefix)][m["name"]] = (
                 a,
@@ -209,7 +224,8 @@ def _peft_modules(factors, spec, names, prefix, gpt2, d) -> dict[str, tuple]:
                 target,
             )
         else:  # same r and alpha as ours: PEFT's scaling formula is the same as lorax's
-            modules[layout.module_name(names, path, prefix)] = (a.T, b.T, target.rank, target.alpha)
+            module = layout.module_name(names, path, prefix)
+            modules[module] = (a.T, b.T, target.rank, target.alpha, magnitude)
     for module, parts in fused.items():
         order = [n for n in "qkv" if n in parts]
         a_RD = np.concatenate([parts[n][0].T for n in order], axis=0)
@@ -222,7 +238,8 @@ def _peft_modules(factors, spec, names, prefix, gpt2, d) -> dict[str, tuple]:
             # Each adapter's own scale goes into its block; alpha below makes PEFT's scaling 1.
             b_FR[row : row + d, col : col + a.shape[1]] = spec.scale(target) * b.T
             col += a.shape[1]
-        modules[module] = (a_RD, b_FR, r_total, math.sqrt(r_total) if spec.rslora else r_total)
+        alpha = math.sqrt(r_total) if spec.rslora else r_total
+        modules[module] = (a_RD, b_FR, r_total, alpha, None)
     return modules
 
 
@@ -267,7 +284,7 @@ def _adapter_config(modules, spec, target_modules, layers, gpt2, task_type) -> d
         "fan_in_fan_out": gpt2,  # GPT-2's Conv1D stores weights [in, out]
         "init_lora_weights": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": spec.dora,
         "inference_mode": True,
     }
 

@@ -17,6 +17,12 @@ KEY_PREFIX = "base_model.model."
 KEY_RE = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$"
 )
+# DoRA's magnitude: saved as "<module>.lora_magnitude_vector", in a live model's state dict
+# "<module>.lora_magnitude_vector.<adapter>.weight".
+MAGNITUDE_RE = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector"
+    r"(?:\.(?!weight$)(?P<adapter>[^.]+))?(?:\.weight)?$"
+)
 # PEFT's layers_to_transform reads the first number that follows two name parts.
 _PEFT_LAYER_RE = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 QKV_RE = re.compile(r"^(?P<head>.*/attn/)(?P<name>[qkv])/kernel$")

@@ -42,8 +42,6 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
         raise ValueError(
             f"{where}: peft_type {raw.get('peft_type')!r} is not supported; only 'LORA'"
         )
-    if raw.get("use_dora"):
-        raise ValueError(f"{where}: use_dora=true (DoRA) is not supported; only plain LoRA")
     if raw.get("bias", "none") != "none":
         raise ValueError(f"{where}: bias={raw['bias']!r} is not supported; only 'none'")
     if raw.get("modules_to_save"):
@@ -106,19 +104,23 @@ def _read_factors(adapter_dir: pathlib.Path) -> dict[str, dict[str, tuple[str, n
     adapter_names = set()
     for key, value in sorted(hf.read_safetensors_file(weights).items()):
         m = layout.KEY_RE.match(key)
+        part = m and m["part"]
+        if not m:
+            m, part = layout.MAGNITUDE_RE.match(key), "M"
         if not m:
             raise ValueError(
                 f"{weights}: key {key!r} is not a LoRA factor; keys look like "
-                f"'{layout.KEY_PREFIX}<module>.lora_A.weight' (DoRA magnitudes, biases, embedding "
-                "adapters and saved modules are not supported)"
+                f"'{layout.KEY_PREFIX}<module>.lora_A.weight' or DoRA's "
+                f"'<module>.lora_magnitude_vector' (biases, embedding adapters and saved modules "
+                "are not supported)"
             )
         adapter_names.add(m["adapter"])
-        factors[m["module"]][m["part"]] = (key, value)
+        factors[m["module"]][part] = (key, value)
     if len(adapter_names) > 1:
         raise ValueError(f"{weights}: keys name several adapters {sorted(map(str, adapter_names))}")
     for parts in factors.values():
-        if set(parts) != {"A", "B"}:
-            ((have, (key, _)),) = parts.items()
+        if not {"A", "B"} <= set(parts):
+            key, have = next((key, p) for p, (key, _) in sorted(parts.items()))
             missing = "B" if have == "A" else "A"
             raise ValueError(f"{weights}: {key!r} has no matching lora_{missing} factor")
     for parts in factors.values():
@@ -154,7 +156,8 @@ def import_peft(
     base: Mapping[str, Any],
     config: encoder.EncoderConfig | decoder.DecoderConfig,
 ) -> tuple[lora.LoraSpec, dict[str, Any]]:
-    """Reads a PEFT LoRA adapter into a lorax spec and delta fitting ``base``.
+    """Reads a PEFT LoRA adapter (DoRA's too: ``use_dora``) into a lorax spec and delta
+    fitting ``base``.
 
     Args:
       adapter_dir: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``
@@ -203,6 +206,7 @@ def import_peft(
         init="gaussian" if raw.get("init_lora_weights") == "gaussian" else "kaiming",
         dropout=float(raw.get("lora_dropout") or 0.0),
         rslora=bool(raw.get("use_rslora", False)),
+        dora=bool(raw.get("use_dora", False)),
     )
     resolved = lora.resolve(base, spec)
     if set(resolved) != set(delta):  # the targets are built from the paths: a bug if not
@@ -218,8 +222,15 @@ def _import_factors(adapter_dir, factors, raw, config, flat_base, *, where, exam
     r_default, alpha_default = int(raw["r"]), raw.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
     delta, sites = {}, {}
+    dora = bool(raw.get("use_dora", False))
     for module in sorted(factors):
         (key_a, a_RD), (key_b, b_FR) = factors[module]["A"], factors[module]["B"]
+        if dora != ("M" in factors[module]):
+            raise ValueError(
+                f"{adapter_dir}: {key_a!r} "
+                + ("has no lora_magnitude_vector, but" if dora else "has a DoRA magnitude, but not")
+                + f" use_dora=true in {layout.CONFIG_NAME}"
+            )
         try:
             mapped = names.to_canonical(module + ".weight")
         except KeyError:
@@ -248,6 +259,20 @@ def _import_factors(adapter_dir, factors, raw, config, flat_base, *, where, exam
                 )
         a_DR = np.ascontiguousarray(np.asarray(a_RD, np.float32).T)
         b_RF = np.ascontiguousarray(np.asarray(b_FR, np.float32).T)
+        if dora:
+            key_m, m_F = factors[module]["M"]
+            if qkv:
+                raise ValueError(
+                    f"{adapter_dir}: {key_m!r}: DoRA on GPT-2's fused c_attn is not supported"
+                )
+            if tuple(np.shape(m_F)) != (d_out,):
+                raise ValueError(
+                    f"{adapter_dir}: {key_m!r} has shape {tuple(np.shape(m_F))}; the base "
+                    f"kernel {fused_path} [{d_in}, {d_out}] needs ({d_out},)"
+                )
+            delta[path] = {"a": a_DR, "b": b_RF, "m": np.asarray(m_F, np.float32)}
+            sites[path] = (rank, alpha)
+            continue
         if qkv:
             blocks = dict(zip("qkv", np.split(b_RF, 3, axis=1), strict=True))
             kept = {n: blk for n, blk in blocks.items() if np.any(blk)} or blocks
