@@ -31,6 +31,8 @@ METHOD_RUNS: dict[str, dict[str, Any]] = {
     "qlora": {"method": "lora", "model.quantize": "nf4"},
     # NF4 kernels with everything else (embeddings, norms) in bf16: against lora_bf16
     "qlora_bf16": {"method": "lora", "model.quantize": "nf4", "model.base_dtype": "bfloat16"},
+    "dora": {"method": "lora", "lora.dora": True},  # LoRA's targets, rank and rate, + magnitudes
+    "lora_plus": {"method": "lora", "lora.lr_ratio_b": 16.0},  # Hayou et al. 2024's suggestion
     "full": {"method": "full", "train.learning_rate": 5e-5},
     "top_k_layers": {"method": "top_k_layers", "top_k_layers.k": 2, "train.learning_rate": 1e-4},
     "bitfit": {"method": "bitfit", "train.learning_rate": 1e-3},
