@@ -72,8 +72,11 @@ def _cudnn_unavailable(dtype: str, heads: int, kv_heads: int, head_dim: int) -> 
     t = 256
     q = jnp.ones((2, t, heads, head_dim), dtype)
     kv = jnp.ones((2, t, kv_heads, head_dim), dtype)
-    causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
-    padded = jnp.arange(t)[None, None, None, :] < jnp.array([t, t // 2])[:, None, None, None]
+    # Masks shaped as the models pass them, [B, 1, T, S]: causal (packed rows look alike) and
+    # key padding (the encoders').
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (2, 1, t, t))
+    keys = jnp.arange(t)[None, :] < jnp.array([t, t // 2])[:, None]
+    padded = jnp.broadcast_to(keys[:, None, None, :], (2, 1, t, t))
 
     def loss(q, k, v):
         total = 0.0
