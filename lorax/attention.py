@@ -18,6 +18,7 @@ head shapes and dtype compiles and runs (forward and gradients), else XLA; ``"xl
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -88,5 +89,7 @@ def _cudnn_unavailable(dtype: str, heads: int, kv_heads: int, head_dim: int) -> 
     try:
         jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, kv, kv))
     except Exception as err:  # any failure means: not here, for these shapes
-        return f"cuDNN's fused attention failed on these shapes: {str(err).splitlines()[0]}"
+        why = f"cuDNN's fused attention failed on these shapes: {str(err).splitlines()[0]}"
+        logging.getLogger(__name__).warning("model.attention 'auto' takes XLA's: %s", why)
+        return why
     return None

@@ -461,6 +461,9 @@ def make_summary(
         "base_bytes_per_device": sharding.bytes_per_device(setup.frozen),
         "processes": jax.process_count(),
         "platform": jax.devices()[0].platform,
+        # the kernels model.attention and model.loss_chunk resolved to on this backend
+        "attention_kernel": getattr(setup.model, "attention", "xla"),
+        "loss_chunk": setup.loss_chunk,
         "data_counts": dict(setup.task.counts),
         "config": json.loads(config.to_json_best_effort()),
     }
