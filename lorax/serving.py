@@ -97,6 +97,11 @@ def make_bank(
 
 
 def _sites(base, delta, spec, name) -> dict[str, lora.Site]:
+    if spec.dora:
+        raise ValueError(
+            f"adapter {name!r} is a DoRA adapter; a bank serves plain LoRA adapters (its "
+            "magnitudes rescale the whole kernel): merge it (lorax.export --merged) instead"
+        )
     sites = lora.resolve(base, spec)
     lora.wrap(base, delta, spec)  # raises, naming the path, if the delta does not fit
     for path in sites:

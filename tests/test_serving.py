@@ -105,3 +105,6 @@ def test_bank_refuses_what_it_cannot_serve(base_and_adapters):
     embed = lora.make_spec("embed", rank=2, alpha=2)
     with pytest.raises(ValueError, match=r"adapts embed/token/embedding; a bank serves kernel"):
         serving.make_bank(params, [(lora.init(params, embed, jax.random.key(0)), embed)])
+    dora = lora.make_spec("q,v", rank=4, alpha=8, dora=True)
+    with pytest.raises(ValueError, match=r"is a DoRA adapter; a bank serves plain LoRA"):
+        serving.make_bank(params, [(lora.init(params, dora, jax.random.key(0)), dora)])
