@@ -145,3 +145,19 @@ def test_lora_plus_trains_b_at_its_ratio_of_the_rate():
     assert moves[4.0]["delta"]["k"]["b"] == pytest.approx(4 * moves[1.0]["delta"]["k"]["b"])
     assert moves[4.0]["delta"]["k"]["a"] == pytest.approx(moves[1.0]["delta"]["k"]["a"])
     assert moves[4.0]["head"]["w"] == pytest.approx(moves[1.0]["head"]["w"])
+
+
+def test_lora_plus_ratio_is_checked_before_any_compute():
+    """lr_ratio_b must be a number > 0 and applies to LoRA only; each error names the field."""
+    from configs import base as base_config
+    from lorax import methods
+
+    c = base_config.get_config()
+    c.lora.lr_ratio_b = 16.0
+    assert methods.lr_ratio_b(c) == 16.0
+    c.method = "bitfit"
+    with pytest.raises(ValueError, match=r"lora.lr_ratio_b = 16.0 \(LoRA\+\) applies to method"):
+        methods.lr_ratio_b(c)
+    c.method, c.lora.lr_ratio_b = "lora", 0.0
+    with pytest.raises(ValueError, match=r"lora.lr_ratio_b = 0.0 is not valid; .* > 0"):
+        methods.lr_ratio_b(c)
