@@ -80,7 +80,7 @@ def commands(request, tmp_path_factory):
     if "step" in selected:
         started["step"] = _Command(
             tmp_path_factory.mktemp("step"), "benchmarks.step", "--model=tiny", "--steps=2",
-            "--warmup=1", "--multi=2", "--peak-size=128",
+            "--warmup=1", "--multi=2", "--peak-size=128", "--loss-chunk=16",
         )  # fmt: skip
     if "peer" in selected and all(_importable(n) for n in ("torch", "transformers", "peft")):
         started["peer"] = _Command(
@@ -263,6 +263,9 @@ def test_step_command_prints_a_table_and_appends_its_record(tiny_run):
     stdout, record = tiny_run
     assert record["framework"] == "lorax" and record["peer"] is False
     assert record["args"]["model"] == "tiny" and record["args"]["batch"] == 4
+    # every mode through the chunked LM loss (64 positions in chunks of 16); XLA's attention
+    assert record["args"]["loss_chunk_positions"] == 16
+    assert record["args"]["attention_kernel"] == "xla"
     assert {"jax", "flax", "optax"} <= set(record["versions"])
     assert record["device"]["platform"] == "cpu" and record["peaks"]["datasheet_tflops"] is None
     assert record["peaks"]["measured_tflops"] > 0
