@@ -72,10 +72,12 @@ class DoraWeight(WrappedKernel):
     dropout: float = struct.field(pytree_node=False, default=0.0)
 
     def materialize(self) -> jax.Array:
-        """The adapted kernel, in ``w``'s dtype (computed in fp32)."""
-        merged = merge_kernel(self.w, self.a, self.b, self.scale).astype(jnp.float32)
-        norm_F = jnp.linalg.norm(merged, axis=-2)
-        return (merged * (self.m.astype(jnp.float32) / norm_F)[..., None, :]).astype(self.w.dtype)
+        """The adapted kernel, in ``w``'s dtype (computed in fp32, with the norm the forward
+        pass uses: :func:`column_norms`)."""
+        f32 = jnp.float32
+        merged = self.w.astype(f32) + self.scale * (self.a.astype(f32) @ self.b.astype(f32))
+        g_F = self.m.astype(f32) / column_norms(self.w, self.a, self.b, self.scale)
+        return (merged * g_F[..., None, :]).astype(self.w.dtype)
 
 
 def column_norms(w_DF: jax.Array, a_DR: jax.Array, b_RF: jax.Array, scale) -> jax.Array:

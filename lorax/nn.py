@@ -324,18 +324,19 @@ class Attention(nn.Module):
             )
         mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
         keys, values = k_BTKE, v_BTKE
-        implementation = self.implementation if kv_cache is None else "xla"
-        if self.has_variable("params", "prefix"):  # prefix tuning: P more keys and values
+        prefixed = self.has_variable("params", "prefix")
+        if prefixed:  # prefix tuning: P more keys and values
             prefix = self.get_variable("params", "prefix")
             keys, values, mask = _with_prefix(prefix, keys, values, mask)
-            implementation = "xla"
+        # The queries' own keys only (T == S): the one case the fused kernel and the hint serve.
+        own_keys = kv_cache is None and not prefixed
         out_BTHE = attention.attend(
             q_BTHE,
             keys.astype(q_BTHE.dtype),
             values.astype(q_BTHE.dtype),
             mask,
-            implementation=implementation,
-            causal=causal and not self.has_variable("params", "prefix") and kv_cache is None,
+            implementation=self.implementation if own_keys else "xla",
+            causal=causal and own_keys,
         )
         o_bias = self.use_bias if self.o_bias is None else self.o_bias
         y_BTD = dense(x_BTD.shape[-1], "o", o_bias)(out_BTHE.reshape(b, t, h * e), deterministic)
