@@ -220,8 +220,10 @@ def main_for(study: str, grid, *, per_job: int = 0, target_sets: Sequence[str] =
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         f = flags.FLAGS
         name, base = study_base(study, f.config, f.model, f.task, STUDY_CONFIGS)
-        if f.steps:
+        if f.steps and f.steps != base.train.num_steps:
+            # a longer or shorter budget is a different study, never a resume of this one
             base.train.num_steps = f.steps
+            name += f"_steps{f.steps}"
         name += "_alpha2r" if f.alpha_per_rank else ""
         if target_sets:
             by_short = {t.replace(",", ""): t for t in target_sets}
