@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- method ------------------------------------------------------------------------------
     # What is trained beside the head (lorax/methods.py): "lora" (a low-rank delta),
+    # "adalora" (LoRA in SVD form whose rank budget is reallocated while training),
     # "full" (every base leaf), "top_k_layers" (the last k layers), "bitfit" (the biases),
     # "adapter_houlsby" (bottlenecks after attention and MLP), "adapter_lin" (after the MLP),
     # "prefix" (key/value prefixes in every layer), "prompt" (a soft prompt before the input),
@@ -104,6 +105,16 @@ def get_config() -> ml_collections.ConfigDict:
     # per output column, m · (W0 + s·BA) / ‖W0 + s·BA‖ (PEFT's use_dora)
     c.lora.lr_ratio_b = 1.0  # LoRA+ (Hayou et al. 2024): the B factors' learning rate is this
     # many times the A factors' (their paper suggests 16); 1 = plain LoRA
+
+    # --- AdaLoRA (method == "adalora"; the lora section gives targets, initial rank, alpha) --
+    c.adalora = ml_collections.ConfigDict()
+    c.adalora.target_r = 2  # average rank per adapted kernel at the end of the budget schedule
+    c.adalora.tinit = 0  # steps before the first pruning
+    c.adalora.tfinal = 0  # last steps with the rank pattern fixed
+    c.adalora.delta_t = 1  # steps between two rank allocations
+    c.adalora.beta1 = 0.85  # EMA of the sensitivity |θ·∂L/∂θ|
+    c.adalora.beta2 = 0.85  # EMA of its uncertainty
+    c.adalora.orth_reg_weight = 0.5  # weight of ‖PᵀP − I‖ + ‖QQᵀ − I‖ in the loss
 
     # --- optimisation ------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import tqdm
 
-from lorax import evaluate, lora, methods, paths, quant, runfiles, sharding
+from lorax import adalora, evaluate, lora, methods, paths, quant, runfiles, sharding
 from lorax import setup as setup_lib
 from lorax import step as step_lib
 from lorax.checkpoints.state import Checkpointer, IncompatibleCheckpointError
@@ -65,11 +65,12 @@ class Stepper:
 
     def init_state(self) -> dict:
         trainable = {"delta": self.setup.delta, "head": self.setup.head}
-        return step_lib.initial_state(trainable, self.tx, self.setup.mesh)
+        return step_lib.initial_state(trainable, self.tx, self.setup.mesh, self.setup.method)
 
     def jit(self, state) -> None:
         """Jits the step for ``state``'s shapes and shardings (before the first batch)."""
-        fn = step_lib.make_train_step(self.forward, self.tx, setup_lib.train_sums(self.setup))
+        sums = setup_lib.train_sums(self.setup)
+        fn = step_lib.make_train_step(self.forward, self.tx, sums, self.setup.method)
         self._step = step_lib.jit_train_step(fn, self.setup.mesh, state, self.setup.frozen)
 
     def batch(self, step: int) -> tuple[Any, np.ndarray]:
@@ -432,6 +433,8 @@ def make_summary(
         # lora_params: the LoRA delta's size (0 for other methods); delta_params: the
         # trained tree of whichever method ran; head_params: train.trainable's leaves.
         "lora_params": lora.count(adapter["delta"]) if config.method == "lora" else 0,
+        # a method with its own state reports on it (AdaLoRA: the rank each kernel kept)
+        **(setup.method.summary(result.state["method"]) if "method" in result.state else {}),
         "delta_params": lora.count(adapter["delta"]),
         "head_params": lora.count(adapter["head"]),
         "base_params": setup.base_params,
@@ -490,5 +493,10 @@ def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
             os.path.join(workdir, "confusion_test.png"),
             f"test: accuracy {summary['test_accuracy']:.4f}, "
             f"macro-F1 {summary['test_macro_f1']:.4f}",
+        )  # fmt: skip
+    if summary.get("adalora_ranks"):
+        adalora.plot_ranks(
+            summary["adalora_ranks"], os.path.join(workdir, "adalora_ranks.png"),
+            f"AdaLoRA: final rank per kernel ({sum(summary['adalora_ranks'].values())} in all)",
         )  # fmt: skip
     runfiles.write_json_atomic(os.path.join(workdir, "summary.json"), summary)

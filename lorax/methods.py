@@ -13,6 +13,8 @@ trainable *delta* tree, and pure verbs
 and the optimizer is handed the delta (and the task head) alone. How each delta reaches the
 model:
 
+- **adalora**: LoRA's wrapped kernels with A = P·diag(λ); its regulariser and rank allocator
+  run in the train step through the ``penalty`` / ``init_state`` / ``after_update`` hooks.
 - **full / top_k_layers / bitfit** (*partial* methods): the delta holds fp32 copies of the
   chosen base leaves, which the base then drops (``replaces_base``); ``apply`` puts them back.
 - **adapter_houlsby / adapter_lin**: a :class:`Bottleneck` node replaces the kernel of the
@@ -40,11 +42,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax import lora, paths, quant
+from lorax import adalora, lora, paths, quant
 from lorax.kernels import ACTIVATIONS, Bottleneck
 
 METHODS = (
     "lora",
+    "adalora",
     "full",
     "top_k_layers",
     "bitfit",
@@ -82,6 +85,24 @@ class Method:
     def count(delta: Any) -> int:
         """Trainable parameters in a delta."""
         return lora.count(delta)
+
+    # A method that steers its own training (AdaLoRA) overrides these three.
+    def penalty(self, delta: Mapping[str, Any]) -> jax.Array | float:
+        """A term added to the training loss (a regulariser of the delta)."""
+        return 0.0
+
+    def init_state(self, delta: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The method's own state in the train state (``state["method"]``), or None."""
+        return None
+
+    def after_update(self, state, delta, grads, steps_taken) -> tuple[dict, dict]:
+        """``(delta, state)`` after each optimizer update (given the step's delta gradient
+        and the optimizer steps taken, this one included)."""
+        return delta, state
+
+    def summary(self, state) -> dict[str, Any]:
+        """What a run's summary.json records of the method's final state."""
+        return {}
 
 
 def _key(key: jax.Array, path: str) -> jax.Array:
@@ -122,6 +143,35 @@ class LoRA(Method):
 
     def merge(self, base, delta):
         return lora.merge(base, delta, self.spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaLoRA(Method):
+    """LoRA in SVD form with its rank budget reallocated while training (:mod:`lorax.adalora`)."""
+
+    spec: adalora.AdaSpec
+    name: str = "adalora"
+
+    def init(self, base, key):
+        return adalora.init(base, self.spec, key)
+
+    def apply(self, base, delta):
+        return adalora.wrap(base, delta, self.spec)
+
+    def merge(self, base, delta):
+        return adalora.merge(base, delta, self.spec)
+
+    def penalty(self, delta):
+        return adalora.orth_penalty(delta, self.spec.orth_reg_weight)
+
+    def init_state(self, delta):
+        return adalora.init_state(delta)
+
+    def after_update(self, state, delta, grads, steps_taken):
+        return adalora.allocate(self.spec, state, delta, grads, steps_taken)
+
+    def summary(self, state):
+        return {"adalora_ranks": adalora.ranks(state)}
 
 
 # --------------------------------------------------------------------------- partial methods
@@ -534,6 +584,8 @@ def from_config(config) -> Method:
         raise ValueError(f"method = {name!r} is not valid; choose one of {list(METHODS)}")
     if name == "lora":
         return LoRA(lora_spec(config.lora))
+    if name == "adalora":
+        return AdaLoRA(adalora.spec(lora_spec(config.lora), config.adalora, config.train))
     if name in ("full", "bitfit"):
         return Partial(name)
     if name == "top_k_layers":

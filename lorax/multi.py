@@ -63,6 +63,12 @@ def check_compatible(configs: Sequence[ml_collections.ConfigDict]) -> None:
     method, and for a method other than LoRA, one delta shape)."""
     if not configs:
         raise ValueError("a multi-adapter job needs at least one config")
+    if configs[0].method == "adalora":
+        raise ValueError(
+            "method = 'adalora' cannot run in a multi-adapter job (its rank allocator's state "
+            "is not carried by the job's step); train its runs one by one (lorax.train, or "
+            "experiments.methods, which does)"
+        )
     first = _flat_config(configs[0])
     allowed = {f.replace(".", "/") for f in PER_ADAPTER_FIELDS}
     for i, config in enumerate(configs):

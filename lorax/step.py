@@ -83,26 +83,41 @@ def make_optimizer(
 
 
 def make_train_step(
-    forward: Callable, tx: optax.GradientTransformation, sums_fn=evaluate.classification_sums
+    forward: Callable,
+    tx: optax.GradientTransformation,
+    sums_fn=evaluate.classification_sums,
+    method=None,
 ) -> Callable:
     """``train_step(state, frozen, batch, key) -> (state, metric sums)``, pure.
 
-    ``state`` is ``{"step", "trainable", "opt_state"}``. A step whose loss is not finite leaves
-    the state unchanged and reports ``nonfinite = 1``; the host decides whether to stop.
+    ``state`` is ``{"step", "trainable", "opt_state"}`` (and ``"method"``, the state of a
+    ``method`` that steers its own training: AdaLoRA's rank allocator, see
+    :class:`lorax.methods.Method`). The loss differentiated is the task's plus the method's
+    ``penalty``; the metrics report the task's. A step whose loss is not finite leaves the
+    state unchanged and reports ``nonfinite = 1``; the host decides whether to stop.
     """
 
     def loss_fn(trainable, frozen, batch, rng):
         logits = forward(trainable, frozen, batch, rng, True)
         sums = sums_fn(logits, batch)
-        return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
+        loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
+        if method is not None:
+            loss = loss + method.penalty(trainable["delta"])
+        return loss, sums
 
     def train_step(state, frozen, batch, key):
         rng = jax.random.fold_in(key, state["step"])
         grads, sums = jax.grad(loss_fn, has_aux=True)(state["trainable"], frozen, batch, rng)
 
-        def update(trainable, opt_state):
+        def update(trainable, opt_state, *method_state):
             updates, opt_state = tx.update(grads, opt_state, trainable)
-            return optax.apply_updates(trainable, updates), opt_state
+            trainable = optax.apply_updates(trainable, updates)
+            if not method_state:
+                return trainable, opt_state
+            delta, m = method.after_update(
+                method_state[0], trainable["delta"], grads["delta"], state["step"] + 1
+            )
+            return {**trainable, "delta": delta}, opt_state, m
 
         return next_state(state, update, sums)
 
@@ -110,9 +125,10 @@ def make_train_step(
 
 
 def next_state(state, update: Callable, sums) -> tuple[dict, dict]:
-    """The step's new state and metrics: ``update(trainable, opt_state) -> (trainable,
-    opt_state)`` applied where the loss is finite; a non-finite loss keeps the old trainable
-    tree and optimizer state (only the step count advances) and reports ``nonfinite = 1``.
+    """The step's new state and metrics: ``update(trainable, opt_state[, method]) ->
+    (trainable, opt_state[, method])`` applied where the loss is finite (``method`` where the
+    state has one); a non-finite loss keeps the old state (only the step count advances) and
+    reports ``nonfinite = 1``.
 
     The guard is a ``lax.cond``, not a ``jnp.where`` of the new and the old state: the select
     reads both copies of every parameter and optimizer moment once more after the update (a
@@ -122,10 +138,11 @@ def next_state(state, update: Callable, sums) -> tuple[dict, dict]:
     into that select, over the adapters' small trees.
     """
     finite = jnp.isfinite(sums["loss_sum"])
-    trainable, opt_state = jax.lax.cond(
-        finite, lambda a: update(*a), lambda a: a, (state["trainable"], state["opt_state"])
+    keys = ("trainable", "opt_state", "method") if "method" in state else ("trainable", "opt_state")
+    carried = jax.lax.cond(
+        finite, lambda a: tuple(update(*a)), lambda a: a, tuple(state[k] for k in keys)
     )
-    new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}
+    new_state = {"step": state["step"] + 1, **dict(zip(keys, carried, strict=True))}
     return new_state, {**sums, "nonfinite": 1.0 - finite.astype(jnp.float32)}
 
 
@@ -160,22 +177,27 @@ def jit_train_step(
     )
 
 
-def fresh_state(trainable: Any, tx: optax.GradientTransformation) -> dict[str, Any]:
-    """``{"step": 0, "trainable": trainable, "opt_state": tx.init(trainable)}``."""
-    return {
+def fresh_state(trainable: Any, tx: optax.GradientTransformation, method=None) -> dict[str, Any]:
+    """``{"step": 0, "trainable": trainable, "opt_state": tx.init(trainable)}``, and
+    ``"method"``: the method's own state, for a ``method`` that has one."""
+    state = {
         "step": jnp.zeros((), jnp.int32),
         "trainable": trainable,
         "opt_state": tx.init(trainable),
     }
+    own = None if method is None else method.init_state(trainable["delta"])
+    return state if own is None else {**state, "method": own}
 
 
-def initial_state(trainable: Any, tx: optax.GradientTransformation, mesh) -> dict[str, Any]:
-    """Step 0's ``{"step", "trainable", "opt_state"}`` for ``{"delta", "head"}``.
+def initial_state(
+    trainable: Any, tx: optax.GradientTransformation, mesh, method=None
+) -> dict[str, Any]:
+    """Step 0's ``{"step", "trainable", "opt_state"[, "method"]}`` for ``{"delta", "head"}``.
 
     Built by one jitted call straight into the shardings the rules give each leaf (Adam's
     moments beside the leaf they belong to), never whole on one device first.
     """
-    init = functools.partial(fresh_state, tx=tx)
+    init = functools.partial(fresh_state, tx=tx, method=method)
     shardings = sharding.tree_shardings(jax.eval_shape(init, trainable), mesh)
     return jax.jit(init, out_shardings=shardings)(trainable)
 

@@ -19,7 +19,15 @@ from lorax.checkpoints.state import Checkpointer
 from lorax.models import decoder, encoder
 
 # The methods whose untrained delta leaves the model's function as it was.
-IDENTITY_AT_INIT = ("lora", "full", "top_k_layers", "bitfit", "adapter_houlsby", "adapter_lin")
+IDENTITY_AT_INIT = (
+    "lora",
+    "adalora",
+    "full",
+    "top_k_layers",
+    "bitfit",
+    "adapter_houlsby",
+    "adapter_lin",
+)
 SMALL = {"top_k_layers.k": 1, "adapter.size": 4, "prefix.length": 3, "prefix.hidden": 16,
          "prompt.length": 3, "ptuning.length": 3, "ptuning.hidden": 16}  # fmt: skip
 

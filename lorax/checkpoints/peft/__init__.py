@@ -13,8 +13,12 @@ A factors along the rank axis and B is block-structured (q's rows 0:D under q's 
 k's rows D:2D, v's rows 2D:3D, zeros elsewhere), with each adapter's own scale folded into its
 B block and alpha chosen so that PEFT's scaling is 1. Import cuts B's rows back into three
 blocks, drops a block that is exactly zero, and gives each kept kernel the full A.
+
+AdaLoRA adapters (``peft_type = "ADALORA"``) have their own pair, :func:`export_adalora` and
+:func:`import_adalora` (:mod:`lorax.checkpoints.peft.adalora`).
 """
 
+from lorax.checkpoints.peft.adalora import export_adalora, import_adalora
 from lorax.checkpoints.peft.export import adapter_size_report, export_peft
 from lorax.checkpoints.peft.layout import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME
 from lorax.checkpoints.peft.load import import_peft, read_adapter_config
@@ -24,7 +28,9 @@ __all__ = [
     "KEY_PREFIX",
     "WEIGHTS_NAME",
     "adapter_size_report",
+    "export_adalora",
     "export_peft",
+    "import_adalora",
     "import_peft",
     "read_adapter_config",
 ]
