@@ -33,6 +33,17 @@ METHOD_RUNS: dict[str, dict[str, Any]] = {
     "qlora_bf16": {"method": "lora", "model.quantize": "nf4", "model.base_dtype": "bfloat16"},
     "dora": {"method": "lora", "lora.dora": True},  # LoRA's targets, rank and rate, + magnitudes
     "lora_plus": {"method": "lora", "lora.lr_ratio_b": 16.0},  # Hayou et al. 2024's suggestion
+    # AdaLoRA at LoRA's final budget: initial rank 6, pruned to an average of 4 per kernel
+    # (LoRA's r) over steps 20..160 of 200, every 10; orthogonality weight 0.1 (PEFT: 0.5)
+    "adalora": {
+        "method": "adalora",
+        "lora.rank": 6,
+        "adalora.target_r": 4,
+        "adalora.tinit": 20,
+        "adalora.tfinal": 40,
+        "adalora.delta_t": 10,
+        "adalora.orth_reg_weight": 0.1,
+    },
     "full": {"method": "full", "train.learning_rate": 5e-5},
     "top_k_layers": {"method": "top_k_layers", "top_k_layers.k": 2, "train.learning_rate": 1e-4},
     "bitfit": {"method": "bitfit", "train.learning_rate": 1e-3},
