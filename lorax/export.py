@@ -110,7 +110,8 @@ def base_name(config) -> str:
 def export_adapter(
     config, setup, trainable, out: str | os.PathLike, task_type: str = "auto"
 ) -> pathlib.Path:
-    """Writes the run's delta as a PEFT LoRA adapter directory; returns it.
+    """Writes the run's delta as a PEFT LoRA adapter directory (an AdaLoRA run's as a PEFT
+    AdaLoRA one); returns it.
 
     ``task_type="seq_cls"`` (a classification run with ``model.pooling="cls"``) writes it for
     ``BertForSequenceClassification``: module names under ``bert.``, the head as the
@@ -122,6 +123,14 @@ def export_adapter(
 
     if task_type not in TASK_TYPES:
         raise ValueError(f"--task_type={task_type!r} is not valid; choose one of {TASK_TYPES}")
+    if isinstance(setup.method, methods.AdaLoRA):  # PEFT's own AdaLoRA layout
+        if task_type == "seq_cls":
+            raise ValueError("--task_type=seq_cls is for LoRA runs; an AdaLoRA run exports "
+                             "its factors only (--task_type=auto)")  # fmt: skip
+        return peft.export_adalora(
+            trainable["delta"], setup.method.spec, setup.model.config, out,
+            base_model_name_or_path=base_name(config),
+        )  # fmt: skip
     if not isinstance(setup.method, methods.LoRA):
         raise ValueError(
             f"the run used method = {config.method!r}: there is no adapter to export; "

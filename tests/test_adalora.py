@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lorax import adalora, lora, multi, paths
+from lorax import adalora, export, lora, multi, paths, runs
 from lorax import train as train_lib
 from lorax.checkpoints import hf
 from lorax.checkpoints import peft as lpeft
@@ -217,6 +217,15 @@ def test_a_run_ends_at_the_target_budget_and_resumes_exactly(
     for key, e in paths.flatten(state["trainable"]["delta"]).items():
         if key.endswith("/e"):  # pruned exactly where the final mask says
             np.testing.assert_array_equal(np.asarray(e) != 0, np.asarray(masks[key]) > 0)
+    run_config, setup, trainable = runs.load_run(tmp_path / "whole")  # what lorax.export does
+    out = export.export_adapter(run_config, setup, trainable, tmp_path / "exported")
+    base = paths.unflatten(
+        {k: v for k, v in paths.flatten(setup.frozen).items() if k.startswith("encoder/")}
+    )
+    spec, back = lpeft.import_adalora(out, base, setup.model.config)  # pruned triplets dropped
+    merged = paths.flatten(adalora.merge(base, back, spec))
+    for key, w in paths.flatten(adalora.merge(base, trainable["delta"], setup.method.spec)).items():
+        np.testing.assert_allclose(merged[key], w, rtol=1e-6, atol=1e-7)
     train_until_interrupted(config, tmp_path / "cut", 4, monkeypatch)
     resumed = train_lib.train_and_evaluate(config, str(tmp_path / "cut"))
     assert resumed["resumed_from"] == 4 and resumed["adalora_ranks"] == ranks
