@@ -307,3 +307,44 @@ def test_adapter_trained_by_peft_imports_with_its_outputs(tmp_path, llama_dir): 
     spec, delta = lpeft.import_adalora(tmp_path, params, config)
     theirs = _theirs(model, ids.numpy())
     assert _max_diff(_ours(config, adalora.wrap(params, delta, spec), ids.numpy()), theirs) <= TOL
+
+
+SHARDED = r"""
+import sys
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+import jax
+assert jax.device_count() == 8, jax.devices()
+from helpers import tiny_config
+from lorax import train
+c = tiny_config({model!r}, {data!r}, method="adalora", **{{"mesh.data": 2, "mesh.fsdp": 2,
+                "mesh.tensor": 2, **{fields!r}}})
+train.train_and_evaluate(c, {out!r})
+"""
+
+
+@pytest.mark.slow
+def test_a_sharded_run_follows_the_one_device_run(tiny_model_dir, tiny_snli_dir, tmp_path):
+    """On 8 fake devices (data × fsdp × tensor = 2 × 2 × 2), the allocator's state sharded by
+    the same rules as the delta: the loss curve is the one-device curve within 1e-4 and the
+    final ranks are the same."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+    from tests.test_sharding import fake_devices, train_losses
+
+    fields = {"train.num_steps": 8, "lora.rank": 4, "adalora.target_r": 2, "adalora.tfinal": 2}
+    one = train_lib.train_and_evaluate(
+        tiny_config(tiny_model_dir, tiny_snli_dir, method="adalora", **fields),
+        str(tmp_path / "one"),
+    )
+    script = SHARDED.format(
+        repo=REPO, tests=os.path.dirname(__file__), model=str(tiny_model_dir),
+        data=str(tiny_snli_dir), fields=fields, out=str(tmp_path / "eight"),
+    )  # fmt: skip
+    subprocess.run([sys.executable, "-c", script], check=True, env=fake_devices(8), cwd=REPO)
+    eight = json.loads((tmp_path / "eight" / "summary.json").read_text())
+    assert eight["devices"] == 8 and eight["adalora_ranks"] == one["adalora_ranks"]
+    np.testing.assert_allclose(
+        train_losses(tmp_path / "eight"), train_losses(tmp_path / "one"), rtol=1e-4
+    )
