@@ -102,8 +102,10 @@ def methods_table(rows: list[dict]) -> str:
             values = [r[key] for r in runs if r.get(key) is not None]
             return f"{scale * statistics.median(values):.0f}" if values else "–"
 
+        kept = r0.get("adalora_kept_params")  # AdaLoRA: what its final ranks keep
+        params = f"{r0['delta_params']:,}" + (f" → {kept:,} kept" if kept else "")
         lines.append(
-            f"| {name} | {r0['delta_params']:,} (+ {r0['head_params']:,}) | {cell(runs)} "
+            f"| {name} | {params} (+ {r0['head_params']:,}) | {cell(runs)} "
             f"(n={len(runs)}) | {r0['base_bytes'] / 2**20:.0f} | "
             f"{median('step_memory_bytes', 2**-20)} | {median('step_seconds_median', 1e3)} | "
             f"{PAPER_TABLE2.get(name, '–')} |"

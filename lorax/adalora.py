@@ -300,6 +300,22 @@ def ranks(state: Mapping[str, Any]) -> dict[str, int]:
     return {p: int(np.sum(np.asarray(f["e"]))) for p, f in sorted(_factors(masks).items())}
 
 
+def kept_params(state: Mapping[str, Any]) -> int:
+    """Parameters of the kept triplets, Σ r_kept·(D + 1 + F): the delta's size at its final
+    ranks (what a PEFT export of it holds)."""
+    total = 0
+    for path, f in _factors(state["ipt"]).items():
+        kept = np.asarray(_factors(state["mask"])[path]["e"]).sum(axis=-1)
+        d, r = f["a"].shape[-2:]
+        total += int(np.sum(kept)) * (d + 1 + f["b"].shape[-1])
+    return total
+
+
+def summary(state: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run's summary.json records: ``adalora_ranks`` and ``adalora_kept_params``."""
+    return {"adalora_ranks": ranks(state), "adalora_kept_params": kept_params(state)}
+
+
 def rank_grid(ranks: Mapping[str, int]) -> tuple[list[str], list[int], np.ndarray]:
     """``(kernels, layers, grid [kernel, layer])`` of :func:`ranks`' output, a kernel named by
     its path inside a layer (``attn/q``); -1 where a layer does not adapt that kernel."""

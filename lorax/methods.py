@@ -171,7 +171,7 @@ class AdaLoRA(Method):
         return adalora.allocate(self.spec, state, delta, grads, steps_taken)
 
     def summary(self, state):
-        return {"adalora_ranks": adalora.ranks(state)}
+        return adalora.summary(state)
 
 
 # --------------------------------------------------------------------------- partial methods
