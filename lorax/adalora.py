@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax import lora, paths
+from lorax import lora, paths, runfiles
 from lorax.kernels import LoraWeight, merge_kernel
 
 PARTS = ("a", "e", "b")
@@ -335,8 +335,6 @@ def rank_grid(ranks: Mapping[str, int]) -> tuple[list[str], list[int], np.ndarra
 def plot_ranks(ranks: Mapping[str, int], path: str, title: str) -> None:
     """The final rank of every adapted kernel, kernels × layers (the AdaLoRA paper's Fig. 1
     view of where the budget went), as a PNG with the rank in each cell."""
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -353,7 +351,4 @@ def plot_ranks(ranks: Mapping[str, int], path: str, title: str) -> None:
             ax.text(j, i, str(r), ha="center", va="center", fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    runfiles.save_figure(fig, path)

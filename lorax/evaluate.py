@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Iterable, Mapping
 
 import jax
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lorax import sharding
+from lorax import runfiles, sharding
 
 Forward = Callable[..., jax.Array]  # (trainable, frozen, batch, rng, train) -> logits
 
@@ -244,7 +243,4 @@ def plot_confusion(confusion: list[list[int]], names: list[str], path: str, titl
             ax.text(j, i, str(n), ha="center", va="center", color=color, fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    runfiles.save_figure(fig, path)

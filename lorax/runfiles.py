@@ -57,6 +57,17 @@ def save_safetensors(
             os.remove(tmp)
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG through a temporary file and a rename; closes the figure."""
+    import matplotlib.pyplot as plt
+
+    path = os.fspath(path)
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def strict_json(obj: Any) -> Any:
     """``obj`` with every NaN or infinite float replaced by None (strict JSON has no such
     numbers); a dict gains ``"nonfinite": {dotted path: "nan" | "inf" | "-inf"}`` saying which
