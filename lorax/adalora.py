@@ -23,7 +23,10 @@ Training adds two things to LoRA's step, both inside the one compiled step:
 
 The schedule and the scores follow PEFT's ``RankAllocator`` (peft 0.21), with the step counted
 as optimizer steps taken (1 after the first), so a run with ``tfinal = 0`` ends at the target
-budget exactly.
+budget exactly. Two choices where PEFT leaves them to the training loop: the sensitivity uses
+the gradient before ``train.grad_clip`` (the paper's ``|θ·∇L|``; a PyTorch loop that clips in
+place would score the clipped one), and λ, a vector, gets no weight decay (lorax decays
+matrices only).
 """
 
 from __future__ import annotations
@@ -77,8 +80,10 @@ class AdaSpec:
         if self.lora.rslora or self.lora.dora:
             raise ValueError("AdaLoRA scales by alpha / r and has no magnitudes; set "
                              "lora.rslora = False and lora.dora = False")  # fmt: skip
-        if not isinstance(self.target_r, int) or self.target_r < 1:
-            raise bad("target_r", self.target_r, "an integer >= 1")
+        top = max(t.rank for t in self.lora.targets)
+        if not isinstance(self.target_r, int) or not 1 <= self.target_r <= top:
+            raise bad("target_r", self.target_r, f"an integer in [1, {top}] (the initial rank, "
+                      "lora.rank, that AdaLoRA prunes from)")  # fmt: skip
         for field in ("tinit", "tfinal"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
                 raise bad(field, getattr(self, field), "an integer >= 0")

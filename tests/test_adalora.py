@@ -193,6 +193,8 @@ def test_schedule_fields_are_checked_before_any_compute():
         _spec(delta_t=0)
     with pytest.raises(ValueError, match="adalora.beta1 = 1.0"):
         _spec(beta1=1.0)
+    with pytest.raises(ValueError, match=r"adalora.target_r = 5 .* in \[1, 4\]"):
+        _spec(target_r=5)
     with pytest.raises(ValueError, match="rslora"):
         adalora.AdaSpec(lora.make_spec("q", rank=2, alpha=2, rslora=True), 1, 10)
 
