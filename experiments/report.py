@@ -188,6 +188,25 @@ def curves(study_dir: str, rows: list[dict], path: str) -> bool:
     return drawn
 
 
+def adalora_ranks(study: str, rows: list[dict], out: str) -> list[str]:
+    """Where AdaLoRA's runs put their budget: each seed's final rank summed by kernel (q, v,
+    ...) and, for the first seed, the rank of every kernel as a PNG (layers × kernels)."""
+    from lorax import adalora
+
+    runs = [r for r in rows if r.get("adalora_ranks")]
+    if not runs:
+        return []
+    lines = ["AdaLoRA's final ranks, summed over layers:", ""]
+    for r in runs:
+        kernels, _, grid = adalora.rank_grid(r["adalora_ranks"])
+        sums = ", ".join(f"{k} {int(g[g >= 0].sum())}" for k, g in zip(kernels, grid, strict=True))
+        lines.append(f"- {r['name']}: {sums}")
+    png = os.path.join(out, f"{study}_adalora_ranks.png")
+    title = f"{study}, {runs[0]['name']}: final AdaLoRA rank per kernel"
+    adalora.plot_ranks(runs[0]["adalora_ranks"], png, title)
+    return [*lines, "", f"![{study} AdaLoRA ranks]({os.path.basename(png)})", ""]
+
+
 def report(root: str, out: str | None = None) -> str:
     """Writes report.md and the plots into ``out`` (default ``root``) for the studies under
     ``root``, copying each study's results.json there when ``out`` is another directory;
@@ -204,13 +223,13 @@ def report(root: str, out: str | None = None) -> str:
             continue
         platform = sorted({r["platform"] for r in rows})
         parts += [f"## {study}", "", f"{len(rows)} runs on {', '.join(platform)}.", ""]
-        if study.startswith("methods"):
-            parts += [methods_table(rows), ""]
-            continue
         os.makedirs(out, exist_ok=True)
         if os.path.abspath(out) != os.path.abspath(root):
             os.makedirs(os.path.join(out, study), exist_ok=True)
             shutil.copy(path, os.path.join(out, study, "results.json"))
+        if study.startswith("methods"):
+            parts += [methods_table(rows), "", *adalora_ranks(study, rows, out)]
+            continue
         parts.append(table5(rows) if study.startswith("table5") else table6(rows))
         png = os.path.join(out, f"{study}.png")
         plot(study, rows, png)

@@ -188,7 +188,7 @@ def collect(out: str, runs: Sequence[Run]) -> list[dict[str, Any]]:
             # newer summaries only (the method comparison's columns)
             **{k: s.get(k) for k in (
                 "method", "delta_params", "base_bytes", "step_memory_bytes", "step_seconds_median",
-                "adalora_kept_params",
+                "adalora_kept_params", "adalora_ranks",
             )},
         })  # fmt: skip
     return rows

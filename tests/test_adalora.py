@@ -350,3 +350,19 @@ def test_a_sharded_run_follows_the_one_device_run(tiny_model_dir, tiny_snli_dir,
     np.testing.assert_allclose(
         train_losses(tmp_path / "eight"), train_losses(tmp_path / "one"), rtol=1e-4
     )
+
+
+def test_report_shows_where_the_budget_went(tmp_path):
+    """experiments.report's methods section: each AdaLoRA seed's ranks summed by kernel and
+    the first seed's rank grid as a PNG."""
+    from experiments import report
+
+    ranks = {f"encoder/layers_{i}/attn/{k}/kernel": r for i, (q, v) in enumerate([(6, 2), (3, 5)])
+             for k, r in (("q", q), ("v", v))}  # fmt: skip
+    rows = [{"name": "lora_s0"}, {"name": "adalora_s0", "adalora_ranks": ranks}]
+    lines = report.adalora_ranks("methods_x", rows, str(tmp_path))
+    assert "- adalora_s0: attn/q 9, attn/v 7" in lines
+    assert (tmp_path / "methods_x_adalora_ranks.png").stat().st_size > 1000
+    kernels, layers, grid = adalora.rank_grid(ranks)
+    assert kernels == ["attn/q", "attn/v"] and layers == [0, 1]
+    np.testing.assert_array_equal(grid, [[6, 3], [2, 5]])
