@@ -142,7 +142,7 @@ def export_adapter(
                   modules_to_save=_sequence_classifier(config, setup, trainable))  # fmt: skip
     out = peft.export_peft(
         trainable["delta"], setup.method.spec, setup.model.config, out,
-        base_model_name_or_path=base_name(config), **kw,
+        base_model_name_or_path=base_name(config), base=setup.frozen, **kw,
     )  # fmt: skip
     if config.model.name in FROM_GGUF:
         (out / "README.md").write_text(

@@ -19,6 +19,7 @@ from tests.test_peft import (
     _ours,
     _theirs,
     _torch_model,
+    gpt2_dir,  # noqa: F401 -- fixture
     llama_dir,  # noqa: F401 -- fixture
     minilm,  # noqa: F401 -- fixture
 )
@@ -124,6 +125,47 @@ def test_dora_adapter_made_by_peft_imports_with_its_outputs(tmp_path, llama_dir)
     ids = _ids(vocab=config.vocab_size)
     spec, delta = lpeft.import_peft(tmp_path, params, config)
     assert spec.dora and "m" in delta["layers_0"]["attn"]["q"]["kernel"]
+    assert _max_diff(_ours(config, lora.wrap(params, delta, spec), ids), _theirs(model, ids)) <= TOL
+
+
+def test_gpt2_dora_on_q_v_exports_as_one_c_attn_and_back(tmp_path, gpt2_dir):  # noqa: F811
+    """GPT-2 DoRA on q and v: one fused c_attn DoRA adapter whose magnitude is q's, k's base
+    column norms and v's (the base is needed for k's, and asked for by name without it);
+    PeftModel's outputs are ours within 1e-4; imported, k (B zero, magnitude its base norms)
+    is dropped again and the outputs stay."""
+    config, base = hf.load_decoder(gpt2_dir)
+    spec = lora.make_spec("q,v", rank=4, alpha=8.0, dora=True)
+    delta = _random_dora(base, spec)
+    ids = _ids(vocab=config.vocab_size)
+    ours = _ours(config, lora.wrap(base, delta, spec), ids)
+    with pytest.raises(ValueError, match="magnitude of k is its base kernel's column norms"):
+        lpeft.export_peft(delta, spec, config, tmp_path / "no_base")
+    out = lpeft.export_peft(delta, spec, config, tmp_path / "adapter", base=base)
+    model = peft.PeftModel.from_pretrained(_torch_model(gpt2_dir, config), str(out)).eval()
+    assert _max_diff(ours, _theirs(model, ids)) <= TOL
+    spec2, delta2 = lpeft.import_peft(out, base, config)
+    assert sorted(paths.flatten(delta2)) == sorted(paths.flatten(delta))
+    assert _max_diff(_ours(config, lora.wrap(base, delta2, spec2), ids), ours) <= TOL
+
+
+def test_gpt2_dora_made_by_peft_imports_with_its_outputs(tmp_path, gpt2_dir):  # noqa: F811
+    """peft.get_peft_model(use_dora=True) on GPT-2's c_attn with B and magnitudes moved: every
+    block moved, so q, k and v import, and lorax gives PEFT's outputs within 1e-4."""
+    config, params = hf.load_decoder(gpt2_dir)
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], use_dora=True,
+                          fan_in_fan_out=True)  # fmt: skip
+    model = peft.get_peft_model(_torch_model(gpt2_dir, config), cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.2)
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.0 + 0.3 * torch.rand_like(p))
+    model.save_pretrained(str(tmp_path))
+    ids = _ids(vocab=config.vocab_size)
+    spec, delta = lpeft.import_peft(tmp_path, params, config)
+    assert {"q", "k", "v"} <= set(delta["layers_0"]["attn"])
     assert _max_diff(_ours(config, lora.wrap(params, delta, spec), ids), _theirs(model, ids)) <= TOL
 
 

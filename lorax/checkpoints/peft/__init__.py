@@ -12,7 +12,10 @@ the q/k/v adapters of a layer as one ``c_attn`` adapter of rank r_q + r_k + r_v:
 A factors along the rank axis and B is block-structured (q's rows 0:D under q's rank columns,
 k's rows D:2D, v's rows 2D:3D, zeros elsewhere), with each adapter's own scale folded into its
 B block and alpha chosen so that PEFT's scaling is 1. Import cuts B's rows back into three
-blocks, drops a block that is exactly zero, and gives each kept kernel the full A.
+blocks, drops a block that is exactly zero, and gives each kept kernel the full A. With DoRA
+the ``c_attn`` magnitude is the three kernels' end to end (an un-adapted kernel's is its base
+column norms, so export then needs the base); import cuts it the same way and drops a block
+only if its magnitude is also its base kernel's norms.
 
 AdaLoRA adapters (``peft_type = "ADALORA"``) have their own pair, :func:`export_adalora` and
 :func:`import_adalora` (:mod:`lorax.checkpoints.peft.adalora`).

@@ -137,6 +137,7 @@ def export_peft(
     module_prefix: str | None = None,
     task_type: str | None = "auto",
     modules_to_save: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    base: Mapping[str, Any] | None = None,
 ) -> pathlib.Path:
     """Writes ``delta`` as a PEFT LoRA adapter (DoRA's with ``spec.dora``: ``use_dora`` and
     each kernel's ``lora_magnitude_vector``) that ``PeftModel.from_pretrained`` loads.
@@ -156,6 +157,8 @@ def export_peft(
       modules_to_save: whole modules trained beside the adapter, by PyTorch module name, each
         ``{param name: array in PyTorch's layout}`` (e.g. ``{"classifier": {"weight": [C, D],
         "bias": [C]}}``): saved as PEFT saves ``modules_to_save`` and listed in the config.
+      base: the frozen params; needed only for DoRA on GPT-2's fused ``c_attn`` when some of
+        q, k, v are not adapted (their magnitudes are their base column norms).
 
     Returns:
       ``out_dir`` as a path. Tensors are written in fp32.
@@ -173,7 +176,10 @@ def export_peft(
     factors = _delta_factors(delta, spec, shapes, where)
     if not factors:
         raise ValueError("delta is empty: there is nothing to export")
-    modules = _peft_modules(factors, spec, names, prefix, gpt2, getattr(config, "hidden_size", 0))
+    d = getattr(config, "hidden_size", 0)
+    needed = base is not None and gpt2 and spec.dora  # the fused magnitudes' base norms
+    flat_base = paths.flatten(paths.unstack_layers(base)) if needed else None
+    modules = _peft_modules(factors, spec, names, prefix, gpt2, d, flat_base)
     target_modules, layers = _targets(set(modules), shapes, names, prefix, gpt2)
     task = default_task if task_type == "auto" else task_type
     peft_config = _adapter_config(modules, spec, target_modules, layers, gpt2, task)
@@ -205,24 +211,19 @@ def export_peft(
     return out
 
 
-def _peft_modules(factors, spec, names, prefix, gpt2, d) -> dict[str, tuple]:
-    """PEFT module name -> (A [R, D_in], B [D_out, R], rank, alpha), alpha chosen so PEFT's
-    scaling is ours; GPT-2's q, k, v factors are fused into one ``c_attn`` adapter."""
+def _peft_modules(factors, spec, names, prefix, gpt2, d, flat_base=None) -> dict[str, tuple]:
+    """PEFT module name -> (A [R, D_in], B [D_out, R], rank, alpha, magnitude or None), alpha
+    chosen so PEFT's scaling is ours; GPT-2's q, k, v factors are fused into one ``c_attn``
+    adapter (with DoRA, its magnitude the q, k, v ones end to end)."""
     modules: dict[str, tuple] = {}
     fused: dict[str, dict[str, tuple]] = collections.defaultdict(dict)
+    heads: dict[str, str] = {}  # fused module -> its layer's ".../attn/" path
     for path, (a, b, target, magnitude) in factors.items():
         m = layout.QKV_RE.match(path) if gpt2 else None
-        if m and magnitude is not None:
-            raise ValueError(
-                f"delta for {path}: DoRA on GPT-2's q, k, v (PEFT's fused c_attn) cannot be "
-                "exported yet; DoRA on o and the MLP kernels can"
-            )
         if m:
-            fused[layout.module_name(names, layout.fused(path, gpt2), prefix)][m["name"]] = (
-                a,
-                b,
-                target,
-            )
+            module = layout.module_name(names, layout.fused(path, gpt2), prefix)
+            fused[module][m["name"]] = (a, b, target, magnitude)
+            heads[module] = m["head"]
         else:  # same r and alpha as ours: PEFT's scaling formula is the same as lorax's
             module = layout.module_name(names, path, prefix)
             modules[module] = (a.T, b.T, target.rank, target.alpha, magnitude)
@@ -233,14 +234,36 @@ def _peft_modules(factors, spec, names, prefix, gpt2, d) -> dict[str, tuple]:
         b_FR = np.zeros((3 * d, r_total), np.float32)
         col = 0
         for n in order:
-            a, b, target = parts[n]
+            a, b, target, _ = parts[n]
             row = "qkv".index(n) * d
             # Each adapter's own scale goes into its block; alpha below makes PEFT's scaling 1.
             b_FR[row : row + d, col : col + a.shape[1]] = spec.scale(target) * b.T
             col += a.shape[1]
         alpha = math.sqrt(r_total) if spec.rslora else r_total
-        modules[module] = (a_RD, b_FR, r_total, alpha, None)
+        magnitude = _fused_magnitude(parts, heads[module], flat_base) if spec.dora else None
+        modules[module] = (a_RD, b_FR, r_total, alpha, magnitude)
     return modules
+
+
+def _fused_magnitude(parts, head: str, flat_base) -> np.ndarray:
+    """A DoRA ``c_attn``'s magnitude [3D]: each adapted block's own, an un-adapted block's
+    base column norms (its kernel unchanged, as DoRA starts). Each column of the fused kernel
+    lies in one block, so its norm is that block's: the fused module computes what the three
+    kernels do."""
+    blocks = []
+    for n in "qkv":
+        if n in parts:
+            blocks.append(parts[n][3])
+            continue
+        if flat_base is None:
+            raise ValueError(
+                f"DoRA on GPT-2's c_attn adapts {sorted(parts)} of {head}{{q,k,v}}: the "
+                f"magnitude of {n} is its base kernel's column norms; pass base= (the frozen "
+                "params) to export_peft"
+            )
+        w = np.asarray(jax.device_get(flat_base[f"{head}{n}/kernel"]), np.float32)
+        blocks.append(np.linalg.norm(w, axis=0))
+    return np.concatenate(blocks).astype(np.float32)
 
 
 def _targets(adapted: set[str], shapes, names, prefix, gpt2):

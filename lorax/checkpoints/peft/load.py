@@ -214,6 +214,25 @@ def import_peft(
     return spec, paths.unflatten({f"{p}/{k}": v for p, d in delta.items() for k, v in d.items()})
 
 
+def _split_c_attn(q_path, a_DR, b_RF, m_F, flat_base) -> dict[str, dict[str, np.ndarray]]:
+    """GPT-2's fused ``c_attn`` adapter as q, k, v adapters sharing its A: each B block (and
+    DoRA magnitude block), a block dropped when it changes nothing (B exactly zero and, with
+    DoRA, the magnitude its base kernel's column norms, as DoRA starts), unless none does."""
+    blocks = dict(zip("qkv", np.split(b_RF, 3, axis=1), strict=True))
+    mags = dict(zip("qkv", np.split(m_F, 3), strict=True)) if m_F is not None else {}
+    parts, kept = {}, {}
+    for n, b in blocks.items():
+        p = q_path.replace("/attn/q/", f"/attn/{n}/")
+        parts[p] = {"a": a_DR, "b": np.ascontiguousarray(b), **({"m": mags[n]} if mags else {})}
+        moved = bool(np.any(b))
+        if mags:
+            norms = np.linalg.norm(np.asarray(flat_base[p], np.float32), axis=0)
+            moved = moved or not np.allclose(mags[n], norms, rtol=1e-6, atol=0)
+        if moved:
+            kept[p] = parts[p]
+    return kept or parts
+
+
 def _import_factors(adapter_dir, factors, raw, config, flat_base, *, where, example):
     """``({kernel path: {"a", "b"}}, {kernel path: (rank, alpha)})`` from PEFT's factors,
     each checked against its base kernel (a GPT-2 ``c_attn`` split into q, k, v)."""
@@ -259,27 +278,21 @@ def _import_factors(adapter_dir, factors, raw, config, flat_base, *, where, exam
                 )
         a_DR = np.ascontiguousarray(np.asarray(a_RD, np.float32).T)
         b_RF = np.ascontiguousarray(np.asarray(b_FR, np.float32).T)
+        m_F = None
         if dora:
             key_m, m_F = factors[module]["M"]
-            if qkv:
-                raise ValueError(
-                    f"{adapter_dir}: {key_m!r}: DoRA on GPT-2's fused c_attn is not supported"
-                )
             if tuple(np.shape(m_F)) != (d_out,):
                 raise ValueError(
                     f"{adapter_dir}: {key_m!r} has shape {tuple(np.shape(m_F))}; the base "
                     f"kernel {fused_path} [{d_in}, {d_out}] needs ({d_out},)"
                 )
-            delta[path] = {"a": a_DR, "b": b_RF, "m": np.asarray(m_F, np.float32)}
-            sites[path] = (rank, alpha)
-            continue
+            m_F = np.asarray(m_F, np.float32)
         if qkv:
-            blocks = dict(zip("qkv", np.split(b_RF, 3, axis=1), strict=True))
-            kept = {n: blk for n, blk in blocks.items() if np.any(blk)} or blocks
-            for n, blk in kept.items():
-                p = path.replace("/attn/q/", f"/attn/{n}/")
-                delta[p] = {"a": a_DR, "b": np.ascontiguousarray(blk)}
-                sites[p] = (rank, alpha)
+            for p, part in _split_c_attn(path, a_DR, b_RF, m_F, flat_base).items():
+                delta[p], sites[p] = part, (rank, alpha)
+        elif dora:
+            delta[path] = {"a": a_DR, "b": b_RF, "m": m_F}
+            sites[path] = (rank, alpha)
         else:
             delta[path] = {"a": a_DR, "b": b_RF}
             sites[path] = (rank, alpha)
