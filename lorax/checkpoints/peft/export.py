@@ -157,8 +157,8 @@ def export_peft(
       modules_to_save: whole modules trained beside the adapter, by PyTorch module name, each
         ``{param name: array in PyTorch's layout}`` (e.g. ``{"classifier": {"weight": [C, D],
         "bias": [C]}}``): saved as PEFT saves ``modules_to_save`` and listed in the config.
-      base: the frozen params; needed only for DoRA on GPT-2's fused ``c_attn`` when some of
-        q, k, v are not adapted (their magnitudes are their base column norms).
+      base: the frozen params, for DoRA on GPT-2's fused ``c_attn`` with some of q, k, v not
+        adapted (their magnitudes are their base column norms); otherwise unused.
 
     Returns:
       ``out_dir`` as a path. Tensors are written in fp32.
@@ -176,9 +176,9 @@ def export_peft(
     factors = _delta_factors(delta, spec, shapes, where)
     if not factors:
         raise ValueError("delta is empty: there is nothing to export")
-    d = getattr(config, "hidden_size", 0)
     needed = base is not None and gpt2 and spec.dora  # the fused magnitudes' base norms
     flat_base = paths.flatten(paths.unstack_layers(base)) if needed else None
+    d = getattr(config, "hidden_size", 0)
     modules = _peft_modules(factors, spec, names, prefix, gpt2, d, flat_base)
     target_modules, layers = _targets(set(modules), shapes, names, prefix, gpt2)
     task = default_task if task_type == "auto" else task_type
@@ -194,16 +194,10 @@ def export_peft(
                 )
     for module in sorted(modules):
         a_RD, b_FR, _, _, magnitude = modules[module]
-        if magnitude is not None:
-            tensors[f"{layout.KEY_PREFIX}{module}.lora_magnitude_vector"] = np.ascontiguousarray(
-                magnitude, np.float32
-            )
-        tensors[f"{layout.KEY_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(
-            a_RD, np.float32
-        )
-        tensors[f"{layout.KEY_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(
-            b_FR, np.float32
-        )
+        parts = {"lora_A.weight": a_RD, "lora_B.weight": b_FR, "lora_magnitude_vector": magnitude}
+        for name, value in parts.items():
+            if value is not None:
+                tensors[f"{layout.KEY_PREFIX}{module}.{name}"] = np.ascontiguousarray(value, "f4")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / layout.CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
