@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import textwrap
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -346,7 +347,8 @@ def plot_ranks(ranks: Mapping[str, int], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     kernels, layers, grid = rank_grid(ranks)
-    fig, ax = plt.subplots(figsize=(min(1.0 + 0.5 * len(layers), 16), 1.2 + 0.45 * len(kernels)))
+    width = min(max(5.0, 1.0 + 0.5 * len(layers)), 16)
+    fig, ax = plt.subplots(figsize=(width, 1.4 + 0.45 * len(kernels)))
     ax.imshow(np.ma.masked_less(grid, 0), cmap="YlGn", vmin=0, aspect="auto")
     ax.set_xticks(range(len(layers)), [str(n) if n >= 0 else "-" for n in layers])
     ax.set_yticks(range(len(kernels)), kernels)
@@ -354,6 +356,6 @@ def plot_ranks(ranks: Mapping[str, int], path: str, title: str) -> None:
     for (i, j), r in np.ndenumerate(grid):
         if r >= 0:
             ax.text(j, i, str(r), ha="center", va="center", fontsize=8)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, int(width * 11)), fontsize=9)
     fig.tight_layout()
     runfiles.save_figure(fig, path)
