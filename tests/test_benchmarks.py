@@ -318,3 +318,22 @@ def test_peer_command_runs_on_cpu(commands):
     assert len(f["step_s_all"]) == 2 and f["tokens_per_s"] > 0 and math.isfinite(f["loss"])
     assert f["n_lora"] == 2 * (8 * (64 + 64) + 8 * (64 + 32))  # the same adapter as lorax's
     assert record["model"]["params"] == models.get("tiny").decoder_config().num_params()
+
+
+@pytest.mark.slow
+def test_methods_benchmark_times_each_method_in_rounds(tmp_path):
+    """benchmarks.methods on the real MiniLM-L6 and SNLI: each method's trainer step, set up
+    as experiments.methods trains it, timed over interleaved rounds, with its XLA memory;
+    the command appends its record and prints the table with the ratios."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.methods", "--methods=lora,adalora", "--steps=2",
+         "--rounds=2", "--batch=4", f"--results_dir={tmp_path}"],
+        check=True, capture_output=True, text=True, cwd=REPO,
+    ).stdout  # fmt: skip
+    assert "| adalora |" in out and "× lora" in out
+    (path,) = tmp_path.glob("*-methods-minilm-l6-snli.jsonl")
+    record = json.loads(path.read_text().splitlines()[-1])
+    for label in ("lora", "adalora"):
+        figures = record["methods"][label]
+        assert figures["steps_timed"] == 4 and figures["step_ms"] > 0
+        assert figures["step_memory_mib"] > 100  # the frozen MiniLM alone is 86 MiB
