@@ -108,26 +108,6 @@ def test_dora_export_loads_in_peft_with_our_outputs(tmp_path, family, request):
         assert _max_diff(scanned, ours) <= TOL
 
 
-def test_dora_adapter_made_by_peft_imports_with_its_outputs(tmp_path, llama_dir):  # noqa: F811
-    """peft.get_peft_model(use_dora=True), B and magnitudes moved, save_pretrained: imported,
-    the wrapped model gives PEFT's outputs within 1e-4."""
-    config, params = hf.load_decoder(llama_dir)
-    torch.manual_seed(0)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)
-    model = peft.get_peft_model(_torch_model(llama_dir, config), cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.2)
-            if "lora_magnitude_vector" in name:
-                p.mul_(1.0 + 0.3 * torch.rand_like(p))
-    model.save_pretrained(str(tmp_path))
-    ids = _ids(vocab=config.vocab_size)
-    spec, delta = lpeft.import_peft(tmp_path, params, config)
-    assert spec.dora and "m" in delta["layers_0"]["attn"]["q"]["kernel"]
-    assert _max_diff(_ours(config, lora.wrap(params, delta, spec), ids), _theirs(model, ids)) <= TOL
-
-
 def test_gpt2_dora_on_q_v_exports_as_one_c_attn_and_back(tmp_path, gpt2_dir):  # noqa: F811
     """GPT-2 DoRA on q and v: one fused c_attn DoRA adapter whose magnitude is q's, k's base
     column norms and v's (the base is needed for k's, and asked for by name without it);
@@ -148,14 +128,18 @@ def test_gpt2_dora_on_q_v_exports_as_one_c_attn_and_back(tmp_path, gpt2_dir):  #
     assert _max_diff(_ours(config, lora.wrap(base, delta2, spec2), ids), ours) <= TOL
 
 
-def test_gpt2_dora_made_by_peft_imports_with_its_outputs(tmp_path, gpt2_dir):  # noqa: F811
-    """peft.get_peft_model(use_dora=True) on GPT-2's c_attn with B and magnitudes moved: every
-    block moved, so q, k and v import, and lorax gives PEFT's outputs within 1e-4."""
-    config, params = hf.load_decoder(gpt2_dir)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_dora_adapter_made_by_peft_imports_with_its_outputs(tmp_path, family, request):
+    """peft.get_peft_model(use_dora=True) on Llama's q, v or GPT-2's fused c_attn, B and
+    magnitudes moved, save_pretrained: imported (GPT-2: every c_attn block moved, so q, k and
+    v), the wrapped model gives PEFT's outputs within 1e-4."""
+    directory = request.getfixturevalue(f"{family}_dir")
+    config, params = hf.load_decoder(directory)
     torch.manual_seed(0)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], use_dora=True,
-                          fan_in_fan_out=True)  # fmt: skip
-    model = peft.get_peft_model(_torch_model(gpt2_dir, config), cfg).eval()
+    targets = {"llama": dict(target_modules=["q_proj", "v_proj"]),
+               "gpt2": dict(target_modules=["c_attn"], fan_in_fan_out=True)}  # fmt: skip
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, **targets[family])
+    model = peft.get_peft_model(_torch_model(directory, config), cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -165,7 +149,8 @@ def test_gpt2_dora_made_by_peft_imports_with_its_outputs(tmp_path, gpt2_dir):  #
     model.save_pretrained(str(tmp_path))
     ids = _ids(vocab=config.vocab_size)
     spec, delta = lpeft.import_peft(tmp_path, params, config)
-    assert {"q", "k", "v"} <= set(delta["layers_0"]["attn"])
+    assert spec.dora and "m" in delta["layers_0"]["attn"]["q"]["kernel"]
+    assert set(delta["layers_0"]["attn"]) == ({"q", "v"} if family == "llama" else {"q", "k", "v"})
     assert _max_diff(_ours(config, lora.wrap(params, delta, spec), ids), _theirs(model, ids)) <= TOL
 
 
