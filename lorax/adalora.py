@@ -309,11 +309,10 @@ def ranks(state: Mapping[str, Any]) -> dict[str, int]:
 def kept_params(state: Mapping[str, Any]) -> int:
     """Parameters of the kept triplets, Σ r_kept·(D + 1 + F): the delta's size at its final
     ranks (what a PEFT export of it holds)."""
-    total = 0
+    masks, total = _factors(state["mask"]), 0
     for path, f in _factors(state["ipt"]).items():
-        kept = np.asarray(_factors(state["mask"])[path]["e"]).sum(axis=-1)
-        d, r = f["a"].shape[-2:]
-        total += int(np.sum(kept)) * (d + 1 + f["b"].shape[-1])
+        kept = int(np.sum(np.asarray(masks[path]["e"])))
+        total += kept * (f["a"].shape[-2] + 1 + f["b"].shape[-1])
     return total
 
 

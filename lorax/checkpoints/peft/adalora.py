@@ -151,7 +151,7 @@ def import_adalora(
         factors.setdefault(m["module"], {})[m["part"]] = np.asarray(value, np.float32)
     names, _, _, _ = layout.family(config)
     flat_base = paths.flatten(base)
-    where = _where(config, flat_base) if not any(p.startswith("layers_") for p in flat_base) else ""
+    where = _where(config, flat_base)
     init_r, alpha = int(raw["init_r"]), float(raw.get("lora_alpha", 8))
     pattern = {
         k.removeprefix(layout.KEY_PREFIX): v for k, v in (raw.get("rank_pattern") or {}).items()
