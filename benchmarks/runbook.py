@@ -36,8 +36,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from benchmarks import probe, runbook_report, runbook_steps
 from benchmarks import records as bench_records
-from benchmarks import runbook_report, runbook_steps
 
 # What a stock CUDA image holds (the GPU windows' machines; their full list is longer).
 STOCK = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "peft", "torch",
@@ -51,6 +51,7 @@ NOT_BROUGHT = ("datasets",)
 RECORDS = "records.jsonl"
 LOG = "log.txt"
 DONE = "ok"
+REDO = "redo"  # a marker line: the step's earlier 'ok' records no longer count as done
 
 
 class Store:
@@ -58,6 +59,7 @@ class Store:
 
     def __init__(self, out: str, profile: str):
         self.out, self.profile = out, profile
+        self.device = ""  # what this window runs on (window_device), stamped on each line
         self.path = os.path.join(out, RECORDS)
         os.makedirs(out, exist_ok=True)
         self.lines = []
@@ -76,7 +78,12 @@ class Store:
             )
 
     def done(self, key: str) -> bool:
-        return any(r["step"] == key and r["status"] == DONE for r in self.lines)
+        """An 'ok' record of ``key`` after its last :data:`REDO` marker."""
+        ok = False
+        for r in self.lines:
+            if r["step"] == key:
+                ok = r["status"] == DONE or (ok and r["status"] != REDO)
+        return ok
 
     def last(self, key: str) -> dict | None:
         tries = [r for r in self.lines if r["step"] == key]
@@ -154,12 +161,40 @@ def _tee(stream, log, tail: list[str]) -> None:
         del tail[:-200]
 
 
+def window_device(profile: runbook_steps.Profile) -> str:
+    """What this window runs on, without importing JAX: the GPUs' ``nvidia-smi`` names on a
+    GPU profile ("2 × NVIDIA H100 80GB HBM3" where several), "cpu" on the smoke profile."""
+    if not profile.gpu:
+        return "cpu"
+    names = [g.get("name") or g.get("error", "?") for g in probe.nvidia_smi()]
+    if not names:
+        return "unknown (no nvidia-smi)"
+    return names[0] if len(names) == 1 else f"{len(names)} × {names[0]}"
+
+
+def redo(store: Store, profile: runbook_steps.Profile, prefixes: Sequence[str], device: str):
+    """Marks every recorded step whose key starts with one of ``prefixes`` to be run again
+    (one :data:`REDO` line each, so a later window without ``--redo`` does not repeat it);
+    an unknown prefix is an error naming the step keys."""
+    keys = [s.key for s in runbook_steps.plan(profile)]
+    for prefix in prefixes:
+        if not any(k.startswith(prefix) for k in keys):
+            raise SystemExit(f"--redo={prefix}: no step key starts with it; keys: {keys}")
+    date = bench_records.now().isoformat(timespec="seconds")
+    for key in keys:
+        if store.done(key) and any(key.startswith(p) for p in prefixes):
+            store.append({"step": key, "profile": store.profile, "status": REDO, "date": date,
+                          "device": device})  # fmt: skip
+            print(f"== {key}: recorded, to be run again (--redo)", flush=True)
+
+
 def run_step(step: runbook_steps.Step, ctx: runbook_steps.Context, store: Store, est: float):
     """Runs one step (``ctx`` None: only its check) and appends its attempt to the store,
     except a 'not available' that repeats the last one; returns the status."""
     start, date = time.monotonic(), bench_records.now().isoformat(timespec="seconds")
     line: dict[str, Any] = {"step": step.key, "title": step.title, "profile": store.profile,
-                            "date": date, "estimate_s": round(est, 1)}  # fmt: skip
+                            "date": date, "device": store.device,
+                            "estimate_s": round(est, 1)}  # fmt: skip
     try:
         step.check()
         if ctx is None:
@@ -187,6 +222,10 @@ def run(args: argparse.Namespace) -> str:
     start = time.monotonic()
     profile = runbook_steps.PROFILES["smoke" if args.smoke else "gpu"]
     store = Store(args.out, profile.name)
+    store.device = window_device(profile)
+    print(f"== this window's device: {store.device}", flush=True)
+    if args.redo:
+        redo(store, profile, args.redo, store.device)
     scratch = args.scratch or os.path.join(tempfile.gettempdir(), "lorax-runbook")
     deadline = start + args.budget
     env = _environment(profile, scratch, args.with_wheels)
@@ -251,6 +290,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--with-wheels", default="", help="install these wheels first (offline)")
     p.add_argument("--wheels", default="", help="only download WHEELS into this directory")
     p.add_argument("--render", action="store_true", help="only render DIR's report")
+    p.add_argument("--redo", default="", type=lambda v: [k for k in v.split(",") if k],
+                   help="run these recorded steps again (step-key prefixes: 2/,3/)")  # fmt: skip
     args = p.parse_args(argv)
     if not args.wheels and not args.out:
         p.error("--out=DIR is required (or --wheels=DIR)")

@@ -50,12 +50,15 @@ def render(out: str) -> str:
     if not lines:
         return f"no run-book records in {out}"
     profile = runbook_steps.PROFILES[lines[0]["profile"]]
-    latest = {}  # step -> its last attempt, ok ones preferred
+    latest = {}  # step -> its last attempt, ok ones preferred, until a redo marker
     for line in lines:
-        if line["status"] == "ok" or latest.get(line["step"], {}).get("status") != "ok":
+        if line["status"] in ("ok", "redo") or latest.get(line["step"], {}).get("status") != "ok":
             latest[line["step"]] = line
     ok = {k: v["result"] for k, v in latest.items() if v["status"] == "ok"}
-    parts = [_device(profile, ok.get("1/device")), _steps(profile, latest)]
+    first = ok.get("1/device")
+    fallback = first["devices"]["kind"] if first else "not recorded"
+    devices = {k: v.get("device") or fallback for k, v in latest.items() if v["status"] == "ok"}
+    parts = [_device(profile, first), _steps(profile, latest, devices, fallback)]
     parts.append(_performance(out, profile))
     parts.append(_ab(latest))
     parts.append(_grid(ok.get("5/grid")))
@@ -77,16 +80,27 @@ def _device(profile, device: Mapping | None) -> str:
     )
 
 
-def _steps(profile, latest: Mapping[str, Mapping]) -> str:
-    rows = ["| step | status | seconds | estimate s |", "|---|---|---:|---:|"]
+def _steps(profile, latest: Mapping[str, Mapping], devices: Mapping[str, str], fallback) -> str:
+    """The status of every step, with the device of each ok one (lines written before the
+    run-book stamped devices take step 1's) and a warning where they ran on several."""
+    rows = ["| step | status | device | seconds | estimate s |", "|---|---|---|---:|---:|"]
     for step in runbook_steps.plan(profile):
         line = latest.get(step.key)
         if line is None:
-            rows.append(f"| {step.key} | not run | | {step.estimate_s:.0f} |")
+            rows.append(f"| {step.key} | not run | | | {step.estimate_s:.0f} |")
+            continue
+        if line["status"] == "redo":
+            rows.append(f"| {step.key} | recorded, to be run again (--redo) | | | |")
             continue
         status = line["status"] + (f": {line['reason']}" if line.get("reason") else "")
-        rows.append(f"| {step.key} | {status} | {line['seconds']:.0f} | "
-                    f"{line['estimate_s']:.0f} |")  # fmt: skip
+        rows.append(f"| {step.key} | {status} | {devices.get(step.key, '')} | "
+                    f"{line['seconds']:.0f} | {line['estimate_s']:.0f} |")  # fmt: skip
+    if len(set(devices.values())) > 1:
+        rows.append(
+            f"\n**The steps ran on {len(set(devices.values()))} devices** "
+            f"({', '.join(sorted(set(devices.values())))}): compare tokens/s only between steps "
+            "on one device; an A/B pair's on/off ratio is measured within its step."
+        )
     return "\n".join(rows)
 
 

@@ -244,3 +244,41 @@ def test_carried_wheels_are_installed_offline_for_the_steps(tmp_path, monkeypatc
     ]))  # fmt: skip
     (line,) = _records(tmp_path / "out")
     assert line["status"] == "ok" and line["result"] == {"value": 17}
+
+
+def test_each_record_names_its_device_and_redo_runs_recorded_steps_again(
+    tmp_path, monkeypatch, capsys
+):
+    """Every attempt records the window's device; ``--redo=PREFIX`` runs recorded steps again
+    once (a marker line, so the next window does not repeat them) and the report shows each
+    step's device, warning when the steps ran on more than one; an unknown prefix is named."""
+    out = tmp_path / "out"
+    _fake_plan(monkeypatch, [
+        runbook_steps.Step("a/kept", "sleeps 0 s", 1, _sleep(0)),
+        runbook_steps.Step("b/redone", "sleeps 0 s", 1, _sleep(0)),
+    ])  # fmt: skip
+    monkeypatch.setattr(runbook, "window_device", lambda profile: "GPU-A")
+    _run(out, 30, monkeypatch, tmp_path)
+    assert [(r["step"], r["device"]) for r in _records(out)] == [("a/kept", "GPU-A"),
+                                                                 ("b/redone", "GPU-A")]  # fmt: skip
+
+    monkeypatch.setattr(runbook, "window_device", lambda profile: "GPU-B")
+    args = [f"--out={out}", f"--scratch={tmp_path / 'scratch'}", "--budget=30", "--smoke"]
+    report = runbook.run(runbook.parse_args([*args, "--redo=b/"]))
+    lines = _records(out)
+    assert [(r["step"], r["status"], r["device"]) for r in lines[2:]] == [
+        ("b/redone", "redo", "GPU-B"), ("b/redone", "ok", "GPU-B")]  # fmt: skip
+    assert "| a/kept | ok | GPU-A |" in report and "| b/redone | ok | GPU-B |" in report
+    assert "ran on 2 devices" in report
+    runbook.run(runbook.parse_args(args))  # a later window without --redo: nothing to do
+    assert _records(out) == lines
+
+    store = runbook.Store(str(out), "smoke")
+    store.append({"step": "a/kept", "profile": "smoke", "status": runbook.REDO})
+    assert not store.done("a/kept") and "recorded, to be run again" in runbook_report.render(
+        str(out)
+    )
+    store.append({"step": "a/kept", "profile": "smoke", "status": "failed", "seconds": 1})
+    assert not store.done("a/kept") and store.done("b/redone")
+    with pytest.raises(SystemExit, match=r"--redo=c/: no step key starts with it.*a/kept"):
+        runbook.run(runbook.parse_args([*args, "--redo=c/"]))
