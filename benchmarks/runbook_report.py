@@ -58,7 +58,7 @@ def render(out: str) -> str:
     first = ok.get("1/device")
     fallback = first["devices"]["kind"] if first else "not recorded"
     devices = {k: v.get("device") or fallback for k, v in latest.items() if v["status"] == "ok"}
-    parts = [_device(profile, first), _steps(profile, latest, devices, fallback)]
+    parts = [_device(profile, first), _steps(profile, latest, devices)]
     parts.append(_performance(out, profile))
     parts.append(_ab(latest))
     parts.append(_grid(ok.get("5/grid")))
@@ -80,7 +80,7 @@ def _device(profile, device: Mapping | None) -> str:
     )
 
 
-def _steps(profile, latest: Mapping[str, Mapping], devices: Mapping[str, str], fallback) -> str:
+def _steps(profile, latest: Mapping[str, Mapping], devices: Mapping[str, str]) -> str:
     """The status of every step, with the device of each ok one (lines written before the
     run-book stamped devices take step 1's) and a warning where they ran on several."""
     rows = ["| step | status | device | seconds | estimate s |", "|---|---|---|---:|---:|"]
@@ -128,7 +128,7 @@ def _ab(latest: Mapping[str, Mapping]) -> str:
             "|---|---|---|---:|---:|---:|---|"]  # fmt: skip
     for line in lines:
         if line["status"] != "ok":
-            reason = line.get("reason") or line.get("error", "")[:120]
+            reason = line.get("reason") or line.get("error", "")[:120] or "to be run again"
             rows.append(f"| {line['step']} | | | | | | {line['status']}: {reason} |")
             continue
         r = line["result"]
