@@ -61,14 +61,15 @@ def one_device_mesh():
 
 
 def random_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A causal-LM batch of random tokens, every row one whole segment (no padding)."""
+    """A causal-LM batch of random tokens, every row one whole sequence (no packing, no
+    padding), so it carries no ``segment_ids``: the step attends causally with no mask array,
+    as PEFT's SDPA does with no attention mask."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32)
     return {
         "input_ids": ids[:, :-1],
         "targets": ids[:, 1:],
         "loss_mask": np.ones((batch, seq), np.float32),
-        "segment_ids": np.ones((batch, seq), np.int32),
         "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
     }
 

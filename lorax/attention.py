@@ -10,6 +10,10 @@ changes nothing in the result. XLA applies the hint too (as one more mask), so o
 ``tests/test_step_paths.py`` checks it against every mask the models build: a hint that
 were wrong for one of them would change that model's output.
 
+A causal-LM batch of whole rows (no ``segment_ids``: no packing, no padding) passes no mask at
+all, only the hint, which the fused kernel runs with no bias to read and no bias gradient to
+compute (JAX's cuDNN path computes one whenever a bias is given).
+
 ``model.attention`` chooses: ``"auto"`` takes cuDNN on a GPU where a probe of the model's own
 head shapes and dtype compiles and runs (forward and gradients), else XLA; ``"xla"`` and
 ``"cudnn"`` force one (``"cudnn"`` where it cannot run is an error naming why).
@@ -62,8 +66,9 @@ def choose(requested: str, dtype, num_heads: int, num_kv_heads: int, head_dim: i
 def _cudnn_unavailable(dtype: str, heads: int, kv_heads: int, head_dim: int) -> str | None:
     """Why cuDNN's fused attention cannot run these shapes here, or None when it can.
 
-    Cheap answers first (backend, dtype); then a probe: a 256-token causal and a padded
-    non-causal attention, forward and gradients, compiled and run once per shape.
+    Cheap answers first (backend, dtype); then a probe: a 256-token causal attention with a
+    mask and without one, and a padded non-causal one, forward and gradients, compiled and run
+    once per shape.
     """
     backend = jax.default_backend()
     if backend != "gpu":
@@ -81,7 +86,7 @@ def _cudnn_unavailable(dtype: str, heads: int, kv_heads: int, head_dim: int) -> 
 
     def loss(q, k, v):
         total = 0.0
-        for mask, is_causal in ((causal, True), (padded, False)):
+        for mask, is_causal in ((causal, True), (None, True), (padded, False)):
             out = attend(q, k, v, mask, implementation="cudnn", causal=is_causal)
             total = total + out.astype(jnp.float32).sum()
         return total

@@ -289,7 +289,8 @@ class Attention(nn.Module):
 
         Args:
           x_BTD: the layer input.
-          mask_BTS: which keys each query sees (S = T without a cache, the cache length with).
+          mask_BTS: which keys each query sees (S = T without a cache, the cache length with);
+            None: every key (with ``causal``: every earlier key).
           deterministic: False turns on LoRA dropout (from the "dropout" rng).
           rope: applied to (q, k) before attention (and before k enters the cache).
           kv_cache: ``(k_BSKE, v_BSKE, index)``: this call's keys and values are written at
@@ -325,6 +326,8 @@ class Attention(nn.Module):
         mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
         keys, values = k_BTKE, v_BTKE
         prefixed = self.has_variable("params", "prefix")
+        if mask is None and causal and prefixed:  # "causal, no mask" made explicit for the
+            mask = jnp.tril(jnp.ones((t, t), bool))[None, None]  # prefix columns to extend
         if prefixed:  # prefix tuning: P more keys and values
             prefix = self.get_variable("params", "prefix")
             keys, values, mask = _with_prefix(prefix, keys, values, mask)

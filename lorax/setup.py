@@ -252,7 +252,7 @@ def make_forward(
                 {"params": params},
                 batch["input_ids"],
                 batch["positions"],
-                decoder.causal_mask(batch["segment_ids"]),
+                _lm_mask(batch),
                 deterministic=not train,
                 logits=not chunk,
                 rngs=rngs,
@@ -276,6 +276,12 @@ def make_forward(
         )
 
     return forward
+
+
+def _lm_mask(batch: Mapping[str, Any]) -> jax.Array | None:
+    """A causal-LM batch's attention mask: from its ``segment_ids`` (packing, padding), or
+    None for a batch without them, every row one whole sequence (plain causal attention)."""
+    return decoder.causal_mask(batch["segment_ids"]) if "segment_ids" in batch else None
 
 
 def train_sums(setup: Setup) -> Callable:

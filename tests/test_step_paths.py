@@ -216,9 +216,46 @@ def test_the_nonfinite_guard_adds_no_pass_over_full_fine_tuning_state():
 
 def _full_forward(model):
     def forward(trainable, batch):
-        params = trainable["delta"]
-        mask = decoder.causal_mask(batch["segment_ids"])
-        out, _ = model.apply({"params": params}, batch["input_ids"], batch["positions"], mask)
+        params = trainable["delta"]  # a benchmark batch: whole rows, no mask (causal)
+        out, _ = model.apply({"params": params}, batch["input_ids"], batch["positions"], None)
         return out
 
     return forward
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt", "prefix"])
+@pytest.mark.parametrize("scan", [False, True])
+def test_no_mask_is_the_causal_mask_of_whole_rows(method, scan):
+    """A batch of whole rows passes no mask (the fused kernel's bias-free causal form): the
+    decoder's logits equal those with ``causal_mask`` of all-ones segments, with a soft prompt
+    or prefix keys too (each makes the causal mask explicit before extending it); the LM
+    forward of a run takes that path for a batch without ``segment_ids``; a cached decode
+    without its mask is refused."""
+    from lorax import methods
+    from lorax import setup as setup_lib
+
+    model = decoder.Decoder(_decoder(True), scan=scan)
+    b, t = 2, 9
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (b, t)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    whole = decoder.causal_mask(jnp.ones_like(ids))
+    base = model.init(jax.random.key(0), ids, positions, whole)["params"]
+    method_ = {
+        "lora": methods.LoRA(lora.make_spec(("q", "v"), rank=2, alpha=4.0)),
+        "prompt": methods.Prompt(length=3),
+        "prefix": methods.Prefix(length=3, reparam=False),
+    }[method]
+    delta = jax.tree_util.tree_map(lambda x: x + 0.3, method_.init(base, jax.random.key(1)))
+    variables = {"params": method_.apply(base, delta)}
+    want = model.apply(variables, ids, positions, whole)[0]
+    np.testing.assert_allclose(model.apply(variables, ids, positions, None)[0], want, atol=1e-6)
+    # and causal, not bidirectional: a changed last token leaves every earlier position's logits
+    changed = model.apply(variables, ids.at[:, -1].set((ids[:, -1] + 1) % VOCAB), positions, None)
+    np.testing.assert_allclose(changed[0][:, :-1], want[:, :-1], atol=1e-6)
+    assert float(jnp.max(jnp.abs(changed[0][:, -1] - want[:, -1]))) > 1e-3
+    assert setup_lib._lm_mask({"input_ids": ids}) is None
+    np.testing.assert_array_equal(setup_lib._lm_mask({"segment_ids": jnp.ones_like(ids)}), whole)
+    if method == "lora":
+        cache = decoder.init_cache(model.config, b, 16, jnp.float32)
+        with pytest.raises(ValueError, match="cached decode needs its mask_BTS"):
+            model.apply(variables, ids, positions, None, cache=cache)

@@ -433,6 +433,8 @@ def _with_prompt(prompt_PD, x_BTD, positions_BT, mask_BTS):
     """
     b, t, d = x_BTD.shape
     p = prompt_PD.shape[0]
+    if mask_BTS is None:  # whole rows: the causal mask made explicit, for the prompt to join
+        mask_BTS = causal_mask(jnp.ones((b, t), jnp.int32))
     prompt_BPD = jnp.broadcast_to(jnp.asarray(prompt_PD, x_BTD.dtype)[None], (b, p, d))
     positions = jnp.broadcast_to(jnp.arange(p, dtype=positions_BT.dtype), (b, p))
     top_BPS = jnp.concatenate(
@@ -447,9 +449,11 @@ def _with_prompt(prompt_PD, x_BTD, positions_BT, mask_BTS):
     )
 
 
-def _check_inputs(c: DecoderConfig, length: int, prompt: int, cached: bool) -> None:
-    """Raises for a soft prompt with a KV cache, or a sequence (prompt included) longer than
-    learned position embeddings reach."""
+def _check_inputs(c: DecoderConfig, length: int, prompt: int, cached: bool, no_mask: bool):
+    """Raises for a soft prompt with a KV cache, a cached decode without its mask, or a
+    sequence (prompt included) longer than learned position embeddings reach."""
+    if cached and no_mask:
+        raise ValueError("a cached decode needs its mask_BTS (decoder.cache_mask)")
     if prompt and cached:
         raise ValueError(
             "a soft prompt (method 'prompt' or 'ptuning') is not supported with a KV cache; "
@@ -496,7 +500,8 @@ class Decoder(nn.Module):
           input_ids_BT: token ids.
           positions_BT: each token's position (restarting per packed segment; for a cached
             decode, the absolute position).
-          mask_BTS: from :func:`causal_mask` (training, scoring) or :func:`cache_mask`.
+          mask_BTS: from :func:`causal_mask` (training, scoring) or :func:`cache_mask`; None:
+            rows of one whole sequence each, causal with no mask array (:mod:`lorax.attention`).
           cache: from :func:`init_cache`; this call's keys and values are written at
             ``cache["index"]``, which advances by T.
           deterministic: False turns on dropout and LoRA dropout ("dropout" rng).
@@ -508,7 +513,7 @@ class Decoder(nn.Module):
             self.get_variable("params", "prompt") if self.has_variable("params", "prompt") else None
         )
         p = 0 if prompt_PD is None else prompt_PD.shape[0]
-        _check_inputs(c, input_ids_BT.shape[1], p, cache is not None)
+        _check_inputs(c, input_ids_BT.shape[1], p, cache is not None, mask_BTS is None)
         embed = _Embeddings(c, self.dtype, name="embed")
         x_BTD = embed(input_ids_BT, positions_BT + p)
         if p:
