@@ -12,7 +12,7 @@ were wrong for one of them would change that model's output.
 
 A causal-LM batch of whole rows (no ``segment_ids``: no packing, no padding) passes no mask at
 all, only the hint, which the fused kernel runs with no bias to read and no bias gradient to
-compute (JAX's cuDNN path computes one whenever a bias is given).
+compute (JAX 0.10's cuDNN path, `should_export_dbias`, computes one whenever a bias is given).
 
 ``model.attention`` chooses: ``"auto"`` takes cuDNN on a GPU where a probe of the model's own
 head shapes and dtype compiles and runs (forward and gradients), else XLA; ``"xla"`` and
