@@ -114,24 +114,29 @@ def _without_hint(monkeypatch):
     monkeypatch.setattr(attention, "attend", attend)
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt", "prefix"])
-def test_the_causal_hint_agrees_with_every_decoder_mask(method, monkeypatch):
-    """XLA applies ``is_causal`` as one more mask, so a hint that did not hold for a mask the
-    decoder builds (packed segments, padding, a soft prompt, prefix keys) would change the
-    output; with and without the hint the logits are equal."""
+def _trained(method: str, base) -> dict:
+    """``base`` with a LoRA, soft-prompt or prefix delta of nonzero values applied."""
     from lorax import methods
 
-    model = decoder.Decoder(_decoder(False))
-    batch = _packed_batch()
-    mask = decoder.causal_mask(batch["segment_ids"])
-    base = model.init(jax.random.key(0), batch["input_ids"], batch["positions"], mask)["params"]
     method_ = {
         "lora": methods.LoRA(lora.make_spec(("q", "v"), rank=2, alpha=4.0)),
         "prompt": methods.Prompt(length=3),
         "prefix": methods.Prefix(length=3, reparam=False),
     }[method]
     delta = jax.tree_util.tree_map(lambda x: x + 0.3, method_.init(base, jax.random.key(1)))
-    params = method_.apply(base, delta)
+    return method_.apply(base, delta)
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt", "prefix"])
+def test_the_causal_hint_agrees_with_every_decoder_mask(method, monkeypatch):
+    """XLA applies ``is_causal`` as one more mask, so a hint that did not hold for a mask the
+    decoder builds (packed segments, padding, a soft prompt, prefix keys) would change the
+    output; with and without the hint the logits are equal."""
+    model = decoder.Decoder(_decoder(False))
+    batch = _packed_batch()
+    mask = decoder.causal_mask(batch["segment_ids"])
+    base = model.init(jax.random.key(0), batch["input_ids"], batch["positions"], mask)["params"]
+    params = _trained(method, base)
     args = ({"params": params}, batch["input_ids"], batch["positions"], mask)
     with_hint = model.apply(*args)[0]
     _without_hint(monkeypatch)
@@ -231,7 +236,6 @@ def test_no_mask_is_the_causal_mask_of_whole_rows(method, scan):
     or prefix keys too (each makes the causal mask explicit before extending it); the LM
     forward of a run takes that path for a batch without ``segment_ids``; a cached decode
     without its mask is refused."""
-    from lorax import methods
     from lorax import setup as setup_lib
 
     model = decoder.Decoder(_decoder(True), scan=scan)
@@ -240,13 +244,7 @@ def test_no_mask_is_the_causal_mask_of_whole_rows(method, scan):
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     whole = decoder.causal_mask(jnp.ones_like(ids))
     base = model.init(jax.random.key(0), ids, positions, whole)["params"]
-    method_ = {
-        "lora": methods.LoRA(lora.make_spec(("q", "v"), rank=2, alpha=4.0)),
-        "prompt": methods.Prompt(length=3),
-        "prefix": methods.Prefix(length=3, reparam=False),
-    }[method]
-    delta = jax.tree_util.tree_map(lambda x: x + 0.3, method_.init(base, jax.random.key(1)))
-    variables = {"params": method_.apply(base, delta)}
+    variables = {"params": _trained(method, base)}
     want = model.apply(variables, ids, positions, whole)[0]
     np.testing.assert_allclose(model.apply(variables, ids, positions, None)[0], want, atol=1e-6)
     # and causal, not bidirectional: a changed last token leaves every earlier position's logits
