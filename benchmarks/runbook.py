@@ -57,9 +57,9 @@ REDO = "redo"  # a marker line: the step's earlier 'ok' records no longer count 
 class Store:
     """The run-book's records in DIR: one JSON line per attempt at a step."""
 
-    def __init__(self, out: str, profile: str):
+    def __init__(self, out: str, profile: str, device: str = ""):
         self.out, self.profile = out, profile
-        self.device = ""  # what this window runs on (window_device), stamped on each line
+        self.device = device  # what this window runs on (window_device), stamped on each line
         self.path = os.path.join(out, RECORDS)
         os.makedirs(out, exist_ok=True)
         self.lines = []
@@ -172,7 +172,7 @@ def window_device(profile: runbook_steps.Profile) -> str:
     return names[0] if len(names) == 1 else f"{len(names)} × {names[0]}"
 
 
-def redo(store: Store, profile: runbook_steps.Profile, prefixes: Sequence[str], device: str):
+def redo(store: Store, profile: runbook_steps.Profile, prefixes: Sequence[str]):
     """Marks every recorded step whose key starts with one of ``prefixes`` to be run again
     (one :data:`REDO` line each, so a later window without ``--redo`` does not repeat it);
     an unknown prefix is an error naming the step keys."""
@@ -184,7 +184,7 @@ def redo(store: Store, profile: runbook_steps.Profile, prefixes: Sequence[str], 
     for key in keys:
         if store.done(key) and any(key.startswith(p) for p in prefixes):
             store.append({"step": key, "profile": store.profile, "status": REDO, "date": date,
-                          "device": device})  # fmt: skip
+                          "device": store.device})  # fmt: skip
             print(f"== {key}: recorded, to be run again (--redo)", flush=True)
 
 
@@ -221,11 +221,10 @@ def run(args: argparse.Namespace) -> str:
     report."""
     start = time.monotonic()
     profile = runbook_steps.PROFILES["smoke" if args.smoke else "gpu"]
-    store = Store(args.out, profile.name)
-    store.device = window_device(profile)
+    store = Store(args.out, profile.name, window_device(profile))
     print(f"== this window's device: {store.device}", flush=True)
     if args.redo:
-        redo(store, profile, args.redo, store.device)
+        redo(store, profile, args.redo)
     scratch = args.scratch or os.path.join(tempfile.gettempdir(), "lorax-runbook")
     deadline = start + args.budget
     env = _environment(profile, scratch, args.with_wheels)
