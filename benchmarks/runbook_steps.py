@@ -59,7 +59,18 @@ class ABPair:
 # both kernels explicitly, so the pair measures the same thing whatever the defaults become.
 AB_PAIRS: tuple[ABPair, ...] = (
     ABPair("cudnn attention", ("--attention=cudnn",), ("--attention=xla",), gpu_only=True),
-    ABPair("chunked lm loss", ("--loss-chunk=64",), ("--loss-chunk=0",), gpu_only=True),
+    ABPair(
+        "chunked lm loss",
+        ("--loss-chunk=64", "--loss-grad=forward"),
+        ("--loss-chunk=0",),
+        gpu_only=True,
+    ),  # fmt: skip
+    ABPair(
+        "lm loss gradient in forward",
+        ("--loss-chunk=64", "--loss-grad=forward"),
+        ("--loss-chunk=64", "--loss-grad=recompute"),
+        gpu_only=True,
+    ),  # fmt: skip
     ABPair("scan over layers", ("--scan",)),
     ABPair("remat each layer", ("--remat",)),
 )

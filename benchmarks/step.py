@@ -127,6 +127,7 @@ def build_step(
     config=None,
     key: jax.Array | None = None,
     loss_chunk: int = 0,
+    loss_grad: str = "forward",
 ) -> Step:
     """The jitted train step of ``mode`` (see the module doc) and its arguments.
 
@@ -141,6 +142,7 @@ def build_step(
       config: the optimiser config (default :func:`optimizer_config`).
       key: PRNG key of the init.
       loss_chunk: positions per chunk of the LM loss (0: dense logits).
+      loss_grad: how the chunks give the hidden states' gradient (``evaluate.LOSS_GRADS``).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
@@ -150,7 +152,7 @@ def build_step(
     def setup(frozen, method, delta):  # base_params (0) only feeds a run's summary
         return setup_lib.Setup(model=model, kind="lm", method=method, frozen=frozen, head={},
                                delta=delta, task=None, mesh=mesh, base_params=0,
-                               loss_chunk=loss_chunk)  # fmt: skip
+                               loss_chunk=loss_chunk, loss_grad=loss_grad)  # fmt: skip
 
     def single(s: setup_lib.Setup, forward, n_lora):
         """lorax.train's own step: optimizer, pure step, state and jit with shardings."""
@@ -304,7 +306,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = {}
     for mode in modes:
         step = build_step(mode, bench, model, batch, mesh=mesh, base_dtype=dtype,
-                          adapters=args.multi or 1, loss_chunk=loss_chunk)  # fmt: skip
+                          adapters=args.multi or 1, loss_chunk=loss_chunk,
+                          loss_grad=args.loss_grad)  # fmt: skip
         timed = time_step(step, args.warmup, args.steps)
         per_token = models.flops_per_token(config, t, step.n_lora)
         name = f"multi x{args.multi}" if mode == "multi" else mode
@@ -391,6 +394,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=-1,
         help="positions per chunk of the LM loss, as model.loss_chunk (-1 auto, 0 dense logits)",
     )
+    p.add_argument("--loss-grad", default="forward", choices=evaluate.LOSS_GRADS,
+                   help="the chunks' hidden-state gradient, as model.loss_grad")  # fmt: skip
     p.add_argument("--peak-size", type=int, default=0,
                    help="n of the n×n×n matmul peak (0: 8192 on GPU, 512 elsewhere)")  # fmt: skip
     p.add_argument("--results-dir", default=records.RESULTS_DIR)

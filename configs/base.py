@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.loss_chunk = -1  # causal LMs: positions per chunk of the output layer + loss, so
     # no [B, T, V] logits are held; 0 = dense logits, -1 = auto (chunks on a GPU when a batch's
     # fp32 logits would reach 1 GiB; dense on a CPU)
+    c.model.loss_grad = "forward"  # chunked LM loss: "forward" takes the hidden states'
+    # gradient while each chunk's logits are at hand; "recompute" recomputes them in the
+    # backward pass (one more output-layer matmul; lorax/evaluate.py Hidden)
     c.model.quantize = ""  # QLoRA base: "" (none), "nf4" or "int8" attention and MLP kernels,
     # dequantized inside each matmul (lorax/quant.py); needs method = "lora"
     c.model.quant_block = 64  # weights per absmax scale in the quantized kernels (even)

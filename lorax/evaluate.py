@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Mapping
 
 import jax
@@ -63,23 +64,37 @@ class Hidden:
     """A causal LM's final hidden states and its output layer, in place of [B, T, V] logits.
 
     :func:`lm_sums` and :func:`choice_sums` take it wherever they take logits. From it they
-    compute each position's target log-probability and argmax ``chunk`` positions at a time,
-    each chunk under ``jax.checkpoint``: no pass holds more than [B, chunk, V] logits, where
-    the dense path writes fp32 [B, T, V] logits (3.3 GB for GPT-2 at 16×1024) and reads them
-    again for the log-softmax, the gather, the argmax and the backward pass. The price is one
-    more output-layer matmul (the backward recomputes each chunk's logits).
+    compute each position's target log-probability and argmax ``chunk`` positions at a time:
+    no pass holds more than [B, chunk, V] logits, where the dense path writes fp32 [B, T, V]
+    logits (3.3 GB for GPT-2 at 16×1024) and reads them again for the log-softmax, the
+    gather, the argmax and the backward pass. How the hidden states get their gradient:
+
+    - ``grad="forward"``: while a chunk's logits are at hand, its forward pass also computes
+      d log p(target) / d hidden (``(onehot − softmax)`` through the output layer's VJP) and
+      keeps that [B, chunk, D]; the backward pass only scales it by each position's
+      cotangent. Output-layer matmuls: as many as dense logits (forward, input gradient).
+      A trained output layer (full fine-tuning, a LoRA on the head) gets its gradient from
+      each chunk's logits recomputed in the backward pass; where nothing is trained there,
+      XLA drops that work.
+    - ``grad="recompute"``: each chunk under ``jax.checkpoint``; the backward pass recomputes
+      its logits, one more output-layer matmul than dense logits.
 
     Attributes:
       hidden_BTD: the final hidden states (after the final norm).
-      project: ``(x_BCD, i) -> logits_BCV`` for chunk ``i`` (``i`` keys its dropout).
+      project: ``(x_BCD, i) -> logits_BCV`` for chunk ``i`` (``i`` keys its dropout); it must
+        act on each position alone (a dense output layer, dropout), as the forward-grad path
+        scales each position's gradient by its own cotangent.
       chunk: positions per chunk.
+      grad: "forward" or "recompute" (:data:`LOSS_GRADS`).
     """
 
     hidden_BTD: jax.Array
     project: Callable[[jax.Array, jax.Array], jax.Array]
     chunk: int
+    grad: str = "forward"
 
 
+LOSS_GRADS = ("forward", "recompute")  # model.loss_grad: see Hidden
 LOSS_CHUNK_BYTES = 256 << 20  # fp32 logits per chunk that "auto" aims for
 LOSS_CHUNK_FROM = 1 << 30  # "auto" chunks where a batch's fp32 logits would reach this
 
@@ -113,27 +128,91 @@ def _target_stats(out: jax.Array | Hidden, targets_BT: jax.Array) -> tuple[jax.A
 
 
 def _chunked_target_stats(out: Hidden, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    if out.grad not in LOSS_GRADS:
+        raise ValueError(f"model.loss_grad = {out.grad!r}; choose one of {list(LOSS_GRADS)}")
     b, t, d = out.hidden_BTD.shape
     c = max(1, min(out.chunk, t))
     n = -(-t // c)
     x_BTD = jnp.pad(out.hidden_BTD, ((0, 0), (0, n * c - t), (0, 0)))
     y_BT = jnp.pad(targets_BT, ((0, 0), (0, n * c - t)))
+    i_N = jnp.arange(n)
+    x_NBCD = x_BTD.reshape(b, n, c, d).swapaxes(0, 1)
+    y_NBC = y_BT.reshape(b, n, c).swapaxes(0, 1)
+    if out.grad == "forward":
+        # The output layer with what it closes over (params, the dropout key) as arguments,
+        # so the custom VJP below can differentiate them.
+        project, consts = jax.closure_convert(out.project, x_NBCD[0], i_N[0])
+        stats = _chunks_grad_in_forward(project, i_N, x_NBCD, y_NBC, *consts)
+    else:
+        stats = jax.lax.map(jax.checkpoint(lambda a: _chunk_stats(out.project(a[1], a[0]), a[2])),
+                            (i_N, x_NBCD, y_NBC))  # fmt: skip
+    return tuple(a.swapaxes(0, 1).reshape(b, n * c)[:, :t] for a in stats)
 
-    @jax.checkpoint
+
+def _chunk_stats(logits_BCV: jax.Array, y_BC: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(log p(target) in fp32, argmax) of one chunk's logits."""
+    logits_BCV = logits_BCV.astype(jnp.float32)
+    target_BC = jnp.take_along_axis(logits_BCV, y_BC[..., None], axis=-1)[..., 0]
+    return target_BC - jax.nn.logsumexp(logits_BCV, axis=-1), jnp.argmax(logits_BCV, -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunks_grad_in_forward(project, i_N, x_NBCD, y_NBC, *consts):
+    """Each chunk's (log p(target), argmax): ``project(x_BCD, i, *consts)`` are its logits.
+    Undifferentiated (evaluation) it is this plain loop; its VJP is :func:`_grad_fwd` and
+    :func:`_grad_bwd`."""
+    return jax.lax.map(lambda a: _chunk_stats(project(a[1], a[0], *consts), a[2]),
+                       (i_N, x_NBCD, y_NBC))  # fmt: skip
+
+
+def _grad_fwd(project, i_N, x_NBCD, y_NBC, *consts):
+    """The chunks' stats and, per chunk, d log p(target) / d x [B, C, D] (in x's dtype)."""
+
     def one(args):
         i, x_BCD, y_BC = args
-        logits_BCV = out.project(x_BCD, i).astype(jnp.float32)
-        target_BC = jnp.take_along_axis(logits_BCV, y_BC[..., None], axis=-1)[..., 0]
-        logp_BC = target_BC - jax.nn.logsumexp(logits_BCV, axis=-1)
-        return logp_BC, jnp.argmax(logits_BCV, -1)
+        logits_BCV, vjp = jax.vjp(lambda x: project(x, i, *consts), x_BCD)
+        logp_BC, pred_BC = _chunk_stats(logits_BCV, y_BC)
+        logits32 = logits_BCV.astype(jnp.float32)
+        softmax_BCV = jnp.exp(logits32 - jax.nn.logsumexp(logits32, -1, keepdims=True))
+        dlogp_BCV = jax.nn.one_hot(y_BC, logits32.shape[-1], dtype=jnp.float32) - softmax_BCV
+        (dx_BCD,) = vjp(dlogp_BCV.astype(logits_BCV.dtype))
+        return logp_BC, pred_BC, dx_BCD
 
-    chunks = (
-        jnp.arange(n),
-        x_BTD.reshape(b, n, c, d).swapaxes(0, 1),
-        y_BT.reshape(b, n, c).swapaxes(0, 1),
-    )
-    logp_NBC, pred_NBC = jax.lax.map(one, chunks)
-    return tuple(a.swapaxes(0, 1).reshape(b, n * c)[:, :t] for a in (logp_NBC, pred_NBC))
+    logp, pred, dx_NBCD = jax.lax.map(one, (i_N, x_NBCD, y_NBC))
+    return (logp, pred), (dx_NBCD, i_N, x_NBCD, y_NBC, consts)
+
+
+def _grad_bwd(project, residuals, cotangents):
+    """x's cotangent: the forward's per-position gradient times that position's cotangent.
+    The floating consts' (a trained output layer): each chunk's logits recomputed, their VJP
+    summed in fp32 over the chunks (unused, and so dropped by XLA, when nothing there trains)."""
+    dx_NBCD, i_N, x_NBCD, y_NBC, consts = residuals
+    g_NBC = cotangents[0]
+    ct_x = (g_NBC[..., None] * dx_NBCD.astype(jnp.float32)).astype(x_NBCD.dtype)
+    trained = [jnp.issubdtype(c.dtype, jnp.inexact) for c in consts]
+
+    def body(acc, args):
+        i, x_BCD, y_BC, g_BC = args
+
+        def logp(floats):
+            it = iter(floats)
+            cs = [next(it) if f else c for c, f in zip(consts, trained, strict=True)]
+            return _chunk_stats(project(x_BCD, i, *cs), y_BC)[0]
+
+        _, vjp = jax.vjp(logp, [c for c, f in zip(consts, trained, strict=True) if f])
+        (d,) = vjp(g_BC)
+        return [a + b.astype(jnp.float32) for a, b in zip(acc, d, strict=True)], None
+
+    zeros = [jnp.zeros(c.shape, jnp.float32) for c, f in zip(consts, trained, strict=True) if f]
+    sums, _ = jax.lax.scan(body, zeros, (i_N, x_NBCD, y_NBC, g_NBC))
+    it = iter(sums)
+    ct_consts = [
+        next(it).astype(c.dtype) if f else None for c, f in zip(consts, trained, strict=True)
+    ]
+    return (None, ct_x, None, *ct_consts)
+
+
+_chunks_grad_in_forward.defvjp(_grad_fwd, _grad_bwd)
 
 
 def lm_sums(logits_BTV: jax.Array | Hidden, batch: Mapping[str, jax.Array]) -> dict:

@@ -467,6 +467,7 @@ def make_summary(
         # the kernels model.attention and model.loss_chunk resolved to on this backend
         "attention_kernel": getattr(setup.model, "attention", "xla"),
         "loss_chunk": setup.loss_chunk,
+        "loss_grad": setup.loss_grad if setup.loss_chunk else None,
         "data_counts": dict(setup.task.counts),
         "config": json.loads(config.to_json_best_effort()),
     }

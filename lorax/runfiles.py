@@ -136,6 +136,7 @@ class MetricsLog:
 RESULT_NEUTRAL = (
     "model/attention",
     "model/loss_chunk",
+    "model/loss_grad",
     "log_every",
     "eval_every",
     "eval_batch_size",

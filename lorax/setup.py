@@ -47,6 +47,7 @@ class Setup:
     base_params: int  # parameters of the pretrained base model
     tokenizer: Any = None
     loss_chunk: int = 0  # causal LMs: positions per chunk of the LM loss (0: dense logits)
+    loss_grad: str = "forward"  # how the chunks give the hidden states' gradient (evaluate.Hidden)
 
     @property
     def pad_id(self) -> int:
@@ -156,6 +157,8 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
     device first. ``with_task=False`` skips the data (export, generation).
     """
     check_numbers(config)
+    loss_grad = choice(config.model.get("loss_grad", "forward"), set(evaluate.LOSS_GRADS),
+                       "model.loss_grad")  # fmt: skip
     choice(config.model.dtype, DTYPES, "model.dtype")
     base_dtype = choice(config.model.base_dtype, DTYPES, "model.base_dtype")
     mesh = sharding.mesh_from_config(config.mesh)
@@ -220,8 +223,9 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
             model_config.vocab_size,
         )
     return Setup(
-        model, kind, method, frozen, head, delta, task, mesh, base_params, tokenizer, loss_chunk
-    )
+        model, kind, method, frozen, head, delta, task, mesh, base_params, tokenizer, loss_chunk,
+        loss_grad,
+    )  # fmt: skip
 
 
 def make_forward(
@@ -265,7 +269,7 @@ def make_forward(
                 variables = {"params": params}
                 return model.apply(variables, x_BCD, not train, method="project", rngs=r)
 
-            return evaluate.Hidden(out, project, chunk)
+            return evaluate.Hidden(out, project, chunk, setup.loss_grad)
         return model.apply(
             {"params": params},
             batch["input_ids"],

@@ -46,7 +46,12 @@ def test_smoke_runs_every_step_then_a_second_run_skips_them(tmp_path):
     status = {r["step"]: r["status"] for r in lines}
     keys = [s.key for s in runbook_steps.plan(runbook_steps.PROFILES["smoke"])]
     assert list(status) == keys
-    gpu_only = [k for k in keys if k.startswith(("4/ab/cudnn-attention/", "4/ab/chunked-lm-loss/"))]
+    gpu_pairs = tuple(
+        f"4/ab/{'-'.join(p.name.split())}/" for p in runbook_steps.AB_PAIRS if p.gpu_only
+    )
+    # cuDNN attention, the chunked loss, its gradient in the forward pass
+    assert len(gpu_pairs) == 3
+    gpu_only = [k for k in keys if k.startswith(gpu_pairs)]
     assert gpu_only and all(status[k] == "not available" for k in gpu_only)
     assert {k: v for k, v in status.items() if not k.startswith("6/") and k not in gpu_only} == (
         dict.fromkeys([k for k in keys if not k.startswith("6/") and k not in gpu_only], "ok")

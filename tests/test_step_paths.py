@@ -44,7 +44,7 @@ def _packed_batch(b=3, t=13, seed=0) -> dict:
     }
 
 
-def _forward(model, chunk):
+def _forward(model, chunk, grad="forward"):
     def forward(params, batch):
         mask = decoder.causal_mask(batch["segment_ids"])
         args = ({"params": params}, batch["input_ids"], batch["positions"], mask)
@@ -55,16 +55,18 @@ def _forward(model, chunk):
         def project(x, i):
             return model.apply({"params": params}, x, method="project")
 
-        return evaluate.Hidden(out, project, chunk)
+        return evaluate.Hidden(out, project, chunk, grad)
 
     return forward
 
 
+@pytest.mark.parametrize("grad", evaluate.LOSS_GRADS)
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("chunk", [4, 13])
-def test_chunked_lm_loss_equals_dense_logits_with_gradients(tied, chunk):
+def test_chunked_lm_loss_equals_dense_logits_with_gradients(tied, chunk, grad):
     """Loss, accuracy and the gradient of every parameter (output layer, tied table, LoRA
-    factors) are the dense path's, for chunks that do and do not divide T."""
+    factors) are the dense path's, for chunks that do and do not divide T, with the hidden
+    states' gradient taken in the forward pass or recomputed."""
     config = _decoder(tied)
     model = decoder.Decoder(config)
     batch = _packed_batch()
@@ -76,7 +78,8 @@ def test_chunked_lm_loss_equals_dense_logits_with_gradients(tied, chunk):
     delta = jax.tree_util.tree_map(lambda x: x + 0.1, delta)  # B != 0: the branch counts
 
     def loss(base, delta, chunk):
-        sums = evaluate.lm_sums(_forward(model, chunk)(lora.wrap(base, delta, spec), batch), batch)
+        forward = _forward(model, chunk, grad)
+        sums = evaluate.lm_sums(forward(lora.wrap(base, delta, spec), batch), batch)
         return sums["loss_sum"] / sums["count"], sums
 
     (want, want_sums), want_grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(base, delta, 0)
@@ -89,6 +92,60 @@ def test_chunked_lm_loss_equals_dense_logits_with_gradients(tied, chunk):
     for g, w in zip(leaves(got_grads), leaves(want_grads), strict=True):
         # fp32 sums in another order: equal to ~1e-6 of the leaf's largest entry
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(np.abs(w).max()))
+
+
+def _lora_lm(t: int):
+    """A tied tiny decoder, a packed batch of T = ``t``, its base and a LoRA (q, v) on it."""
+    model = decoder.Decoder(_decoder(True))
+    batch = _packed_batch(b=3, t=t)
+    mask = decoder.causal_mask(batch["segment_ids"])
+    base = model.init(jax.random.key(0), batch["input_ids"], batch["positions"], mask)["params"]
+    spec = lora.make_spec(("q", "v"), rank=2, alpha=4.0)
+    return model, batch, base, spec, lora.init(base, spec, jax.random.key(1))
+
+
+def test_the_gradient_in_the_forward_pass_saves_one_output_matmul_per_chunk():
+    """XLA's cost analysis of loss-and-gradient (as the train step takes them), chunks of 8
+    of 32 positions: training LoRA alone, taking the hidden states' gradient in the forward
+    pass spares one output-layer matmul per chunk (the recomputed logits; cost analysis
+    counts a loop body once); training the tied table too, both paths recompute the logits
+    for its gradient and cost the same to within elementwise work."""
+    model, batch, base, spec, delta = _lora_lm(t=32)
+
+    def flops(grad, argnums):
+        def loss(base, delta):
+            params = lora.wrap(base, delta, spec)
+            return evaluate.lm_sums(_forward(model, 8, grad)(params, batch), batch)["loss_sum"]
+
+        step = jax.jit(jax.value_and_grad(loss, argnums)).lower(base, delta).compile()
+        return bench_step.xla_flops(step)
+
+    matmul = 2 * 3 * 8 * 32 * VOCAB  # one chunk's [3, 8, 32] @ [32, V]
+    lora_only = flops("recompute", (1,)) - flops("forward", (1,))
+    assert 0.8 * matmul < lora_only < 1.1 * matmul, lora_only / matmul
+    with_table = flops("recompute", (0, 1)) - flops("forward", (0, 1))
+    assert abs(with_table) < 0.3 * matmul, with_table / matmul
+
+
+def test_the_gradient_in_the_forward_pass_under_vmap_is_each_adapters():
+    """K adapters at once (multi-adapter jobs vmap the step): each adapter's loss and LoRA
+    gradient from the forward-gradient chunks equal its own run's with dense logits."""
+    model, batch, base, spec, delta = _lora_lm(t=13)
+    deltas = [jax.tree_util.tree_map(lambda x, k=k: x + 0.1 * (k + 1), delta) for k in range(2)]
+
+    def loss(delta, chunk):
+        out = _forward(model, chunk)(lora.wrap(base, delta, spec), batch)
+        return evaluate.lm_sums(out, batch)["loss_sum"]
+
+    stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *deltas)
+    got, got_grads = jax.vmap(jax.value_and_grad(loss), (0, None))(stacked, 4)
+    for k, d in enumerate(deltas):
+        want, want_grads = jax.value_and_grad(loss)(d, 0)
+        np.testing.assert_allclose(got[k], want, rtol=1e-6)
+        for g, w in zip(
+            jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads), strict=True
+        ):
+            np.testing.assert_allclose(g[k], w, rtol=1e-4, atol=1e-5 * float(np.abs(w).max()))
 
 
 def test_chunked_choice_scores_equal_dense_logits():

@@ -208,6 +208,7 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(tiny_model_dir, tiny_snli
         ({"task.name": "mnli"}, "task.name = 'mnli' is not a known task"),
         ({"method": "prefix_tuning"}, "method = 'prefix_tuning' is not valid"),
         ({"model.dtype": "float16"}, "model.dtype = 'float16' is not valid"),
+        ({"model.loss_grad": "fused"}, "model.loss_grad = .fused. is not valid; choose one of"),
         ({"model.name": "no-such-model"}, "no-such-model"),
     ],
 )

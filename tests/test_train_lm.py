@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 
 from experiments.sweep import apply_overrides
 from lorax import assets, checkpoints, generate, lora, paths
+from lorax import evaluate as evaluate_lib
 from lorax import setup as setup_lib
 from lorax import train as train_lib
 from lorax.checkpoints import hf
@@ -145,17 +146,26 @@ def test_the_chunked_lm_loss_trains_and_scores_like_dense_logits(
     tiny_gpt2_dir, tiny_snli_dir, tmp_path
 ):
     """model.loss_chunk = 7 (96-token rows: chunks that do not divide them) gives the dense
-    logits' loss curve, and the same scored-choice test accuracy and loss."""
+    logits' loss curve, and the same scored-choice test accuracy and loss, whether the
+    chunks take the hidden states' gradient in the forward pass or recompute their logits."""
     over = {"task.name": "snli_text", "task.data": str(tiny_snli_dir), "train.num_steps": 4,
             "task.validation_size": 30, "task.buckets": (64, 128), "checkpoint_every": 0,
             "task.max_test_examples": 24}  # fmt: skip
     summaries = {}
-    for chunk in (0, 7):
-        config = lm_config(tiny_gpt2_dir, **over, **{"model.loss_chunk": chunk})
-        summaries[chunk] = train_lib.train_and_evaluate(config, str(tmp_path / f"c{chunk}"))
-    np.testing.assert_allclose(_losses(tmp_path / "c7"), _losses(tmp_path / "c0"), rtol=1e-5)
-    assert summaries[7]["test_accuracy"] == summaries[0]["test_accuracy"]
-    np.testing.assert_allclose(summaries[7]["test_loss"], summaries[0]["test_loss"], rtol=1e-5)
+    for chunk, grad in ((0, "forward"), (7, "forward"), (7, "recompute")):
+        fields = {"model.loss_chunk": chunk, "model.loss_grad": grad}
+        config = lm_config(tiny_gpt2_dir, **over, **fields)
+        summaries[chunk, grad] = train_lib.train_and_evaluate(
+            config, str(tmp_path / f"{chunk}{grad}")
+        )
+    dense = summaries[0, "forward"]
+    for grad in evaluate_lib.LOSS_GRADS:
+        np.testing.assert_allclose(
+            _losses(tmp_path / f"7{grad}"), _losses(tmp_path / "0forward"), rtol=1e-5
+        )
+        assert summaries[7, grad]["test_accuracy"] == dense["test_accuracy"]
+        np.testing.assert_allclose(summaries[7, grad]["test_loss"], dense["test_loss"], rtol=1e-5)
+        assert summaries[7, grad]["loss_grad"] == grad
 
 
 @pytest.mark.slow
