@@ -1,4 +1,5 @@
-"""The matrix products in a compiled step's HLO text: their shapes and FLOPs.
+"""A compiled step's HLO text: its matrix products (shapes, FLOPs) and each instruction's
+JAX ``op_name``.
 
 For the CPU tests: on CPU, XLA keeps every matrix product a ``dot`` instruction (on GPU most
 become cuBLAS custom calls, which this does not read). Instruction names are unique in an HLO
@@ -15,6 +16,8 @@ _DEF_RE = re.compile(r"%([\w.\-]+) = \w+\[([\d,]*)\]")
 _DOT_RE = re.compile(r"%([\w.\-]+) = \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)(.*)$")
 _DIMS_RE = r"{}=\{{([\d,]*)\}}"
 _OP_NAME_RE = re.compile(r'op_name="([^"]*)"')
+_INSTRUCTION_RE = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ")
+_OPERAND_RE = re.compile(r"%([\w.\-]+)")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -66,6 +69,35 @@ def dots(hlo_text: str) -> list[Dot]:
             )
         )
     return out
+
+
+def op_names(hlo_text: str) -> dict[str, tuple[str, bool]]:
+    """Each instruction's JAX ``op_name`` (from its metadata) and whether it is inherited, by
+    instruction name. An instruction XLA added itself (a layout copy, a convert) has none of
+    its own; it inherits that of the first instruction that reads it and has one (so a copy
+    feeding a matmul counts with that matmul's part of the model)."""
+    names, readers = {}, {}
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION_RE.match(line)
+        if not match:
+            continue
+        found = _OP_NAME_RE.search(line)
+        args = line[match.end() :].split(" calls=", 1)[0]
+        readers[match.group(1)] = (found.group(1) if found else None, _OPERAND_RE.findall(args))
+    for name, (op_name, _) in readers.items():
+        if op_name:
+            names[name] = (op_name, False)
+    for _ in range(4):  # chains of added instructions: a convert into a copy into a dot
+        added = {}
+        for name, (_, operands) in readers.items():
+            reader = names.get(name)
+            for operand in operands if reader else ():
+                if operand in readers and operand not in names:
+                    added.setdefault(operand, (reader[0], True))
+        if not added:
+            break
+        names.update(added)
+    return names
 
 
 def weight_gradients(hlo_text: str, kernel_shapes: set[tuple[int, int]], tokens: int) -> list[Dot]:

@@ -288,7 +288,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scratch", default="", help="by-products (default: $TMPDIR/lorax-runbook)")
     p.add_argument("--with-wheels", default="", help="install these wheels first (offline)")
     p.add_argument("--wheels", default="", help="only download WHEELS into this directory")
-    p.add_argument("--render", action="store_true", help="only render DIR's report")
+    p.add_argument("--render", action="store_true", help="only render DIR/report.md")
     p.add_argument("--redo", default="", type=lambda v: [k for k in v.split(",") if k],
                    help="run these recorded steps again (step-key prefixes: 2/,3/)")  # fmt: skip
     args = p.parse_args(argv)
@@ -301,8 +301,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
     if args.wheels:
         return "\n".join(download_wheels(args.wheels))
-    if args.render:
+    if args.render:  # what a run writes at its end, from the records alone
         report = runbook_report.render(args.out)
+        with open(os.path.join(args.out, runbook_report.REPORT), "w") as f:
+            f.write(report)
         print(report)
         return report
     return run(args)

@@ -61,6 +61,7 @@ def render(out: str) -> str:
     parts = [_device(profile, first), _steps(profile, latest, devices)]
     parts.append(_performance(out, profile))
     parts.append(_ab(latest))
+    parts.append(_profiles({k: v for k, v in ok.items() if k.startswith("4/profile/")}))
     parts.append(_grid(ok.get("5/grid")))
     parts.append(_table5({k: v for k, v in ok.items() if k.startswith("6/")}))
     return "\n\n".join(p for p in parts if p) + "\n"
@@ -120,7 +121,7 @@ def _performance(out: str, profile) -> str:
 
 
 def _ab(latest: Mapping[str, Mapping]) -> str:
-    lines = [v for k, v in latest.items() if k.startswith("4/")]
+    lines = [v for k, v in latest.items() if k.startswith("4/ab")]
     if not lines:
         return ""
     rows = ["#### Step 4: speed paths against their fallbacks", "",
@@ -137,6 +138,29 @@ def _ab(latest: Mapping[str, Mapping]) -> str:
             rows.append(f"| {r['pair']} | {r['model']} | {mode} | "
                         f"{_f(on['tokens_per_s'], ',.0f')} | {_f(off['tokens_per_s'], ',.0f')}"
                         f" | {_f(ratio, '.2f')} | ok |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def _profiles(profiles: Mapping[str, Mapping], parts: int = 12) -> str:
+    """Step 4's profiles: the device's busy time against the wall clock, by kind of work,
+    and the heaviest (pass, part of the model) groups."""
+    if not profiles:
+        return ""
+    rows = ["#### Step 4: where the LoRA step's time goes (default kernels, traced steps)", "",
+            "| model | attention | loss chunk / gradient | tokens/s | wall ms | device busy ms "
+            "| busy | by kind |", "|---|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for r in profiles.values():
+        p, a = r["profile"], r["args"]
+        kinds = "; ".join(f"{k} {v['share']:.0%}" for k, v in p["by_kind"].items())
+        rows.append(f"| {r['model']} | {a.get('attention_kernel')} | "
+                    f"{a.get('loss_chunk_positions')} / {a.get('loss_grad')} | "
+                    f"{r['tokens_per_s']:,.0f} | {p['wall_ms']:.1f} | {p['busy_ms']:.1f} | "
+                    f"{_f(p['busy_fraction'], '.0%')} | {kinds} |")  # fmt: skip
+    rows += ["", "| model | pass | part | ms per step | share of busy |", "|---|---|---|---:|---:|"]
+    for r in profiles.values():
+        for g in r["profile"]["by_part"][:parts]:
+            rows.append(f"| {r['model']} | {g['pass']} | {g['part']} | {g['ms']:.2f} | "
+                        f"{g['share']:.1%} |")  # fmt: skip
     return "\n".join(rows)
 
 

@@ -57,23 +57,23 @@ class ABPair:
 # The speed paths to A/B (step 4). To add one: give benchmarks.step a flag that selects it
 # and add ABPair(name, (flags turning it on...), (its fallback's flags...)). Each side names
 # both kernels explicitly, so the pair measures the same thing whatever the defaults become.
+CUDNN = ABPair("cudnn attention", ("--attention=cudnn",), ("--attention=xla",), gpu_only=True)
+CHUNKED = ABPair("chunked lm loss", ("--loss-chunk=64", "--loss-grad=forward"),
+                 ("--loss-chunk=0",), gpu_only=True)  # fmt: skip
+LOSS_GRAD = ABPair("lm loss gradient in forward", ("--loss-chunk=64", "--loss-grad=forward"),
+                   ("--loss-chunk=64", "--loss-grad=recompute"), gpu_only=True)  # fmt: skip
 AB_PAIRS: tuple[ABPair, ...] = (
-    ABPair("cudnn attention", ("--attention=cudnn",), ("--attention=xla",), gpu_only=True),
-    ABPair(
-        "chunked lm loss",
-        ("--loss-chunk=64", "--loss-grad=forward"),
-        ("--loss-chunk=0",),
-        gpu_only=True,
-    ),  # fmt: skip
-    ABPair(
-        "lm loss gradient in forward",
-        ("--loss-chunk=64", "--loss-grad=forward"),
-        ("--loss-chunk=64", "--loss-grad=recompute"),
-        gpu_only=True,
-    ),  # fmt: skip
+    CUDNN,
+    CHUNKED,
+    LOSS_GRAD,
     ABPair("scan over layers", ("--scan",)),
     ABPair("remat each layer", ("--remat",)),
 )
+PROFILE = "profile"  # step 4's profile of the LoRA step with the default kernels
+PROFILE_STEPS = 5  # traced steps
+# Step 4's order: the speed paths' A/B, the profile (where the time goes) once the two that
+# move the most are measured, then the rest.
+STEP4: tuple[ABPair | str, ...] = (CUDNN, CHUNKED, PROFILE, *AB_PAIRS[2:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +157,12 @@ def plan(profile: Profile) -> list[Step]:
                           est[f"peer:{model}"], _bound(peer_step, model)))  # fmt: skip
     if not AB_PAIRS:
         steps.append(Step("4/ab", "A/B of the speed paths", 0, None, ab_unavailable))
-    for pair in AB_PAIRS:
+    for pair in STEP4:
+        if pair == PROFILE:
+            steps.extend(Step(f"4/profile/{model}", f"profile of the LoRA step on {model}",
+                              est[f"ab:{model}"] * 0.6, _bound(profile_step, model))
+                         for model in profile.ab_models)  # fmt: skip
+            continue
         for model in profile.ab_models:
             key = f"4/ab/{_slug(pair.name)}/{model}"
             check = _gpu_only if pair.gpu_only and not profile.gpu else (lambda: None)
@@ -249,6 +254,22 @@ def ab_step(ctx: Context, pair: ABPair, model: str) -> dict[str, Any]:
         for m in sides["on"]["modes"]
     }
     return {"pair": pair.name, "model": model, **sides, "on/off tokens_per_s": ratios}
+
+
+def profile_step(ctx: Context, model: str) -> dict[str, Any]:
+    """Step 4's profile: the LoRA step with the default kernels, timed, then
+    :data:`PROFILE_STEPS` steps traced (``benchmarks.step --profile``, :mod:`benchmarks.xprof`):
+    where its time goes, by kind of work, part of the model and pass."""
+    record = os.path.join(ctx.scratch, "profile", f"{model}.json")
+    ctx.python("benchmarks.step", f"--model={model}", *ctx.profile.bench_args, "--modes=lora",
+               f"--profile={PROFILE_STEPS}", f"--record={record}",
+               f"--results-dir={os.path.join(ctx.scratch, 'results')}")  # fmt: skip
+    r = _read(record)
+    lora = r["modes"]["lora"]
+    keep = ("attention_kernel", "loss_chunk_positions", "loss_grad", "scan", "remat")
+    return {"model": model, "args": {k: r["args"].get(k) for k in keep},
+            "tokens_per_s": lora["tokens_per_s"], "step_s": lora["step_s"],
+            "profile": lora["profile"]}  # fmt: skip
 
 
 def grid_step(ctx: Context) -> dict[str, Any]:

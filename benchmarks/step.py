@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import models, records
+from benchmarks import models, records, xprof
 from configs import base as base_config
 from lorax import attention, evaluate, lora, methods, multi, sharding
 from lorax import setup as setup_lib
@@ -228,8 +228,9 @@ def peak_bytes_in_use() -> int | None:
     return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def time_step(step: Step, warmup: int, steps: int) -> dict[str, Any]:
-    """Compiles ``step`` ahead of time, runs ``warmup`` steps, then times ``steps`` steps.
+def time_step(step: Step, warmup: int, steps: int, profile: int = 0) -> dict[str, Any]:
+    """Compiles ``step`` ahead of time, runs ``warmup`` steps, then times ``steps`` steps;
+    with ``profile`` > 0 it then traces that many more (:mod:`benchmarks.xprof`).
 
     Every step is synchronised (``block_until_ready`` on the new state and the metrics)
     before its clock stops, so a time is the device's, not the dispatch's.
@@ -248,7 +249,18 @@ def time_step(step: Step, warmup: int, steps: int) -> dict[str, Any]:
         args = (state, *args[1:])
     sums = jax.device_get(sums)
     loss = float(np.sum(sums["loss_sum"]) / np.sum(sums["count"]))
+    summary = None
+    if profile:
+        held = [args]
+
+        def one_step():
+            state, out = compiled(*held[0])
+            jax.block_until_ready((state, out))
+            held[0] = (state, *held[0][1:])
+
+        summary = xprof.profile(compiled, one_step, profile)
     return {
+        "profile": summary,
         "compile_s": compile_s,
         "times": times,
         "loss": loss,
@@ -308,7 +320,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         step = build_step(mode, bench, model, batch, mesh=mesh, base_dtype=dtype,
                           adapters=args.multi or 1, loss_chunk=loss_chunk,
                           loss_grad=args.loss_grad)  # fmt: skip
-        timed = time_step(step, args.warmup, args.steps)
+        timed = time_step(step, args.warmup, args.steps, args.profile)
         per_token = models.flops_per_token(config, t, step.n_lora)
         name = f"multi x{args.multi}" if mode == "multi" else mode
         results[name] = dict(
@@ -323,6 +335,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "xla_flops_per_token": (
                     None if timed["xla_flops"] is None else timed["xla_flops"] / (b * t)
                 ),
+                **({"profile": timed["profile"]} if timed["profile"] else {}),
             },
         )
         del step  # free this mode's base, state and batch before the next
@@ -396,6 +409,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--loss-grad", default="forward", choices=evaluate.LOSS_GRADS,
                    help="the chunks' hidden-state gradient, as model.loss_grad")  # fmt: skip
+    p.add_argument("--profile", type=int, default=0,
+                   help="trace this many more steps of each mode: where the time goes")  # fmt: skip
     p.add_argument("--peak-size", type=int, default=0,
                    help="n of the n×n×n matmul peak (0: 8192 on GPU, 512 elsewhere)")  # fmt: skip
     p.add_argument("--results-dir", default=records.RESULTS_DIR)

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from benchmarks import compare, hlo, models, records, step
+from benchmarks import compare, hlo, models, records, step, xprof
 from lorax import evaluate, methods
 from lorax import setup as setup_lib
 from lorax.models import decoder
@@ -80,7 +80,7 @@ def commands(request, tmp_path_factory):
     if "step" in selected:
         started["step"] = _Command(
             tmp_path_factory.mktemp("step"), "benchmarks.step", "--model=tiny", "--steps=2",
-            "--warmup=1", "--multi=2", "--peak-size=128", "--loss-chunk=16",
+            "--warmup=1", "--multi=2", "--peak-size=128", "--loss-chunk=16", "--profile=2",
         )  # fmt: skip
     if "peer" in selected and all(_importable(n) for n in ("torch", "transformers", "peft")):
         started["peer"] = _Command(
@@ -283,6 +283,55 @@ def test_step_command_prints_a_table_and_appends_its_record(tiny_run):
         assert f["xla_bytes"] > 0 and f["peak_bytes"] is None  # a CPU has no peak counter
     # q and v of 2 layers at r=8: 2·2·8·(64 + 64) for q, 2·8·(64 + 32) per layer for v (GQA)
     assert record["modes"]["lora"]["n_lora"] == 2 * (8 * (64 + 64) + 8 * (64 + 32))
+    _check_profile(record["modes"]["lora"]["profile"])
+
+
+def _check_profile(p: dict) -> None:
+    """--profile=2: the traced steps' time by kind, by (pass, part of the model), top ops."""
+    assert p["source"] == "host" and p["steps"] == 2  # a CPU: XLA's op events on the host
+    assert p["busy_ms"] > 0 and p["wall_ms"] > 0 and 0 < p["busy_fraction"] <= 1.5
+    assert sum(k["share"] for k in p["by_kind"].values()) == pytest.approx(1, abs=0.01)
+    assert p["by_kind"]["matmul"]["share"] > 0.05
+    parts = {(g["pass"], g["part"]) for g in p["by_part"]}
+    for pass_ in ("forward", "backward"):  # the adapted projections, both passes, layers folded
+        assert (pass_, "layers_*/attn/q") in parts, parts
+    assert ("update", "optimizer") in parts or len(parts) == 25, parts
+    ms = [op["ms"] for op in p["top_ops"]]
+    assert ms == sorted(ms, reverse=True) and ms[0] > 0
+    assert any(op["op_name"].startswith("jit(train_step)/") for op in p["top_ops"])
+
+
+def test_op_names_are_inherited_by_the_copies_xla_adds_and_grouped_by_part():
+    """An instruction without metadata takes its reader's op_name (through a chain), marked
+    inherited; op_names group by pass and part of the model (layers folded, wrappers named),
+    and GPU kernel names are sorted into kinds."""
+    text = "\n".join([
+        "ENTRY %main (p: f32[4]) -> f32[4] {",
+        "  %convert.1 = f32[4]{0} convert(%p)",
+        "  %copy.2 = f32[4]{0} copy(%convert.1)",
+        '  %dot.3 = f32[4]{0} dot(%copy.2, %p), metadata={op_name="jit(train_step)/jvp(Decoder)/'
+        'layers_3/mlp/mlp_in/dot_general" source_file="x.py"}',
+        '  ROOT %add.4 = f32[4]{0} add(%dot.3, %p), metadata={op_name="jit(train_step)/cond/'
+        'branch_1_fun/add"}',
+        "}",
+    ])  # fmt: skip
+    names = hlo.op_names(text)
+    mlp = "jit(train_step)/jvp(Decoder)/layers_3/mlp/mlp_in/dot_general"
+    assert names["dot.3"] == (mlp, False)
+    assert names["copy.2"] == (mlp, True) and names["convert.1"] == (mlp, True)
+    assert xprof.part(mlp) == ("forward", "layers_*/mlp/mlp_in")
+    assert xprof.part(names["add.4"][0]) == ("update", "optimizer")
+    backward = "jit(train_step)/transpose(jvp(Decoder))/layers_0/attn/vmap(BTNH)/reduce_sum"
+    assert xprof.part(backward) == ("backward", "layers_*/attn/vmap")
+    assert xprof.part("jit(train_step)/jvp()/reduce") == ("forward", "(outside the model)")
+    assert xprof.part("") == ("?", "(no op_name)")
+    assert xprof.kind("custom-call.7", "", "sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert xprof.kind("custom-call.9", "", "cudnn_generated_fort_native_sdpa") == (
+        "attention kernel"
+    )
+    assert xprof.kind("copy.2", mlp) == "copy / transpose"
+    assert xprof.kind("dot.3", mlp) == "matmul"
+    assert xprof.kind("loop_add_fusion", "x/add") == "other (elementwise, reductions)"
 
 
 def test_compare_renders_ratios_and_goals(tiny_run):
