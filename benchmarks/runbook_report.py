@@ -151,14 +151,22 @@ def _profiles(profiles: Mapping[str, Mapping], parts: int = 12) -> str:
             "| busy | by kind |", "|---|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
     for r in profiles.values():
         p, a = r["profile"], r["args"]
+        if "error" in p:
+            rows.append(
+                f"| {r['model']} | {a.get('attention_kernel')} | | "
+                f"{r['tokens_per_s']:,.0f} | | | | no profile: {p['error'][:150]} |"
+            )
+            continue
         kinds = "; ".join(f"{k} {v['share']:.0%}" for k, v in p["by_kind"].items())
-        rows.append(f"| {r['model']} | {a.get('attention_kernel')} | "
-                    f"{a.get('loss_chunk_positions')} / {a.get('loss_grad')} | "
-                    f"{r['tokens_per_s']:,.0f} | {p['wall_ms']:.1f} | {p['busy_ms']:.1f} | "
-                    f"{_f(p['busy_fraction'], '.0%')} | {kinds} |")  # fmt: skip
+        rows.append(
+            f"| {r['model']} | {a.get('attention_kernel')} | "
+            f"{a.get('loss_chunk_positions')} / {a.get('loss_grad')} | "
+            f"{r['tokens_per_s']:,.0f} | {p['wall_ms']:.1f} | {p['busy_ms']:.1f} | "
+            f"{_f(p['busy_fraction'], '.0%')} | {kinds} ({p['source']} events) |"
+        )
     rows += ["", "| model | pass | part | ms per step | share of busy |", "|---|---|---|---:|---:|"]
     for r in profiles.values():
-        for g in r["profile"]["by_part"][:parts]:
+        for g in r["profile"].get("by_part", [])[:parts]:
             rows.append(f"| {r['model']} | {g['pass']} | {g['part']} | {g['ms']:.2f} | "
                         f"{g['share']:.1%} |")  # fmt: skip
     return "\n".join(rows)

@@ -196,6 +196,39 @@ def test_records_of_another_profile_are_refused(tmp_path):
     assert runbook_report.render(str(tmp_path / "empty")).startswith("no run-book records")
 
 
+def test_a_profile_that_could_not_be_read_is_reported_not_fatal(tmp_path, monkeypatch):
+    """A trace that cannot be read (no profiler support on the device, say) leaves the step's
+    timings standing, its error in the record, and the report names it; ``--render`` writes
+    DIR/report.md from the records alone."""
+    from benchmarks import models, xprof
+    from benchmarks import step as bench_step
+    from lorax.models import decoder
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the profiler wrote no trace")
+
+    monkeypatch.setattr(xprof, "profile", broken)
+    bench = models.get("tiny")
+    model = decoder.Decoder(bench.decoder_config())
+    batch = bench_step.random_batch(bench.decoder_config().vocab_size, 2, 16)
+    built = bench_step.build_step("lora", bench, model, batch, mesh=bench_step.one_device_mesh())
+    timed = bench_step.time_step(built, 1, 1, profile=2)
+    assert timed["times"] and timed["profile"] == {
+        "error": "RuntimeError: the profiler wrote no trace"
+    }
+
+    out = tmp_path / "out"
+    store = runbook.Store(str(out), "smoke")
+    store.append({"step": "4/profile/tiny", "profile": "smoke", "status": "ok", "seconds": 1,
+                  "estimate_s": 1, "result": {"model": "tiny", "args": {"attention_kernel": "xla"},
+                                              "tokens_per_s": 100.0, "step_s": 1.0,
+                                              "profile": timed["profile"]}})  # fmt: skip
+    runbook.main([f"--out={out}", "--render"])
+    assert (
+        "| tiny | xla | | 100 | | | | no profile: RuntimeError" in (out / "report.md").read_text()
+    )
+
+
 # --------------------------------------------------------------------------- what it imports
 
 
