@@ -2,6 +2,10 @@
 against dense logits, the causal hint the fused attention kernel gets against the masks the
 models build, the attention and loss-chunk choices, and the non-finite guard's cost."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,10 +98,11 @@ def test_chunked_lm_loss_equals_dense_logits_with_gradients(tied, chunk, grad):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(np.abs(w).max()))
 
 
-def _lora_lm(t: int):
-    """A tied tiny decoder, a packed batch of T = ``t``, its base and a LoRA (q, v) on it."""
+def _lora_lm(t: int, b: int = 3):
+    """A tied tiny decoder, a packed batch of ``b`` rows of T = ``t``, its base and a LoRA
+    (q, v) on it."""
     model = decoder.Decoder(_decoder(True))
-    batch = _packed_batch(b=3, t=t)
+    batch = _packed_batch(b=b, t=t)
     mask = decoder.causal_mask(batch["segment_ids"])
     base = model.init(jax.random.key(0), batch["input_ids"], batch["positions"], mask)["params"]
     spec = lora.make_spec(("q", "v"), rank=2, alpha=4.0)
@@ -146,6 +151,50 @@ def test_the_gradient_in_the_forward_pass_under_vmap_is_each_adapters():
             jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads), strict=True
         ):
             np.testing.assert_allclose(g[k], w, rtol=1e-4, atol=1e-5 * float(np.abs(w).max()))
+
+
+SHARDED = """
+import sys
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+sys.path[:0] = [{repo!r}, {tests!r}]
+from test_step_paths import _forward, _lora_lm
+from lorax import evaluate, lora
+model, batch, base, spec, delta = _lora_lm(t=13, b=8)
+delta = jax.tree_util.tree_map(lambda x: x + 0.1, delta)
+def loss(base, delta, batch, chunk, grad):
+    out = _forward(model, chunk, grad)(lora.wrap(base, delta, spec), batch)
+    sums = evaluate.lm_sums(out, batch)
+    return sums["loss_sum"] / sums["count"]
+want = jax.value_and_grad(loss, (0, 1))(base, delta, batch, 0, "forward")
+mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+def put(x, spec):
+    return jax.device_put(x, NamedSharding(mesh, spec))
+batch = {{k: put(v, P("data")) for k, v in batch.items()}}
+def split(x):  # a 2-D leaf over fsdp on its first even axis (the 61-row table on its width)
+    return P("fsdp") if x.shape[0] % 2 == 0 else P(None, "fsdp")
+base = jax.tree_util.tree_map(lambda x: put(x, split(x) if x.ndim == 2 else P()), base)
+for grad in evaluate.LOSS_GRADS:
+    step = jax.jit(jax.value_and_grad(loss, (0, 1)), static_argnums=(3, 4))
+    got = step(base, delta, batch, 4, grad)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for g, w in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(want[1])):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(np.abs(w).max()))
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_the_chunked_loss_on_a_data_and_fsdp_mesh_equals_one_device():
+    """On 8 fake CPU devices, rows split over data = 4 and every 2-D table and kernel (the
+    tied output layer too) over fsdp = 2, both gradient modes give one device's loss and
+    gradients (tied table and LoRA factors)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = SHARDED.format(repo=os.path.dirname(here), tests=here)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 def test_chunked_choice_scores_equal_dense_logits():
