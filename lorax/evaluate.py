@@ -151,9 +151,15 @@ def _chunked_target_stats(out: Hidden, targets_BT: jax.Array) -> tuple[jax.Array
 
 def _chunk_stats(logits_BCV: jax.Array, y_BC: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(log p(target) in fp32, argmax) of one chunk's logits."""
+    return _log_softmax_stats(logits_BCV, y_BC)[:2]
+
+
+def _log_softmax_stats(logits_BCV, y_BC) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(log p(target), argmax, log-softmax [B, C, V]) of one chunk's logits, in fp32."""
     logits_BCV = logits_BCV.astype(jnp.float32)
-    target_BC = jnp.take_along_axis(logits_BCV, y_BC[..., None], axis=-1)[..., 0]
-    return target_BC - jax.nn.logsumexp(logits_BCV, axis=-1), jnp.argmax(logits_BCV, -1)
+    logp_BCV = logits_BCV - jax.nn.logsumexp(logits_BCV, axis=-1, keepdims=True)
+    target_BC = jnp.take_along_axis(logp_BCV, y_BC[..., None], axis=-1)[..., 0]
+    return target_BC, jnp.argmax(logits_BCV, -1), logp_BCV
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -171,11 +177,10 @@ def _grad_fwd(project, i_N, x_NBCD, y_NBC, *consts):
     def one(args):
         i, x_BCD, y_BC = args
         logits_BCV, vjp = jax.vjp(lambda x: project(x, i, *consts), x_BCD)
-        logp_BC, pred_BC = _chunk_stats(logits_BCV, y_BC)
-        logits32 = logits_BCV.astype(jnp.float32)
-        softmax_BCV = jnp.exp(logits32 - jax.nn.logsumexp(logits32, -1, keepdims=True))
-        dlogp_BCV = jax.nn.one_hot(y_BC, logits32.shape[-1], dtype=jnp.float32) - softmax_BCV
-        (dx_BCD,) = vjp(dlogp_BCV.astype(logits_BCV.dtype))
+        logp_BC, pred_BC, logp_BCV = _log_softmax_stats(logits_BCV, y_BC)
+        # d log p(target) / d logits = onehot(target) − softmax
+        onehot_BCV = jax.nn.one_hot(y_BC, logp_BCV.shape[-1], dtype=jnp.float32)
+        (dx_BCD,) = vjp((onehot_BCV - jnp.exp(logp_BCV)).astype(logits_BCV.dtype))
         return logp_BC, pred_BC, dx_BCD
 
     logp, pred, dx_NBCD = jax.lax.map(one, (i_N, x_NBCD, y_NBC))
