@@ -98,31 +98,33 @@ def part(op_name: str) -> tuple[str, str]:
     ``jvp(``, the optimizer update under the step's ``cond``; the part is the module path
     (layer numbers folded to ``*``, transformation wrappers to their name: XLA's attention
     core is ``layers_*/attn/vmap``), "(outside the model)" for the loss and the LoRA wrap."""
-
-    if not op_name:  # XLA's own copies and converts; kernels no HLO instruction names
+    if not op_name:  # XLA's own instructions, and kernels that no HLO instruction names
         return "?", "(no op_name)"
     path = op_name.split("/")[1:]  # drop jit(<step>)
-    if any(c.startswith("transpose(") for c in path):
+    if path and path[0] == "cond":
+        return "update", "optimizer"
+    if any("transpose(" in c for c in path):  # also vmap(transpose(...)): K adapters
         pass_ = "backward"
-    elif any(c.startswith("jvp(") for c in path):
+    elif any("jvp(" in c for c in path):
         pass_ = "forward"
-    elif path and path[0] == "cond":
-        pass_ = "update"
     else:
         pass_ = "other"
-    inside = [c for c in path if not c.startswith(("transpose(", "jvp(", "jit(", "cond"))]
-    inside = [_LAYER.sub(r"\1_*", c.split("(", 1)[0]) for c in inside[:-1]]  # drop primitive
-    if pass_ == "update":
-        return pass_, "optimizer"
-    inside = "/".join(c for c in inside if c and not c.startswith("branch_"))
-    return pass_, inside or "(outside the model)"
+    inside = path[:-1]  # less the primitive, and the transformations around the model
+    while inside and inside[0].startswith(("transpose(", "jvp(", "jit(", "vmap(")):
+        inside = inside[1:]
+    inside = [_LAYER.sub(r"\1_*", c.split("(", 1)[0]) for c in inside]  # inner ones by name
+    return pass_, "/".join(c for c in inside if c) or "(outside the model)"
 
 
 def summarize(
-    times: Mapping[str, list], names: Mapping[str, tuple[str, bool]], *, steps: int,
+    times: Mapping[str, list],
+    names: Mapping[str, tuple[str, bool]],
+    *,
+    steps: int,
     wall_s: float,
-    source: str, top: int = 25,
-) -> dict[str, Any]:  # fmt: skip
+    source: str,
+    top: int = 25,
+) -> dict[str, Any]:
     """The record's summary: busy ms per step (kernels' summed durations: streams that overlap
     can make it exceed the wall clock), by kind, by (pass, part), and the top ops."""
     total = sum(entry[0] for entry in times.values())

@@ -324,6 +324,8 @@ def test_op_names_are_inherited_by_the_copies_xla_adds_and_grouped_by_part():
     backward = "jit(train_step)/transpose(jvp(Decoder))/layers_0/attn/vmap(BTNH)/reduce_sum"
     assert xprof.part(backward) == ("backward", "layers_*/attn/vmap")
     assert xprof.part("jit(train_step)/jvp()/reduce") == ("forward", "(outside the model)")
+    multi = "jit(one)/vmap(transpose(jvp(Decoder)))/layers_1/mlp/mlp_in/dot_general"
+    assert xprof.part(multi) == ("backward", "layers_*/mlp/mlp_in")  # K adapters, vmapped
     assert xprof.part("") == ("?", "(no op_name)")
     assert xprof.kind("custom-call.7", "", "sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
     assert xprof.kind("custom-call.9", "", "cudnn_generated_fort_native_sdpa") == (
