@@ -139,14 +139,30 @@ def _chunked_target_stats(out: Hidden, targets_BT: jax.Array) -> tuple[jax.Array
     x_NBCD = x_BTD.reshape(b, n, c, d).swapaxes(0, 1)
     y_NBC = y_BT.reshape(b, n, c).swapaxes(0, 1)
     if out.grad == "forward":
-        # The output layer with what it closes over (params, the dropout key) as arguments,
-        # so the custom VJP below can differentiate them.
-        project, consts = jax.closure_convert(out.project, x_NBCD[0], i_N[0])
+        project, consts = _with_consts_as_arguments(out.project, x_NBCD[0], i_N[0])
         stats = _chunks_grad_in_forward(project, i_N, x_NBCD, y_NBC, *consts)
     else:
         stats = jax.lax.map(jax.checkpoint(lambda a: _chunk_stats(out.project(a[1], a[0]), a[2])),
                             (i_N, x_NBCD, y_NBC))  # fmt: skip
     return tuple(a.swapaxes(0, 1).reshape(b, n * c)[:, :t] for a in stats)
+
+
+def _with_consts_as_arguments(fn: Callable, *example) -> tuple[Callable, list]:
+    """``fn`` taking every value it closes over as trailing arguments, and those values.
+
+    All of them: the output layer's params, which the custom VJP differentiates, and the
+    integers and PRNG keys too (a dropout key, quantized codes). ``jax.closure_convert``
+    hoists only the floats; a key left inside would be a tracer of whatever transformation
+    made it (``vmap`` over adapters, ``scan``, ``cond``, ``checkpoint``), leaked when the
+    backward pass calls the layer again after that transformation has ended.
+    """
+    closed = jax.make_jaxpr(fn)(*example)
+    n = len(example)
+
+    def converted(*args):
+        return jax.core.eval_jaxpr(closed.jaxpr, args[n:], *args[:n])[0]
+
+    return converted, list(closed.consts)
 
 
 def _chunk_stats(logits_BCV: jax.Array, y_BC: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -153,6 +153,44 @@ def test_the_gradient_in_the_forward_pass_under_vmap_is_each_adapters():
             np.testing.assert_allclose(g[k], w, rtol=1e-4, atol=1e-5 * float(np.abs(w).max()))
 
 
+@pytest.mark.parametrize("around", ["vmap", "scan", "cond", "checkpoint"])
+def test_the_gradient_in_the_forward_pass_inside_other_transformations(around):
+    """The output layer may close over a dropout key and integer codes made by a
+    transformation inside the differentiated function (a vmap over adapters, a scan of
+    accumulated batches, a cond, a checkpoint): the forward-gradient chunks take them as
+    arguments, so none leaks into the backward pass, and the gradient is the recompute's."""
+    v, d, b, t, m = 11, 8, 2, 6, 3
+    w = jax.random.normal(jax.random.key(0), (d, v))
+    h = jax.random.normal(jax.random.key(1), (m, b, t, d))
+    y = jax.random.randint(jax.random.key(2), (m, b, t), 0, v)
+    keys = jax.random.split(jax.random.key(3), m)
+    codes = jax.random.randint(jax.random.key(4), (m, d, v), -3, 4).astype(jnp.int8)
+
+    def loss(h, y, key, codes, grad):
+        def project(x, i):  # dropout keyed per chunk, as lorax.setup builds it, and int codes
+            keep = jax.random.bernoulli(jax.random.fold_in(key, i), 0.8, x.shape)
+            return jnp.where(keep, x / 0.8, 0) @ (w + codes.astype(jnp.float32))
+
+        batch = {"targets": y, "loss_mask": jnp.ones_like(y, jnp.float32)}
+        return evaluate.lm_sums(evaluate.Hidden(h, project, 4, grad), batch)["loss_sum"]
+
+    def total(h, grad):
+        args = (h, y, keys, codes)
+        if around == "vmap":
+            return jnp.sum(jax.vmap(lambda *a: loss(*a, grad))(*args))
+        if around == "scan":
+            return jax.lax.scan(lambda acc, a: (acc + loss(*a, grad), None), 0.0, args)[0]
+        first = tuple(a[0] for a in args)
+        if around == "cond":
+            return jax.lax.cond(True, lambda f: loss(*f, grad), lambda f: 0.0, first)
+        return jax.checkpoint(lambda f: loss(*f, grad))(first)
+
+    want = jax.jit(jax.grad(total), static_argnums=1)(h, "recompute")
+    got = jax.jit(jax.grad(total), static_argnums=1)(h, "forward")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    assert float(jnp.abs(want).max()) > 1
+
+
 SHARDED = """
 import sys
 import jax, numpy as np
