@@ -238,26 +238,26 @@ def time_step(step: Step, warmup: int, steps: int, profile: int = 0) -> dict[str
     start = time.perf_counter()
     compiled = step.fn.lower(*step.args).compile()
     compile_s = time.perf_counter() - start
-    args, times, sums = step.args, [], None
+    args, times = step.args, []
     step.args = ()  # the state in it is donated by the first call
-    for i in range(warmup + steps):
-        start = time.perf_counter()
+
+    def one_step():
+        """One synchronised step; the next one runs on the state it returns."""
+        nonlocal args
         state, sums = compiled(*args)
         jax.block_until_ready((state, sums))
+        args = (state, *args[1:])
+        return sums
+
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        sums = one_step()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-        args = (state, *args[1:])
     sums = jax.device_get(sums)
     loss = float(np.sum(sums["loss_sum"]) / np.sum(sums["count"]))
     summary = None
     if profile:
-        held = [args]
-
-        def one_step():
-            state, out = compiled(*held[0])
-            jax.block_until_ready((state, out))
-            held[0] = (state, *held[0][1:])
-
         try:
             summary = xprof.profile(compiled, one_step, profile)
         except Exception as e:  # noqa: BLE001 -- the timings above stand without it

@@ -64,6 +64,17 @@ def _forward(model, chunk, grad="forward"):
     return forward
 
 
+def _lora_lm(t: int, b: int = 3, tied: bool = True):
+    """A tiny decoder (tied or not), a packed batch of ``b`` rows of T = ``t``, its base and a
+    LoRA (q, v) on it."""
+    model = decoder.Decoder(_decoder(tied))
+    batch = _packed_batch(b=b, t=t)
+    mask = decoder.causal_mask(batch["segment_ids"])
+    base = model.init(jax.random.key(0), batch["input_ids"], batch["positions"], mask)["params"]
+    spec = lora.make_spec(("q", "v"), rank=2, alpha=4.0)
+    return model, batch, base, spec, lora.init(base, spec, jax.random.key(1))
+
+
 @pytest.mark.parametrize("grad", evaluate.LOSS_GRADS)
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("chunk", [4, 13])
@@ -71,14 +82,8 @@ def test_chunked_lm_loss_equals_dense_logits_with_gradients(tied, chunk, grad):
     """Loss, accuracy and the gradient of every parameter (output layer, tied table, LoRA
     factors) are the dense path's, for chunks that do and do not divide T, with the hidden
     states' gradient taken in the forward pass or recomputed."""
-    config = _decoder(tied)
-    model = decoder.Decoder(config)
-    batch = _packed_batch()
-    mask = decoder.causal_mask(batch["segment_ids"])
-    base = model.init(jax.random.key(0), batch["input_ids"], batch["positions"], mask)["params"]
+    model, batch, base, spec, delta = _lora_lm(t=13, tied=tied)
     base = jax.tree_util.tree_map(lambda x: x * 3, base)  # sharper logits, varied argmax
-    spec = lora.make_spec(("q", "v"), rank=2, alpha=4.0)
-    delta = lora.init(base, spec, jax.random.key(1))
     delta = jax.tree_util.tree_map(lambda x: x + 0.1, delta)  # B != 0: the branch counts
 
     def loss(base, delta, chunk):
@@ -96,17 +101,6 @@ def test_chunked_lm_loss_equals_dense_logits_with_gradients(tied, chunk, grad):
     for g, w in zip(leaves(got_grads), leaves(want_grads), strict=True):
         # fp32 sums in another order: equal to ~1e-6 of the leaf's largest entry
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(np.abs(w).max()))
-
-
-def _lora_lm(t: int, b: int = 3):
-    """A tied tiny decoder, a packed batch of ``b`` rows of T = ``t``, its base and a LoRA
-    (q, v) on it."""
-    model = decoder.Decoder(_decoder(True))
-    batch = _packed_batch(b=b, t=t)
-    mask = decoder.causal_mask(batch["segment_ids"])
-    base = model.init(jax.random.key(0), batch["input_ids"], batch["positions"], mask)["params"]
-    spec = lora.make_spec(("q", "v"), rank=2, alpha=4.0)
-    return model, batch, base, spec, lora.init(base, spec, jax.random.key(1))
 
 
 def test_the_gradient_in_the_forward_pass_saves_one_output_matmul_per_chunk():
