@@ -277,6 +277,31 @@ def choice_sums(logits_BTV: jax.Array | Hidden, batch: Mapping[str, jax.Array]) 
     }
 
 
+def reward_sums(rewards_R: jax.Array, batch: Mapping[str, jax.Array]) -> dict:
+    """A reward model's Bradley–Terry loss over preference pairs, summed over real pairs.
+
+    Row ``2p`` of the batch is pair p's chosen text and row ``2p + 1`` its rejected one
+    (:class:`lorax.data.PairBatcher`); ``rewards_R`` [2P] is the model's scalar for each row.
+    Pair p's loss is ``−log σ(r_chosen − r_rejected − margin_p)`` (Bradley–Terry; the
+    ``margin`` [P] the data may give, 0 without one: a pair marked as more clearly decided
+    must be won by more, as in TRL's ``RewardTrainer``). ``correct`` counts pairs whose
+    chosen text scores higher (preference accuracy), ``margin_sum`` sums
+    ``r_chosen − r_rejected`` (mean margin), both unweighted by the data's margins;
+    ``weights`` [P] is 0 on a padding pair.
+    """
+    w_P = batch["weights"].astype(jnp.float32)
+    pairs_P2 = rewards_R.astype(jnp.float32).reshape(-1, 2)
+    chosen_P, rejected_P = pairs_P2[:, 0], pairs_P2[:, 1]
+    diff_P = chosen_P - rejected_P
+    target_P = diff_P - batch["margin"].astype(jnp.float32) if "margin" in batch else diff_P
+    return {
+        "loss_sum": -jnp.sum(jax.nn.log_sigmoid(target_P) * w_P),
+        "correct": jnp.sum((diff_P > 0).astype(jnp.float32) * w_P),
+        "count": jnp.sum(w_P),
+        "margin_sum": jnp.sum(diff_P * w_P),
+    }
+
+
 def make_eval_step(forward: Forward, mesh, sums_fn: Callable = classification_sums) -> Callable:
     """``eval_step(trainable, frozen, batch) -> sums``, jitted once per batch shape.
 
@@ -297,7 +322,8 @@ def evaluate(
     sums_of: Callable, batches: Iterable[Mapping[str, np.ndarray]], mesh
 ) -> list[dict[str, float]]:
     """Sums ``sums_of(batch)`` over ``batches`` (placed on ``mesh``); returns each adapter's
-    mean loss, accuracy and row count (for classification also :func:`class_metrics`): one
+    mean loss, accuracy and row count, the mean of every other ``<name>_sum`` as ``<name>``
+    (a reward model's ``margin``), and for classification :func:`class_metrics`: one
     dict for scalar sums (a single run), K for sums with a leading [K] axis (the adapters of a
     multi-adapter job, on the same batches).
 
@@ -315,6 +341,9 @@ def evaluate(
         {"loss": float(lo / n), "accuracy": float(c / n), "count": int(n)}
         for lo, c, n in zip(loss, correct, count, strict=True)
     ]
+    for key in sorted(k for k in total if k.endswith("_sum") and k != "loss_sum"):
+        for result, value in zip(results, np.atleast_1d(total[key]), strict=True):
+            result[key.removesuffix("_sum")] = float(value / max(result["count"], 1))
     if "confusion" in total:  # classification: [C, C], or [K, C, C] for K adapters
         confusion = total["confusion"].reshape(len(results), *total["confusion"].shape[-2:])
         for result, conf in zip(results, confusion, strict=True):

@@ -38,10 +38,12 @@ def export_merged(config, setup, trainable, out: str | os.PathLike) -> pathlib.P
     """Writes the merged model as a Hugging Face directory; returns it.
 
     Decoders become ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``GPT2LMHeadModel``
-    checkpoints (GPT-2's q, k, v re-fused into ``c_attn``). An encoder becomes a
-    ``BertModel`` checkpoint (its pooler taken from the original checkpoint, which the
-    classifier does not use); the classifier head, which has no ``BertModel`` name, is written
-    beside it as ``lorax_head.safetensors`` (``kernel`` [D, C], ``bias`` [C]).
+    checkpoints (GPT-2's q, k, v re-fused into ``c_attn``); a reward model becomes their
+    ``*ForSequenceClassification`` with ``num_labels=1``, its head the ``score`` weight and
+    the run's pad id in the config (the model reads each row's last token that is not it). An
+    encoder becomes a ``BertModel`` checkpoint (its pooler taken from the original checkpoint,
+    which the classifier does not use); the classifier head, which has no ``BertModel`` name,
+    is written beside it as ``lorax_head.safetensors`` (``kernel`` [D, C], ``bias`` [C]).
     """
     from lorax import checkpoints
     from lorax.checkpoints import hf
@@ -50,10 +52,15 @@ def export_merged(config, setup, trainable, out: str | os.PathLike) -> pathlib.P
     out.mkdir(parents=True, exist_ok=True)
     params = merged_params(setup, trainable)
     model_dir = assets.resolve(config.model.name)
-    if setup.kind == "lm":
+    if setup.kind in ("lm", "reward"):
         model_config = setup.model.config
+        score = params.pop("score", None)
         tensors = hf.decoder_to_hf(params, model_config)
-        (out / "config.json").write_text(json.dumps(model_config.to_hf(), indent=2))
+        hf_config = model_config.to_hf()
+        if setup.kind == "reward":  # *ForSequenceClassification, num_labels=1
+            tensors["score.weight"] = score["kernel"].T
+            hf_config.update(reward_config(hf_config, setup.pad_id))
+        (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     else:
         tensors = hf.encoder_to_hf(params["encoder"])
         _, original = checkpoints.load_pretrained(model_dir)
@@ -70,6 +77,20 @@ def export_merged(config, setup, trainable, out: str | os.PathLike) -> pathlib.P
     runfiles.save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
     setup.tokenizer.save_pretrained(out)
     return out
+
+
+def reward_config(hf_config: dict, pad_id: int) -> dict:
+    """The ``config.json`` fields that make a decoder's Hugging Face config a reward model's:
+    its ``*ForSequenceClassification`` architecture, one label, and the pad id that marks
+    where each row ends."""
+    arch = hf_config["architectures"][0]
+    arch = "GPT2ForSequenceClassification" if arch == "GPT2LMHeadModel" else arch
+    return {
+        "architectures": [arch.replace("ForCausalLM", "ForSequenceClassification")],
+        "id2label": {"0": "reward"},
+        "label2id": {"reward": 0},
+        "pad_token_id": pad_id,
+    }
 
 
 def label_maps(config) -> dict[str, dict]:
@@ -118,6 +139,9 @@ def export_adapter(
     ``classifier`` in ``modules_to_save`` (and the pooler too if it was trained), so that
     ``AutoPeftModelForSequenceClassification`` predicts what lorax predicts. A mean-pooled run
     cannot be that (Hugging Face's classifier reads the [CLS] pooler): it is refused, saying so.
+    A reward model (``train.objective = "reward"``) is always exported this way (``"auto"``
+    too): for ``LlamaForSequenceClassification`` / ``GPT2ForSequenceClassification`` with
+    ``num_labels=1``, its head as their ``score`` in ``modules_to_save``.
     """
     from lorax.checkpoints import peft
 
@@ -137,7 +161,9 @@ def export_adapter(
             "use --merged to write the whole fine-tuned model"
         )
     kw: dict[str, Any] = {}
-    if task_type == "seq_cls":
+    if setup.kind == "reward":  # the decoder's module names are the same under *ForSequenceCl.
+        kw = dict(task_type="SEQ_CLS", modules_to_save=_reward_head(trainable))
+    elif task_type == "seq_cls":
         kw = dict(module_prefix="bert.", task_type="SEQ_CLS",
                   modules_to_save=_sequence_classifier(config, setup, trainable))  # fmt: skip
     out = peft.export_peft(
@@ -153,11 +179,24 @@ def export_adapter(
     return out
 
 
+def _reward_head(trainable) -> dict[str, dict[str, np.ndarray]]:
+    """``modules_to_save`` of a reward model: its head as the ``score`` Linear ([1, D] weight,
+    no bias) of ``transformers``' ``*ForSequenceClassification`` with ``num_labels=1``."""
+    head = {k: np.asarray(v, np.float32) for k, v in paths.flatten(trainable["head"]).items()}
+    modules = {"score": {"weight": head.pop("score/kernel").T}}
+    if head:
+        raise ValueError(f"trained base leaves {sorted(head)} have no place in a seq_cls export")
+    return modules
+
+
 def _sequence_classifier(config, setup, trainable) -> dict[str, dict[str, np.ndarray]]:
     """``modules_to_save`` of a seq_cls export: the head as BERT's ``classifier`` ([C, D]
     weight), and the pooler if the run trained it."""
     if setup.kind != "classify":
-        raise ValueError("--task_type=seq_cls is for classification runs")
+        raise ValueError(
+            "--task_type=seq_cls is for classification runs and reward models "
+            "(train.objective = 'reward'); this is a causal-LM run"
+        )
     if config.model.pooling != "cls":
         raise ValueError(
             f"the run pooled with model.pooling = {config.model.pooling!r}; Hugging Face's "
@@ -227,8 +266,9 @@ def define_flags() -> None:
     )
     flags.DEFINE_enum(
         "task_type", "auto", TASK_TYPES,
-        "Adapter export: 'auto' (a BertModel / causal-LM adapter) or 'seq_cls' (for "
-        "BertForSequenceClassification, with the classifier; runs with model.pooling=cls).",
+        "Adapter export: 'auto' (a BertModel / causal-LM adapter; a reward model's as "
+        "seq_cls) or 'seq_cls' (for *ForSequenceClassification, with the classifier or score "
+        "head; encoder runs with model.pooling=cls, and reward models).",
     )  # fmt: skip
     flags.DEFINE_bool(
         "overwrite", False, "Replace --out if it is a non-empty directory (its old files go)."
@@ -268,7 +308,20 @@ def main(argv):
 
 
 def loading_note(config, setup, merged: bool, task_type: str) -> str:
-    """What a classification run's export loads as in Hugging Face, and what it does not."""
+    """What a classification run's or reward model's export loads as in Hugging Face, and
+    what it does not."""
+    if setup.kind == "reward" and merged:
+        return (
+            "a reward model: loads with transformers.AutoModelForSequenceClassification."
+            "from_pretrained(out) (num_labels=1 and the pad id are in its config.json)"
+        )
+    if setup.kind == "reward":
+        return (
+            "a reward model: loads with peft.AutoPeftModelForSequenceClassification."
+            f"from_pretrained(out, num_labels=1, pad_token_id={setup.pad_id}) and scores each "
+            "text at its last non-pad token as lorax.predict does (pad_token_id is the "
+            "tokenizer's pad, else its eos: the model reads the last token that is not it)"
+        )
     if setup.kind != "classify":
         return ""
     if merged:

@@ -428,6 +428,10 @@ def make_summary(
         "label_names": names,  # class index -> name (empty for causal-LM tasks)
         **_class_metrics("validation", val, names),
         **_class_metrics("test", test, names),
+        # the other means an objective reports (a reward model's mean margin r_chosen −
+        # r_rejected, beside its preference accuracy as *_accuracy)
+        **_extra_metrics("validation", val),
+        **_extra_metrics("test", test),
         "model_kind": setup.kind,
         "method": config.method,
         # lora_params: the LoRA delta's size (0 for other methods); delta_params: the
@@ -471,6 +475,14 @@ def make_summary(
         "data_counts": dict(setup.task.counts),
         "config": json.loads(config.to_json_best_effort()),
     }
+
+
+_PLAIN = ("loss", "accuracy", "count", "macro_f1", "per_class", "confusion")
+
+
+def _extra_metrics(split: str, metrics: Mapping[str, Any]) -> dict:
+    """``{split}_{name}`` for each metric of a split beyond loss, accuracy and class metrics."""
+    return {f"{split}_{k}": v for k, v in metrics.items() if k not in _PLAIN}
 
 
 def _class_metrics(split: str, metrics: Mapping[str, Any], names: Sequence[str]) -> dict:
