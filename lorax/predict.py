@@ -7,11 +7,18 @@ the base model the run names), so it works in a fresh process with no data files
   python -m lorax.predict --workdir=runs/snli --text="A man sleeps." --text_pair="A person rests."
   python -m lorax.predict --workdir=runs/news --input=new.csv --out=predicted.csv
 
-A file (csv, tsv, jsonl, json or parquet) comes back with its rows in order, each with
-``label`` and one ``prob_<class>`` column per class (csv, tsv or jsonl, by ``--out``'s name); a
-row without usable text keeps its columns with an empty label and is counted. Texts are
-tokenized as in training (cut to the run's ``task.max_length``), batched by length bucket and
-scored by one jitted forward per bucket.
+A file (csv, tsv, jsonl, json or parquet) comes back with its rows in order, each with the
+predicted class in ``--column`` (default ``label``) and one ``prob_<class>`` column per class
+(csv, tsv or jsonl, by ``--out``'s name); the input's own columns are kept, and one that the
+prediction would write is refused unless ``--overwrite`` (a gold ``label`` column is not lost).
+A row without usable text keeps its columns with an empty label and is counted. ``--gold=COLUMN``
+evaluates the run on a labelled file (the metrics of ``summary.json`` and the confusion
+matrix)::
+
+  python -m lorax.predict --workdir=runs/news --input=labelled.csv --gold=category
+
+Texts are tokenized as in training (cut to the run's ``task.max_length``), batched by length
+bucket and scored by one jitted forward per bucket.
 """
 
 from __future__ import annotations
@@ -28,10 +35,10 @@ import tqdm
 from absl import app, flags
 from absl import logging as absl_logging
 
-from lorax import cli, runs, sharding
+from lorax import cli, evaluate, runfiles, runs, sharding
 from lorax import data as data_lib
 from lorax import setup as setup_lib
-from lorax.data import tables, tasks
+from lorax.data import filetasks, tables, tasks
 
 
 def is_pair(task_config) -> bool:
@@ -98,10 +105,11 @@ class Predictor:
         return out
 
 
-def predict_file(predictor: Predictor, src: str, dst: str, text_field: str, pair_field: str):
-    """Writes ``src``'s rows to ``dst`` with ``label`` and ``prob_<class>``; returns the number
-    of rows scored and of rows left without a label (no usable text)."""
-    rows = [row for _, row in tables.read_rows(src, "predict", {})]
+def read_scorable(predictor: Predictor, src: str, text_field: str, pair_field: str):
+    """``(rows, row numbers, indices of the rows with usable text)`` of an input file; an
+    error when no row has text in the fields the run reads."""
+    numbered = list(tables.read_rows(src, "predict", {}))
+    rows = [row for _, row in numbered]
     fields = [text_field, *([pair_field] if predictor.pair else [])]
     usable = [
         i for i, r in enumerate(rows)
@@ -112,24 +120,149 @@ def predict_file(predictor: Predictor, src: str, dst: str, text_field: str, pair
             f"{src}: no row has text in {fields}; its fields: {sorted(rows[0])} (set "
             "--text_field / --text_pair_field)"
         )
-    probs = predictor.probabilities(
+    return rows, [n for n, _ in numbered], usable
+
+
+def score_rows(predictor: Predictor, rows, usable, text_field: str, pair_field: str):
+    """[len(usable), C] logits of ``rows[usable]``, with a progress bar."""
+    return predictor.logits(
         [rows[i][text_field] for i in usable],
         [rows[i][pair_field] for i in usable] if predictor.pair else None,
         progress=True,
     )
-    columns = [f"prob_{name}" for name in predictor.labels]
+
+
+def new_columns(predictor: Predictor, column: str) -> list[str]:
+    """The columns a prediction adds: ``column`` (the label) and ``prob_<class>`` per class."""
+    return [column, *(f"prob_{name}" for name in predictor.labels)]
+
+
+def check_columns(src: str, rows, created: list[str], reads: list[str], overwrite: bool) -> None:
+    """Refuses, before any scoring, to write a column the input already has (unless
+    ``overwrite``) or one it reads its text from (ever)."""
+    present = set().union(*rows) if rows else set()
+    if created[0] in reads:
+        raise ValueError(
+            f"--column={created[0]} is the text column lorax.predict reads; name another"
+        )
+    clash = [c for c in created if c in present]
+    if clash and not overwrite:
+        raise ValueError(
+            f"{src} already has the column(s) {clash}, which lorax.predict writes; pass "
+            f"--column=NAME to write the predicted label under another name (e.g. "
+            f"--column=predicted), or --overwrite to replace them"
+        )
+
+
+def predictions(predictor: Predictor, rows, usable, logits, column: str) -> list[dict]:
+    """``rows`` in order, each with ``column`` (the predicted class) and ``prob_<class>``; a
+    row without usable text keeps its columns with an empty label. Input columns the
+    prediction does not write are kept as they are."""
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1)) if len(usable) else logits
+    columns = new_columns(predictor, column)
     scored = {i: p for i, p in zip(usable, probs, strict=True)}
     out_rows = []
     for i, row in enumerate(rows):
         p = scored.get(i)
         if p is None:  # no usable text: the row goes out as it came, unlabelled
-            extra: dict[str, Any] = {"label": "", **dict.fromkeys(columns)}
+            extra: dict[str, Any] = {column: "", **dict.fromkeys(columns[1:])}
         else:
-            extra = {"label": predictor.labels[int(p.argmax())]}
-            extra.update({c: float(x) for c, x in zip(columns, p, strict=True)})
+            extra = {column: predictor.labels[int(p.argmax())]}
+            extra.update({c: float(x) for c, x in zip(columns[1:], p, strict=True)})
         out_rows.append({**row, **extra})
-    _write_rows(dst, out_rows)
+    return out_rows
+
+
+def predict_file(
+    predictor: Predictor,
+    src: str,
+    dst: str,
+    text_field: str,
+    pair_field: str,
+    column: str = "label",
+    overwrite: bool = False,
+):
+    """Writes ``src``'s rows to ``dst`` with ``column`` and ``prob_<class>`` (see
+    :func:`predictions`); returns the number of rows scored and of rows left without a label
+    (no usable text). A column the input has already is refused unless ``overwrite``."""
+    rows, _, usable = read_scorable(predictor, src, text_field, pair_field)
+    reads = [text_field, *([pair_field] if predictor.pair else [])]
+    check_columns(src, rows, new_columns(predictor, column), reads, overwrite)
+    logits = score_rows(predictor, rows, usable, text_field, pair_field)
+    _write_rows(dst, predictions(predictor, rows, usable, logits, column))
     return len(usable), len(rows) - len(usable)
+
+
+def gold_labels(predictor: Predictor, src: str, rows, numbers, usable, gold: str):
+    """``(indices into usable, class indices)`` of the usable rows that have a gold label in
+    column ``gold``, and counts of the rows skipped (no gold label: empty, missing or one of
+    the run's ``task.skip_labels``). A label that is not one of the run's classes is an error
+    naming the file, row and classes."""
+    if rows and not any(gold in r for r in rows):
+        raise ValueError(f"{src}: no row has the column --gold={gold}; its fields: "
+                         f"{sorted(set().union(*rows))}")  # fmt: skip
+    index = {name: k for k, name in enumerate(predictor.labels)}
+    skip = {filetasks.label_key(x) for x in predictor.config.task.get("skip_labels") or ()}
+    kept, classes, skipped = [], [], {"no_gold_label": 0, "no_text": len(rows) - len(usable)}
+    for j, i in enumerate(usable):
+        label = filetasks.label_key(rows[i].get(gold))
+        if label is None or label in skip:
+            skipped["no_gold_label"] += 1
+            continue
+        if label not in index:
+            raise ValueError(
+                f"{src} row {numbers[i]}: {gold} = {rows[i][gold]!r} is not one of the run's "
+                f"classes {list(predictor.labels)}; fix the row, or name the gold column with "
+                "--gold"
+            )
+        kept.append(j)
+        classes.append(index[label])
+    return np.asarray(kept, int), np.asarray(classes, int), skipped
+
+
+def gold_metrics(labels: Sequence[str], logits, gold) -> dict[str, Any]:
+    """The metrics ``summary.json`` gives a split, for ``logits`` [N, C] against class indices
+    ``gold`` [N]: accuracy, mean cross-entropy loss, macro-F1, per-class precision / recall /
+    F1 / support by class name and the confusion matrix (rows gold, columns predicted)."""
+    logits = np.asarray(logits, np.float64)
+    n, c = len(gold), len(labels)
+    if not n:
+        raise ValueError("no row has both usable text and a gold label to evaluate on")
+    log_p = logits - logits.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    predicted = logits.argmax(1)
+    confusion = np.zeros((c, c))
+    np.add.at(confusion, (gold, predicted), 1)
+    m = evaluate.class_metrics(confusion)
+    return {
+        "accuracy": float((predicted == gold).mean()),
+        "loss": float(-log_p[np.arange(n), gold].mean()),
+        "macro_f1": m["macro_f1"],
+        "examples": n,
+        "label_names": list(labels),
+        "per_class": dict(zip(labels, m["per_class"], strict=True)),
+        "confusion": m["confusion"],
+    }
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """The metrics as a few lines: the headline numbers, per class, the confusion matrix."""
+    names = metrics["label_names"]
+    width = max(8, *(len(n) for n in names))
+    lines = [
+        f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
+        f"loss {metrics['loss']:.4f}  ({metrics['examples']} rows)",
+        f"{'class':<{width}}  precision  recall      f1  support",
+    ]
+    for name in names:
+        c = metrics["per_class"][name]
+        lines.append(f"{name:<{width}}  {c['precision']:9.4f}  {c['recall']:6.4f}  "
+                     f"{c['f1']:6.4f}  {c['support']:7d}")  # fmt: skip
+    lines.append("confusion (rows gold, columns predicted):")
+    lines.append(" " * width + "  " + " ".join(f"{n[:width]:>{width}}" for n in names))
+    for name, row in zip(names, metrics["confusion"], strict=True):
+        lines.append(f"{name:<{width}}  " + " ".join(f"{x:>{width}d}" for x in row))
+    return "\n".join(lines)
 
 
 def _write_rows(path: str, rows: list[dict]) -> None:
@@ -159,6 +292,20 @@ def define_flags() -> None:
     flags.DEFINE_string("out", "", "Where --input's rows go with label and prob_<class>.")
     flags.DEFINE_string("text_field", "", "--input's text column (default: the run's).")
     flags.DEFINE_string("text_pair_field", "", "--input's second text column (pair tasks).")
+    flags.DEFINE_string(
+        "gold", "",
+        "Evaluate the run on --input: the column holding its gold labels. Prints accuracy, "
+        "loss, macro-F1, per-class figures and the confusion matrix (the metrics of "
+        "summary.json); --metrics_out writes them as JSON. With --out, the rows are written too.",
+    )  # fmt: skip
+    flags.DEFINE_string("metrics_out", "", "With --gold: a JSON file for the metrics.")
+    flags.DEFINE_string(
+        "column", "label", "The column --out's rows get the predicted label in (prob_<class> "
+        "beside it)."
+    )  # fmt: skip
+    flags.DEFINE_bool(
+        "overwrite", False, "Replace --input's columns that a prediction writes (refused else)."
+    )
     flags.DEFINE_integer("batch_size", 64, "Rows per forward pass.")
     flags.mark_flag_as_required("workdir")
 
@@ -168,16 +315,18 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it reads at INFO
     f = flags.FLAGS
-    if bool(f.text) == bool(f.input) or bool(f.input) != bool(f.out):
-        raise app.UsageError("give --text (and --text_pair), or --input with --out")
+    if bool(f.text) == bool(f.input) or (f.input and not (f.out or f.gold)):
+        raise app.UsageError(
+            "give --text (and --text_pair), or --input with --out (predict) and/or --gold "
+            "(evaluate)"
+        )
+    if (f.gold or f.out or f.metrics_out) and not f.input:
+        raise app.UsageError("--out, --gold and --metrics_out go with --input")
+    if f.metrics_out and not f.gold:
+        raise app.UsageError("--metrics_out goes with --gold")
     predictor = Predictor(f.workdir, f.batch_size)
     if f.input:
-        task = predictor.config.task
-        text_field = f.text_field or task.get("text_field") or "text"
-        pair_field = f.text_pair_field or task.get("text_pair_field") or ""
-        scored, unlabeled = predict_file(predictor, f.input, f.out, text_field, pair_field)
-        print(f"wrote {f.out}: {scored} rows labelled, {unlabeled} without usable text")
-        return
+        return _file(predictor, f)
     pairs = list(f.text_pair) or None
     if pairs is not None and len(pairs) != len(f.text):
         raise app.UsageError(f"{len(f.text)} --text but {len(pairs)} --text_pair")
@@ -186,6 +335,38 @@ def main(argv):
         shown = ", ".join(f"{n} {x:.4f}" for n, x in zip(predictor.labels, p, strict=True))
         print(json.dumps({"label": predictor.labels[int(p.argmax())], "text": f.text[i]},
                          ensure_ascii=False) + f"  ({shown})")  # fmt: skip
+
+
+def _file(predictor: Predictor, f) -> None:
+    """--input: checks everything (columns, gold labels) before scoring, scores once, then
+    writes the rows (--out) and evaluates them (--gold)."""
+    task = predictor.config.task
+    text_field = f.text_field or task.get("text_field") or "text"
+    pair_field = f.text_pair_field or task.get("text_pair_field") or ""
+    rows, numbers, usable = read_scorable(predictor, f.input, text_field, pair_field)
+    if f.out:
+        reads = [text_field, *([pair_field] if predictor.pair else [])]
+        check_columns(f.input, rows, new_columns(predictor, f.column), reads, f.overwrite)
+    if f.gold:
+        kept, gold, skipped = gold_labels(predictor, f.input, rows, numbers, usable, f.gold)
+        if not len(kept):
+            raise ValueError(f"{f.input}: no row has both usable text and a gold {f.gold}")
+    logits = score_rows(predictor, rows, usable, text_field, pair_field)
+    if f.out:
+        _write_rows(f.out, predictions(predictor, rows, usable, logits, f.column))
+        print(f"wrote {f.out}: {len(usable)} rows labelled in column {f.column!r}, "
+              f"{len(rows) - len(usable)} without usable text")  # fmt: skip
+    if f.gold:
+        metrics = gold_metrics(predictor.labels, logits[kept], gold)
+        metrics.update(input=os.path.abspath(f.input), gold=f.gold, skipped=skipped,
+                       workdir=os.path.abspath(f.workdir))  # fmt: skip
+        shown = ", ".join(f"{n} {k}" for k, n in skipped.items() if n) or "none"
+        print(f"{f.input} against its column {f.gold!r}: {len(kept)} rows evaluated "
+              f"(skipped: {shown})")  # fmt: skip
+        print(format_metrics(metrics))
+        if f.metrics_out:
+            runfiles.write_json_atomic(f.metrics_out, metrics)
+            print(f"wrote {f.metrics_out}")
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ def test_export_refuses_a_non_empty_out_and_overwrite_leaves_no_stale_files(
     finally:
         os.umask(previous)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["adapter_config.json", "adapter_model.safetensors"]
+    assert names == ["adapter_config.json", "adapter_model.safetensors", "lorax_head.safetensors"]
     assert {oct(os.stat(out / n).st_mode & 0o777) for n in names} == {"0o644"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "file", "run"]
 

@@ -1,0 +1,276 @@
+"""A new user's path with a CSV of their own (issue 29): evaluate a run on a labelled file,
+predict without losing the file's columns, export onto a base named as a local directory, and
+load the export outside lorax (PEFT for a cls-pooled run, the README's lines for a mean-pooled
+one) with no network."""
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import REPO, tiny_config
+
+from lorax import export, runs
+from lorax import predict as predict_lib
+from lorax import train as train_lib
+
+WORDS = {
+    "pos": ["great", "lovely", "superb", "happy", "wonderful"],
+    "neg": ["awful", "boring", "terrible", "sad", "dreadful"],
+}
+
+
+def _tweets(n: int, start: int = 0) -> list[dict]:
+    """Tweet-like rows: a text, a label and an id (a column lorax does not read)."""
+    rows = []
+    for i in range(start, start + n):
+        label = "pos" if i % 3 else "neg"
+        words = WORDS[label]
+        rows.append({"id": f"t{i}", "text": f"a {words[i % 5]} day, {words[(i + 2) % 5]} {i}",
+                     "label": label})  # fmt: skip
+    return rows
+
+
+def _write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def mean_run(tiny_model_dir, tmp_path_factory):
+    """A mean-pooled (the default) run on a CSV with its own test file."""
+    d = tmp_path_factory.mktemp("mean_run")
+    _write_csv(d / "train.csv", _tweets(96))
+    _write_csv(d / "test.csv", _tweets(40, start=1000))
+    overrides = {
+        "task.name": "text_classification", "task.data": str(d / "train.csv"),
+        "task.test_file": str(d / "test.csv"), "task.validation_size": 16,
+        "train.num_steps": 12,
+    }  # fmt: skip
+    config = tiny_config(tiny_model_dir, "", **overrides)
+    summary = train_lib.train_and_evaluate(config, str(d / "run"))
+    return d, summary
+
+
+def test_gold_evaluation_gives_the_summarys_test_metrics(mean_run):
+    """Evaluating a run on its own test file through lorax.predict's --gold path gives the
+    accuracy, macro-F1, per-class figures, confusion matrix and loss that training wrote in
+    summary.json for that split."""
+    d, summary = mean_run
+    predictor = predict_lib.Predictor(str(d / "run"))
+    src = str(d / "test.csv")
+    rows, numbers, usable = predict_lib.read_scorable(predictor, src, "text", "")
+    kept, gold, skipped = predict_lib.gold_labels(predictor, src, rows, numbers, usable, "label")
+    logits = predict_lib.score_rows(predictor, rows, usable, "text", "")
+    m = predict_lib.gold_metrics(predictor.labels, logits[kept], gold)
+    assert skipped == {"no_gold_label": 0, "no_text": 0}
+    assert 0.5 < summary["test_macro_f1"]  # a model that learnt, not one class everywhere
+    assert m["examples"] == summary["test_examples"] == 40
+    assert m["confusion"] == summary["test_confusion"]
+    assert m["accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert m["macro_f1"] == pytest.approx(summary["test_macro_f1"])
+    for name, figures in summary["test_per_class"].items():
+        assert m["per_class"][name] == pytest.approx(figures)
+    assert m["loss"] == pytest.approx(summary["test_loss"], abs=1e-5)
+    text = predict_lib.format_metrics(m)
+    assert "confusion (rows gold, columns predicted)" in text and "macro-F1" in text
+
+
+def test_gold_evaluation_names_bad_labels_and_skips_missing_ones(mean_run, tmp_path):
+    d, _ = mean_run
+    predictor = predict_lib.Predictor(str(d / "run"))
+    rows = [*_tweets(3), {"id": "x", "text": "no gold here", "label": ""},
+            {"id": "y", "text": "a great day", "label": "meh"}]  # fmt: skip
+    src = str(_write_csv(tmp_path / "bad.csv", rows))
+    read = predict_lib.read_scorable(predictor, src, "text", "")
+    with pytest.raises(ValueError, match=r"bad.csv row 6: label = 'meh' is not one of .*neg"):
+        predict_lib.gold_labels(predictor, src, *read, "label")
+    src = str(_write_csv(tmp_path / "ok.csv", rows[:-1]))
+    read = predict_lib.read_scorable(predictor, src, "text", "")
+    _, gold, skipped = predict_lib.gold_labels(predictor, src, *read, "label")
+    assert len(gold) == 3 and skipped["no_gold_label"] == 1
+    with pytest.raises(ValueError, match=r"no row has the column --gold=category"):
+        predict_lib.gold_labels(predictor, src, *read, "category")
+
+
+def test_predict_keeps_the_input_columns_and_refuses_to_overwrite_one(mean_run, tmp_path):
+    """A file with a gold `label` column: predicting into the default column is refused,
+    naming it, before any scoring; --column writes beside it, keeping every input column;
+    --overwrite replaces it."""
+    d, _ = mean_run
+    predictor = predict_lib.Predictor(str(d / "run"))
+    rows = _tweets(5)
+    src = str(_write_csv(tmp_path / "in.csv", rows))
+    dst = str(tmp_path / "out.csv")
+    with pytest.raises(ValueError, match=r"already has the column\(s\) \['label'\].*--column="):
+        predict_lib.predict_file(predictor, src, dst, "text", "")
+    assert not os.path.exists(dst)
+    with pytest.raises(ValueError, match=r"--column=text is the text column"):
+        predict_lib.predict_file(predictor, src, dst, "text", "", column="text", overwrite=True)
+    predict_lib.predict_file(predictor, src, dst, "text", "", column="predicted")
+    out = _read_csv(dst)
+    assert [(r["id"], r["text"], r["label"]) for r in out] == [
+        (r["id"], r["text"], r["label"]) for r in rows
+    ]
+    assert all(r["predicted"] in ("neg", "pos") for r in out)
+    assert set(out[0]) == {"id", "text", "label", "predicted", "prob_neg", "prob_pos"}
+    predict_lib.predict_file(predictor, src, dst, "text", "", overwrite=True)
+    assert [r["label"] for r in _read_csv(dst)] == [r["predicted"] for r in out]
+
+
+def test_export_names_the_base_as_given_and_checks_base(tiny_model_dir, tmp_path, monkeypatch):
+    """base_model_name_or_path: a local model directory stays a directory (made absolute), an
+    asset becomes its hub id, hf:ORG/NAME its hub id; --base is checked before any work."""
+    config = tiny_config(tiny_model_dir, "")
+    monkeypatch.chdir(tiny_model_dir.parent)
+    config.model.name = tiny_model_dir.name  # relative, as a user may type it
+    assert export.base_name(config) == str(tiny_model_dir)
+    config.model.name = "minilm-l6"
+    assert export.base_name(config) == "sentence-transformers/all-MiniLM-L6-v2"
+    config.model.name = "hf:org/some-bert"
+    assert export.base_name(config) == "org/some-bert"
+    config.model.name = str(tiny_model_dir)
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    assert export.check_base(str(copy), config) == str(copy)
+    assert export.check_base("org/some-bert", config) == "org/some-bert"
+    with pytest.raises(FileNotFoundError, match=r"--base=/no/such/dir does not exist"):
+        export.check_base("/no/such/dir", config)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"has no config.json"):
+        export.check_base(str(tmp_path / "empty"), config)
+    other = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**other, "hidden_size": 32}))
+    with pytest.raises(
+        ValueError, match=r"not the run's base model: hidden_size 32 \(the run's 64\)"
+    ):
+        export.check_base(str(copy), config)
+
+
+def _readme_snippet() -> str:
+    """The README's block that loads a mean-pooled export in plain transformers + peft."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    found = [b for b in blocks if "lorax_head.safetensors" in b]
+    assert len(found) == 1, "the README has one block loading lorax_head.safetensors"
+    return found[0]
+
+
+def _offline_python(code: str, cwd) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True,
+                          text=True, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_readme_snippet_loads_a_mean_pooled_export_as_lorax_predicts(mean_run, tmp_path):
+    """The README's few lines (run as written, the export's path put in, offline) give
+    lorax.predict's logits within 1e-4 from the adapter export, whose folder holds the
+    tokenizer, the head and the classes."""
+    pytest.importorskip("peft")
+    d, _ = mean_run
+    config, setup, trainable = runs.load_run(str(d / "run"))
+    out = export.write_export(config, setup, trainable, tmp_path / "news")
+    for name in ("tokenizer.json", "tokenizer_config.json", "lorax_head.safetensors",
+                 "lorax_labels.json", "adapter_config.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        config.model.name
+    )
+    snippet = _readme_snippet()
+    assert 'out = "export/news"' in snippet
+    code = snippet.replace('out = "export/news"', f"out = {str(out)!r}")
+    code += "\nprint(json.dumps(logits.tolist()))\n"
+    lines = _offline_python(code, tmp_path).strip().splitlines()
+    theirs = np.array(json.loads(lines[-1]))
+    texts = ["the senate passed the budget", "the team won the final"]
+    ours = predict_lib.Predictor(str(d / "run")).logits(texts)
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+    assert np.abs(ours).max() > 1e-3
+    assert lines[-2] == str([list(config.task.labels)[i] for i in ours.argmax(1)])
+
+
+def _cli(*args, expect: int = 0):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
+                          text=True, env=env)  # fmt: skip
+    assert done.returncode == expect, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_new_user_path_csv_to_peft_with_no_network(tiny_model_dir, tmp_path):
+    """The tweets-sized path, each step a fresh command: train a cls-pooled classifier from a
+    CSV (base: a local directory) → evaluate it on a labelled file → predict that file (its
+    gold column kept) → export with --base=<another local directory> → PEFT's
+    AutoPeftModelForSequenceClassification loads the export with the Hub off and the first base
+    deleted, and gives lorax.predict's probabilities within 1e-4."""
+    pytest.importorskip("peft")
+    base_a = shutil.copytree(tiny_model_dir, tmp_path / "base_a")
+    train_csv = _write_csv(tmp_path / "tweets.csv", _tweets(120))
+    test_csv = _write_csv(tmp_path / "labelled.csv", _tweets(30, start=500))
+    run = tmp_path / "run"
+    _cli("lorax.train", "--config=configs/wq_wv_r4.py", f"--workdir={run}",
+         f"--config.model.name={base_a}", "--config.model.pooling=cls",
+         "--config.task.name=text_classification", f"--config.task.data={train_csv}",
+         "--config.task.validation_size=0.1", "--config.task.test_size=0.2",
+         "--config.task.max_length=32", "--config.task.buckets=(32,)",
+         "--config.train.num_steps=8", "--config.train.batch_size=16",
+         "--config.train.learning_rate=0.01", "--config.eval_batch_size=32")  # fmt: skip
+    summary = json.loads((run / "summary.json").read_text())
+
+    metrics_json = tmp_path / "metrics.json"
+    done = _cli("lorax.predict", f"--workdir={run}", f"--input={test_csv}", "--gold=label",
+                f"--metrics_out={metrics_json}")  # fmt: skip
+    metrics = json.loads(metrics_json.read_text())
+    assert metrics["examples"] == 30 and metrics["label_names"] == summary["label_names"]
+    assert sum(map(sum, metrics["confusion"])) == 30
+    assert f"accuracy {metrics['accuracy']:.4f}" in done.stdout and "confusion" in done.stdout
+
+    pred_csv = tmp_path / "predicted.csv"
+    done = _cli("lorax.predict", f"--workdir={run}", f"--input={test_csv}", f"--out={pred_csv}",
+                expect=2)  # fmt: skip
+    assert "already has the column(s) ['label']" in done.stderr and not pred_csv.exists()
+    _cli("lorax.predict", f"--workdir={run}", f"--input={test_csv}", f"--out={pred_csv}",
+         "--column=predicted")  # fmt: skip
+    predicted = _read_csv(pred_csv)
+    assert [r["label"] for r in predicted] == [r["label"] for r in _read_csv(test_csv)]
+    accuracy = np.mean([r["label"] == r["predicted"] for r in predicted])
+    assert accuracy == pytest.approx(metrics["accuracy"])
+
+    base_b = shutil.copytree(base_a, tmp_path / "elsewhere" / "base_b")
+    out = tmp_path / "export"
+    _cli("lorax.export", f"--workdir={run}", f"--out={out}", "--task_type=seq_cls",
+         f"--base={base_b}")  # fmt: skip
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(base_b)
+    shutil.rmtree(base_a)  # only --base's copy is left to load
+    texts = [r["text"] for r in predicted]
+    code = f"""
+import json, torch
+from peft import AutoPeftModelForSequenceClassification
+from transformers import AutoTokenizer
+out = {str(out)!r}
+model = AutoPeftModelForSequenceClassification.from_pretrained(out, num_labels=2).eval()
+tokenizer = AutoTokenizer.from_pretrained(out)
+batch = tokenizer({texts!r}, padding=True, truncation=True, max_length=32, return_tensors="pt")
+with torch.no_grad():
+    print(json.dumps(model(**batch).logits.softmax(-1).tolist()))
+"""
+    theirs = np.array(json.loads(_offline_python(code, tmp_path).strip().splitlines()[-1]))
+    ours = np.array([[float(r[f"prob_{n}"]) for n in summary["label_names"]] for r in predicted])
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+    assert ours.std() > 1e-3  # a trained classifier, not a constant
