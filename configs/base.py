@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     # --- task and data -----------------------------------------------------------------------
     c.task = ml_collections.ConfigDict()
     # task: "snli", "rotten_tomatoes", or your own files as "text_classification" /
-    # "pair_classification" (encoders); "snli_text" or "instructions" (causal LMs)
+    # "pair_classification" (encoders); "snli_text", "instructions" or "preferences" (causal LMs)
     c.task.name = "snli"
     c.task.data = "snli"  # asset name, or local directory (or, for file tasks, a file)
     c.task.max_length = 128  # tokens per example (longer ones are truncated and counted);
@@ -67,6 +67,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.task.prompt_field = "instruction"  # the instruction (or prompt) column
     c.task.context_field = "context"  # an optional input column ("" = none)
     c.task.response_field = "response"  # the response the model learns to write
+    # task.name = "preferences" (causal LMs, train.objective = "dpo"): pairs of responses to a
+    # prompt, one preferred, from any file as above (lorax/data/preferences.py)
+    c.task.pair_fields = ("prompt", "chosen", "rejected")  # its prompt, chosen, rejected columns
+    c.task.chat_template = False  # wrap each prompt as a user turn in the tokenizer's chat
+    # template (an error if it has none); False: the prompt text is used as it is
 
     # --- method ------------------------------------------------------------------------------
     # What is trained beside the head (lorax/methods.py): "lora" (a low-rank delta),
@@ -121,6 +126,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- optimisation ------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
+    c.train.objective = "lm"  # what the loss is: "lm" (the task's own: class cross-entropy,
+    # next-token loss, choice scoring) or "dpo" (preference pairs: the dpo section below)
     c.train.trainable = ("^head/",)  # regexes of base leaves trained beside the delta (the head)
     c.train.batch_size = 32  # global batch (examples, or packed rows for causal-LM tasks),
     # split over the mesh.data × mesh.fsdp devices (a multiple of their product)

@@ -111,6 +111,32 @@ def check_numbers(config) -> None:
             raise ValueError(f"{field} = {node!r} is not valid; it must be {kind} {span}")
 
 
+# train.objective: the loss a run trains on. "lm": the task's own (class cross-entropy, the
+# next-token loss, choice scoring). Objectives in PAIR_OBJECTIVES train on preference pairs
+# (task.name = "preferences") and only there.
+OBJECTIVES = ("lm",)
+PAIR_OBJECTIVES: tuple[str, ...] = ()
+
+
+def check_objective(config) -> str:
+    """``train.objective``, checked against the task: an objective that trains on preference
+    pairs needs a task that has them, and a task of pairs needs such an objective."""
+    objective = choice(config.train.get("objective", "lm"), set(OBJECTIVES), "train.objective")
+    pairs = config.task.name == "preferences"
+    if objective in PAIR_OBJECTIVES and not pairs:
+        raise ValueError(
+            f"train.objective = {objective!r} trains on preference pairs, which task.name = "
+            f"{config.task.name!r} does not have; use task.name = 'preferences' (rows with a "
+            "prompt, a chosen and a rejected response)"
+        )
+    if pairs and objective not in PAIR_OBJECTIVES:
+        raise ValueError(
+            f"task.name = 'preferences' holds preference pairs, which train.objective = "
+            f"{objective!r} cannot train on; choose one of {list(PAIR_OBJECTIVES)}"
+        )
+    return objective
+
+
 def _check_quantize(config, method: methods.Method) -> None:
     if not config.model.get("quantize"):
         return
@@ -166,6 +192,7 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
         sharding.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
         sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
         data_lib.check_task(config.task.name)
+        check_objective(config)
     method = methods.from_config(config)
     methods.lr_ratio_b(config)  # checked before any compute
     _check_quantize(config, method)

@@ -198,8 +198,8 @@ def test_hold_out_sizes_and_missing_files_are_errors(tmp_path, tok):
 def test_unknown_task_lists_every_task(tok, tmp_path):
     with pytest.raises(
         ValueError,
-        match=r"task.name = 'nope' .*\['instructions', 'pair_classification', 'rotten_tomatoes', "
-        r"'snli', 'snli_text', 'text_classification'\]",
+        match=r"task.name = 'nope' .*\['instructions', 'pair_classification', 'preferences', "
+        r"'rotten_tomatoes', 'snli', 'snli_text', 'text_classification'\]",
     ):
         data.load_task("nope", tmp_path, tok, max_length=64, validation_size=1)
 

@@ -11,6 +11,7 @@ from lorax.data.causal import (
 )
 from lorax.data.filetasks import FILE_TASKS
 from lorax.data.packing import ChoiceBatcher, PackedBatcher, count_lm_tokens
+from lorax.data.preferences import PairBatcher, PreferenceExamples
 from lorax.data.registry import (
     check_task,
     label_names,
@@ -34,6 +35,8 @@ __all__ = [
     "Examples",
     "format_prompt",
     "PackedBatcher",
+    "PairBatcher",
+    "PreferenceExamples",
     "PairClassification",
     "TaskData",
     "check_task",

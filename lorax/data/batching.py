@@ -39,7 +39,7 @@ class Batcher:
             raise ValueError(f"batch size must be positive, got {batch_size}")
         if not self.buckets or self.buckets[0] <= 0:
             raise ValueError(f"task.buckets = {tuple(buckets)}: need one or more positive lengths")
-        lengths = np.fromiter((len(x) for x in examples.input_ids), np.int64, len(examples))
+        lengths = self.example_lengths(examples)
         if len(lengths) and lengths.max() > self.buckets[-1]:
             raise ValueError(
                 f"task.buckets = {self.buckets} do not cover the longest example "
@@ -52,6 +52,10 @@ class Batcher:
         self.steps_per_epoch = sum(len(m) // batch_size for m in members)
         self._members = members
         self._plan_epoch, self._plan = None, None
+
+    def example_lengths(self, examples) -> np.ndarray:
+        """int64 [N]: each example's length in tokens (what picks its bucket)."""
+        return np.fromiter((len(x) for x in examples.input_ids), np.int64, len(examples))
 
     def _epoch_plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         """(bucket, example indices) per batch of one epoch, shuffled by (seed, epoch)."""

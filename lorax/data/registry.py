@@ -8,12 +8,14 @@ from lorax.data.batching import Batcher
 from lorax.data.causal import CAUSAL_TASKS, CausalExamples, ChoiceExamples, InstructionTask
 from lorax.data.filetasks import FILE_TASKS
 from lorax.data.packing import ChoiceBatcher, PackedBatcher
+from lorax.data.preferences import PREFERENCES, PairBatcher, PreferenceExamples, PreferenceTask
 from lorax.data.tasks import TASKS, TaskData
 
 # The kind of model a task's examples fit: "classify" (an encoder with a head) or "lm".
 KINDS = {
     **{name: "classify" for name in (*TASKS, *FILE_TASKS)},
     **{name: "lm" for name in CAUSAL_TASKS},
+    "preferences": "lm",
 }
 
 
@@ -91,12 +93,15 @@ def load_task(
             "(fractions are for text_classification / pair_classification)"
         )
     validation_size = int(validation_size)
-    task = CAUSAL_TASKS[name] if name in CAUSAL_TASKS else TASKS[name]
-    # instruction rows come from any file, with the config's field names
-    kw = {"task_config": task_config} if isinstance(task, InstructionTask) and task_config else {}
+    task = PREFERENCES if name == "preferences" else CAUSAL_TASKS.get(name) or TASKS[name]
+    # instruction and preference rows come from any file, with the config's field names
+    own_files = isinstance(task, InstructionTask | PreferenceTask)
+    kw = {"task_config": task_config} if own_files and task_config else {}
     data = task.load(
         data_dir, tokenizer, max_length=max_length, validation_size=validation_size, **kw
     )
+    if data_dir is None and task_config is not None:  # the task read its own files
+        data_dir = task_config.get("train_file") or task_config.get("data")
     check_splits(name, data_dir, data)
     return data
 
@@ -117,8 +122,11 @@ def check_splits(name: str, data_dir, data: TaskData) -> None:
 
 
 def make_batcher(examples, batch_size: int, task_config, *, seed: int, pad_id: int) -> Any:
-    """The batcher for a split, by its kind of examples: scored choices, packed LM rows, or
-    length buckets. ``task_config`` is the config's ``task`` section (buckets, max_length)."""
+    """The batcher for a split, by its kind of examples: preference pairs, scored choices,
+    packed LM rows, or length buckets. ``task_config`` is the config's ``task`` section
+    (buckets, max_length)."""
+    if isinstance(examples, PreferenceExamples):
+        return PairBatcher(examples, batch_size, task_config.buckets, seed=seed, pad_id=pad_id)
     if isinstance(examples, ChoiceExamples):
         return ChoiceBatcher(examples, batch_size, task_config.buckets, pad_id=pad_id)
     if isinstance(examples, CausalExamples):
