@@ -35,7 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
     # --- task and data -----------------------------------------------------------------------
     c.task = ml_collections.ConfigDict()
     # task: "snli", "rotten_tomatoes", or your own files as "text_classification" /
-    # "pair_classification" (encoders); "snli_text", "instructions" or "preferences" (causal LMs)
+    # "pair_classification" (encoders); "snli_text", "instructions", "preferences" or "text"
+    # (raw text for continued pretraining, lorax/data/text.py) (causal LMs)
     c.task.name = "snli"
     c.task.data = "snli"  # asset name, or local directory (or, for file tasks, a file)
     c.task.max_length = 128  # tokens per example (longer ones are truncated and counted);
@@ -58,11 +59,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.task.train_file = ""  # file tasks: the training rows (else task.data)
     c.task.validation_file = ""  # file tasks: the validation rows (else held out)
     c.task.test_file = ""  # file tasks: the test rows (else held out)
-    c.task.text_field = "text"  # the column holding the text
+    c.task.text_field = "text"  # the column holding the text (task "text": in a csv, jsonl
+    # or parquet task.data each row's is one document; a .txt file is documents separated by
+    # blank lines, a folder one document per .txt file)
     c.task.text_pair_field = ""  # pair_classification: the column holding the second text
     c.task.label_field = "label"  # the column holding the label (strings, ints or booleans)
     c.task.skip_labels = ()  # label values meaning "no gold label": skipped and counted
-    c.task.test_size = 0.1  # file tasks without a test file: rows held out for test
+    c.task.test_size = 0.1  # file tasks without a test file: rows held out for test (task
+    # "text": documents held out for test, as validation_size holds them out for validation)
     # task.name = "instructions" (causal LMs): the columns of its rows, from any file as above
     c.task.prompt_field = "instruction"  # the instruction (or prompt) column
     c.task.context_field = "context"  # an optional input column ("" = none)

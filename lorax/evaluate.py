@@ -253,6 +253,13 @@ def lm_sums(logits_BTV: jax.Array | Hidden, batch: Mapping[str, jax.Array]) -> d
     }
 
 
+def perplexity(mean_loss: float) -> float:
+    """The perplexity of a mean next-token loss in nats (from :func:`lm_sums`' sums):
+    exp(loss_sum / count); inf past float64's range."""
+    with np.errstate(over="ignore"):
+        return float(np.exp(np.float64(mean_loss)))
+
+
 def choice_sums(logits_BTV: jax.Array | Hidden, batch: Mapping[str, jax.Array]) -> dict:
     """Accuracy of picking the likeliest of C fixed continuations, summed over examples.
 

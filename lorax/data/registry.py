@@ -10,13 +10,18 @@ from lorax.data.filetasks import FILE_TASKS
 from lorax.data.packing import ChoiceBatcher, PackedBatcher
 from lorax.data.preferences import PREFERENCES, PairBatcher, PreferenceExamples, PreferenceTask
 from lorax.data.tasks import TASKS, TaskData
+from lorax.data.text import TEXT_TASKS
 
 # The kind of model a task's examples fit: "classify" (an encoder with a head) or "lm".
 KINDS = {
     **{name: "classify" for name in (*TASKS, *FILE_TASKS)},
-    **{name: "lm" for name in CAUSAL_TASKS},
+    **{name: "lm" for name in (*CAUSAL_TASKS, *TEXT_TASKS)},
     "preferences": "lm",
 }
+# Tasks that read their files and fields from the config's task section (task.data names a
+# file or folder, not a built-in data directory) and hold out validation_size / test_size as a
+# count or a fraction.
+CONFIG_TASKS = (*FILE_TASKS, *TEXT_TASKS)
 
 
 def check_task(name: str, model_kind: str | None = None, model_name: str = "") -> None:
@@ -68,7 +73,8 @@ def load_task(
         on every call, whatever the run's seed (file tasks: a count or a fraction).
       task_config: the config's ``task`` section; file tasks (``text_classification``,
         ``pair_classification``, :mod:`lorax.data.filetasks`) read their files, fields and
-        labels from it, and ``data_dir`` is then unused.
+        labels from it, and raw text (``text``, :mod:`lorax.data.text`) its file or folder,
+        text field and held-out document counts; ``data_dir`` is then unused.
 
     Returns:
       The splits "train", "validation" and "test" (the task's test file), with counts. For
@@ -81,6 +87,12 @@ def load_task(
             raise ValueError(f"task {name!r} reads its files and fields from task_config")
         data = FILE_TASKS[name].load(task_config, tokenizer, max_length=max_length)
         check_splits(name, task_config.get("train_file") or task_config.get("data"), data)
+        return data
+    if name in TEXT_TASKS:
+        if task_config is None:
+            raise ValueError(f"task {name!r} reads its files from task_config")
+        data = TEXT_TASKS[name].load(task_config, tokenizer, max_length=max_length)
+        check_splits(name, task_config.get("data"), data)
         return data
     if validation_size < 1:
         raise ValueError(
