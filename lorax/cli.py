@@ -4,6 +4,9 @@ A bad flag, config field, path or file is reported by lorax as a ``ValueError`` 
 ``FileNotFoundError``, ``NotADirectoryError``, a busy workdir) whose message names the field,
 path or row and what would be valid; a command line prints that message and exits 2. Set
 ``LORAX_TRACEBACK=1`` to see the traceback as well (for a bug report).
+
+Every command line also keeps the programs XLA compiles in JAX's persistent compilation cache
+(:func:`use_xla_cache`), so a second ``lorax.predict`` or ``lorax.export`` of a run starts warm.
 """
 
 from __future__ import annotations
@@ -26,8 +29,47 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def note(message: str) -> None:
+    """A command line's word on what it is doing (stderr, at once), for phases that take
+    more than a moment: loading a run, compiling, writing."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def xla_cache_dir() -> str | None:
+    """Where the command lines keep compiled XLA programs: ``$LORAX_XLA_CACHE`` if set (``0``
+    or empty: nowhere, the cache is off), else ``xla/`` under the lorax cache folder
+    (``$LORAX_CACHE`` or ``~/.cache/lorax``). None when JAX's own
+    ``JAX_COMPILATION_CACHE_DIR`` is set (it is used as it is) or the cache is off."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    chosen = os.environ.get("LORAX_XLA_CACHE")
+    if chosen is not None:
+        return None if chosen.strip() in ("", "0") else os.path.expanduser(chosen)
+    from lorax import assets
+
+    return os.fspath(assets.cache_root() / "xla")
+
+
+def use_xla_cache() -> str | None:
+    """Turns on JAX's persistent compilation cache in :func:`xla_cache_dir` (before anything is
+    compiled; compiles from 0.1 s up are kept, so a run's forward pass and step are) and
+    returns it. The cache is keyed by the program, the jax version and the flags: a hit is
+    the executable a fresh compile would build."""
+    path = xla_cache_dir()
+    if path is None:
+        return None
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    return path
+
+
 def run(main: Callable[[list[str]], object], prog: str) -> None:
-    """``absl.app.run(main)``, with a user error printed as ``<prog>: error: <message>``."""
+    """``absl.app.run(main)``, with a user error printed as ``<prog>: error: <message>``, and
+    the XLA compilation cache on (:func:`use_xla_cache`)."""
+    use_xla_cache()
 
     def friendly(argv):
         try:

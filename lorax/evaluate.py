@@ -325,8 +325,11 @@ def make_eval_step(forward: Forward, mesh, sums_fn: Callable = classification_su
     return jax.jit(eval_step, out_shardings=sharding.replicated(mesh))
 
 
+PROGRESS_EVERY = 4  # batches between two waits for the sums when a progress bar is shown
+
+
 def evaluate(
-    sums_of: Callable, batches: Iterable[Mapping[str, np.ndarray]], mesh
+    sums_of: Callable, batches: Iterable[Mapping[str, np.ndarray]], mesh, progress=None
 ) -> list[dict[str, float]]:
     """Sums ``sums_of(batch)`` over ``batches`` (placed on ``mesh``); returns each adapter's
     mean loss, accuracy and row count, the mean of every other ``<name>_sum`` as ``<name>``
@@ -335,14 +338,22 @@ def evaluate(
     multi-adapter job, on the same batches).
 
     Sums stay on the device until the end, so batches are dispatched back to back.
+    ``progress`` (a tqdm bar, or anything with ``update(n)``) counts the batches done: the
+    host waits for the running sums every :data:`PROGRESS_EVERY` batches, so the bar follows
+    the device, not the dispatch, and a few batches stay in flight.
     """
     total = None
-    for batch in batches:
+    for i, batch in enumerate(batches):
         sums = sums_of(sharding.put_batch(batch, mesh))
         total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
+        if progress is not None and (i + 1) % PROGRESS_EVERY == 0:
+            jax.block_until_ready(total)
+            progress.update(PROGRESS_EVERY)
     if total is None:
         raise ValueError("evaluation got no batches: the split is empty")
     total = {k: np.asarray(v, np.float64) for k, v in jax.device_get(total).items()}
+    if progress is not None:
+        progress.update((i + 1) % PROGRESS_EVERY)
     loss, correct, count = (np.atleast_1d(total[k]) for k in ("loss_sum", "correct", "count"))
     results = [
         {"loss": float(lo / n), "accuracy": float(c / n), "count": int(n)}

@@ -369,8 +369,9 @@ def main(argv):
     out = check_out_dir(f.out, f.overwrite)
     config = runs.read_config(f.workdir)
     base = check_base(f.base, config) if f.base else None
+    cli.note(f"loading the run in {f.workdir} (its base model and latest checkpoint) ...")
     config, setup, trainable = runs.load_run(f.workdir)
-
+    cli.note(f"writing the {'merged model' if f.merged else 'adapter'} to {out} ...")
     write_replacing(
         out, lambda tmp: write_export(config, setup, trainable, tmp, f.merged, f.task_type, base)
     )

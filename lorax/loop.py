@@ -88,19 +88,24 @@ class Stepper:
     def memory_bytes(self, state, batch) -> int | None:
         return step_lib.step_memory_bytes(self._step, *self.args(state, batch))
 
-    def evaluate(self, state, examples) -> list[dict[str, float]]:
+    def evaluate(self, state, examples, desc: str = "") -> list[dict[str, float]]:
         """Each adapter's mean loss, accuracy and row count on ``examples`` (all adapters on
-        the same batches); for a split of LM tokens also its perplexity."""
+        the same batches); for a split of LM tokens also its perplexity. With ``desc``, a
+        progress bar of that name counts the batches."""
         fn = setup_lib.eval_sums(examples)
         if fn not in self._eval_steps:
             self._eval_steps[fn] = self.make_eval_step(fn)
-        batches = setup_lib.make_batcher(
+        batcher = setup_lib.make_batcher(
             self.setup, examples, self.config.eval_batch_size, self.config
-        ).eval_batches()
-        step, trainable, frozen = self._eval_steps[fn], state["trainable"], self.setup.frozen
-        results = evaluate.evaluate(
-            lambda b: step(trainable, frozen, b, *self.eval_args), batches, self.setup.mesh
         )
+        step, trainable, frozen = self._eval_steps[fn], state["trainable"], self.setup.frozen
+        with _eval_bar(desc, getattr(batcher, "num_eval_batches", None)) as bar:
+            results = evaluate.evaluate(
+                lambda b: step(trainable, frozen, b, *self.eval_args),
+                batcher.eval_batches(),
+                self.setup.mesh,
+                progress=bar,
+            )
         if fn is evaluate.lm_sums:  # a split of LM tokens: its loss is the mean token loss
             for r in results:
                 r["perplexity"] = evaluate.perplexity(r["loss"])
@@ -116,6 +121,23 @@ class Stepper:
         """Adapter k's trained ``{"delta", "head"}`` in its own shapes."""
         del k
         return state["trainable"]
+
+
+class _NoBar:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _eval_bar(desc: str, total: int | None):
+    """A progress bar of an evaluation's batches (none without ``desc``): it stays on screen
+    for a final evaluation, and goes when a periodic one ends."""
+    if not desc:
+        return _NoBar()
+    return tqdm.tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True,
+                     leave=desc.startswith("final"))  # fmt: skip
 
 
 def finished(workdir: str) -> dict[str, Any] | None:
@@ -323,8 +345,9 @@ def run(
             if log is not None and row is not None:
                 log.write(**fields, **row)
 
-    def run_eval(split, examples, step):
-        results = stepper.evaluate(state, examples)
+    def run_eval(split, examples, step, final=False):
+        desc = f"{'final ' if final else ''}eval {split}"
+        results = stepper.evaluate(state, examples, desc)
         # metrics.jsonl keeps the scalars; per-class figures and the confusion matrix go to
         # the summary only
         write([{k: v for k, v in r.items() if k not in _SUMMARY_ONLY} for r in results],
@@ -405,10 +428,14 @@ def run(
     train_seconds = time.time() - loop_start
     ckpt.wait()
 
-    validation = run_eval("validation", task.splits["validation"], t.num_steps)
-    test = run_eval(
-        "test", setup_lib.subset(task.splits["test"], config.task.max_test_examples), t.num_steps
+    test_examples = setup_lib.subset(task.splits["test"], config.task.max_test_examples)
+    tqdm.tqdm.write(
+        f"final evaluation: {len(task.splits['validation']):,} validation and "
+        f"{len(test_examples):,} test examples"
+        + ("" if stepper.size == 1 else f", {stepper.size} adapters on each batch")
     )
+    validation = run_eval("validation", task.splits["validation"], t.num_steps, final=True)
+    test = run_eval("test", test_examples, t.num_steps, final=True)
     return Result(
         state, first_step, validation, test, step_memory_bytes=step_memory,
         **timing.totals(train_seconds, train_tokens, step_times),

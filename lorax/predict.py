@@ -324,6 +324,7 @@ def main(argv):
         raise app.UsageError("--out, --gold and --metrics_out go with --input")
     if f.metrics_out and not f.gold:
         raise app.UsageError("--metrics_out goes with --gold")
+    cli.note(f"loading the run in {f.workdir} (its base model and latest checkpoint) ...")
     predictor = Predictor(f.workdir, f.batch_size)
     if f.input:
         return _file(predictor, f)
@@ -351,6 +352,8 @@ def _file(predictor: Predictor, f) -> None:
         kept, gold, skipped = gold_labels(predictor, f.input, rows, numbers, usable, f.gold)
         if not len(kept):
             raise ValueError(f"{f.input}: no row has both usable text and a gold {f.gold}")
+    cli.note(f"scoring {len(usable):,} rows of {f.input} (each new length bucket compiles once; "
+             "the XLA cache keeps them for the next run)")  # fmt: skip
     logits = score_rows(predictor, rows, usable, text_field, pair_field)
     if f.out:
         _write_rows(f.out, predictions(predictor, rows, usable, logits, f.column))

@@ -274,3 +274,70 @@ with torch.no_grad():
     ours = np.array([[float(r[f"prob_{n}"]) for n in summary["label_names"]] for r in predicted])
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
     assert ours.std() > 1e-3  # a trained classifier, not a constant
+
+
+def test_final_evaluation_shows_progress(tiny_model_dir, tmp_path, capsys):
+    """After the training bar, the final evaluation says what it evaluates and counts its
+    batches to the end (it looked hung for minutes on a real run); a periodic evaluation's
+    bar is gone when it ends."""
+    _write_csv(tmp_path / "train.csv", _tweets(96))
+    overrides = {
+        "task.name": "text_classification", "task.data": str(tmp_path / "train.csv"),
+        "task.validation_size": 40, "task.test_size": 24, "train.num_steps": 2,
+        "eval_every": 1, "eval_batch_size": 16,
+    }  # fmt: skip
+    train_lib.train_and_evaluate(tiny_config(tiny_model_dir, "", **overrides), str(tmp_path / "r"))
+    captured = capsys.readouterr()
+    err = captured.out + captured.err  # messages on stdout (tqdm.write), bars on stderr
+    assert "final evaluation: 40 validation and 24 test examples" in err
+    done = re.findall(r"final eval (validation|test): 100%\|[^|]*\| (\d+)/(\d+)", err)
+    assert {split for split, _, _ in done} == {"validation", "test"}
+    assert all(n == total and int(n) >= 2 for _, n, total in done)  # every batch counted
+    assert "eval validation:" in err  # the periodic evaluation at step 1
+
+
+def test_xla_cache_folder_follows_lorax_cache_and_lorax_xla_cache(tmp_path, monkeypatch):
+    from lorax import cli
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.delenv("LORAX_XLA_CACHE", raising=False)
+    monkeypatch.setenv("LORAX_CACHE", str(tmp_path / "cache"))
+    assert cli.xla_cache_dir() == str(tmp_path / "cache" / "xla")
+    monkeypatch.setenv("LORAX_XLA_CACHE", str(tmp_path / "elsewhere"))
+    assert cli.xla_cache_dir() == str(tmp_path / "elsewhere")
+    for off in ("0", ""):
+        monkeypatch.setenv("LORAX_XLA_CACHE", off)
+        assert cli.xla_cache_dir() is None
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))  # the tests' own
+    monkeypatch.delenv("LORAX_XLA_CACHE")
+    assert cli.xla_cache_dir() is None  # JAX's variable is left to JAX
+
+
+def test_a_second_command_reads_the_compiled_programs_from_the_cache(tmp_path):
+    """A command line's compiles land in the lorax cache folder; a second process finds them
+    there (no new entry written) and LORAX_XLA_CACHE=0 writes none."""
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from lorax import cli\n"
+        "print(cli.use_xla_cache())\n"
+        "f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(0))\n"
+        "print(f(jnp.ones((96, 96))).block_until_ready()[0])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(LORAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # fmt: skip
+
+    def run(**extra):
+        done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                              text=True, env={**env, **extra})  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.splitlines()[0]
+
+    xla = tmp_path / "cache" / "xla"
+    assert run() == str(xla)
+    first = {p.name: p.stat().st_mtime_ns for p in xla.iterdir()}
+    assert first  # the jitted function's executable
+    run()
+    assert {p.name: p.stat().st_mtime_ns for p in xla.iterdir()} == first
+    assert run(LORAX_XLA_CACHE="0", LORAX_CACHE=str(tmp_path / "off")) == "None"
+    assert not (tmp_path / "off").exists()
