@@ -76,6 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.task.pair_fields = ("prompt", "chosen", "rejected")  # its prompt, chosen, rejected columns
     c.task.chat_template = False  # wrap each prompt as a user turn in the tokenizer's chat
     # template (an error if it has none); False: the prompt text is used as it is
+    c.task.margin_field = ""  # train.objective = "reward": a column of per-pair margins (as
+    # TRL's "margin"; loss -log σ(r_chosen - r_rejected - margin)); "" = none (margin 0)
 
     # --- method ------------------------------------------------------------------------------
     # What is trained beside the head (lorax/methods.py): "lora" (a low-rank delta),
@@ -131,7 +133,9 @@ def get_config() -> ml_collections.ConfigDict:
     # --- optimisation ------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
     c.train.objective = "lm"  # what the loss is: "lm" (the task's own: class cross-entropy,
-    # next-token loss, choice scoring) or "dpo" (preference pairs: the dpo section below)
+    # next-token loss, choice scoring), or on preference pairs (task.name = "preferences"):
+    # "reward" (a reward model: LoRA + a score head on the decoder's last non-pad token,
+    # Bradley–Terry loss) or "dpo" (the dpo section below)
     c.train.trainable = ("^head/",)  # regexes of base leaves trained beside the delta (the head)
     c.train.batch_size = 32  # global batch (examples, or packed rows for causal-LM tasks),
     # split over the mesh.data × mesh.fsdp devices (a multiple of their product)

@@ -362,6 +362,8 @@ def _head_for_seed(setup: setup_lib.Setup, config) -> dict:
     """The trained head a single run with this config's seed starts from."""
     if not setup.head:
         return {}
+    if setup.kind == "reward":  # the score head drawn from the seed; other leaves as loaded
+        return {**setup.head, "score": setup_lib.score_head(setup.model.config, config.seed)}
     if setup.kind == "classify":
         key = jax.random.fold_in(jax.random.key(config.seed), 1)
         head_flat = paths.flatten({"head": encoder.init_head(setup.model, key)})

@@ -1,4 +1,5 @@
-"""Predicts with a trained classifier: ``python -m lorax.predict --workdir=W --text=...``.
+"""Predicts with a trained classifier or reward model: ``python -m lorax.predict --workdir=W
+--text=...``.
 
 Reads everything from the workdir (config.json with the class names, the latest checkpoint,
 the base model the run names), so it works in a fresh process with no data files::
@@ -19,6 +20,16 @@ matrix)::
 
 Texts are tokenized as in training (cut to the run's ``task.max_length``), batched by length
 bucket and scored by one jitted forward per bucket.
+
+A reward model (``train.objective = "reward"``) gives each text its scalar reward instead:
+``--text`` is a whole text (a prompt and its response), or ``--text`` a prompt and
+``--text_pair`` its response, tokenized as its training rows were (the chat template on the
+prompt if the run used one, the eos after the response); a file's rows get a ``reward``
+column (``--column``)::
+
+  python -m lorax.predict --workdir=runs/rm --text="Instruction: ..." --text_pair="Paris."
+  python -m lorax.predict --workdir=runs/rm --input=answers.jsonl --out=scored.jsonl \
+      --text_field=prompt --text_pair_field=response
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ from absl import logging as absl_logging
 from lorax import cli, evaluate, runfiles, runs, sharding
 from lorax import data as data_lib
 from lorax import setup as setup_lib
-from lorax.data import filetasks, tables, tasks
+from lorax.data import filetasks, preferences, tables, tasks
 
 
 def is_pair(task_config) -> bool:
@@ -49,22 +60,51 @@ def is_pair(task_config) -> bool:
 
 
 class Predictor:
-    """A finished classification run, ready to score texts: ``probabilities(texts, pairs)``."""
+    """A finished classification run, ready to score texts: ``probabilities(texts, pairs)``;
+    or a reward model's: ``rewards(texts, responses)``."""
 
     def __init__(self, workdir: str, batch_size: int = 64):
         self.config, self.setup, trainable = runs.load_run(workdir)
-        if self.setup.kind != "classify":
+        self.reward = self.setup.kind == "reward"
+        if self.setup.kind == "lm":
             raise ValueError(
                 f"{workdir} is a causal-LM run ({self.config.task.name}); lorax.predict scores "
-                "classifiers: use lorax.generate for it"
+                "classifiers and reward models: use lorax.generate for it"
             )
-        self.labels = data_lib.label_names(self.config.task)
-        self.pair = is_pair(self.config.task)
+        self.labels = ("reward",) if self.reward else data_lib.label_names(self.config.task)
+        self.pair = not self.reward and is_pair(self.config.task)
         mesh = self.setup.mesh
         self.batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
         self.trainable = sharding.put(trainable, mesh)
         forward = setup_lib.make_forward(self.setup, logits=True)
         self._logits = jax.jit(lambda t, f, b: forward(t, f, b, None, False))
+
+    def rewards(
+        self, texts: Sequence[str], responses: Sequence[str] | None = None, progress: bool = False
+    ) -> np.ndarray:
+        """[N] a reward model's fp32 reward of each text (``texts[i]`` a whole text, or with
+        ``responses`` a prompt followed by ``responses[i]``), in order. A row longer than
+        ``task.max_length`` keeps its first tokens (:func:`preferences.encode_scored`)."""
+        if not self.reward:
+            raise ValueError("this run is a classifier: use probabilities() / logits()")
+        task = self.config.task
+        rows = preferences.encode_scored(
+            self.setup.tokenizer, list(texts), None if responses is None else list(responses),
+            max_length=task.max_length, chat_template=bool(task.get("chat_template", False)),
+        )  # fmt: skip
+        batches = preferences.scoring_batches(
+            rows, self.batch_size, task.buckets, pad_id=self.setup.pad_id
+        )
+        if progress:
+            total = -(-len(rows) // self.batch_size)
+            batches = tqdm.tqdm(batches, total=total, unit="batch", desc="predict")
+        out = np.zeros(len(rows), np.float32)
+        for index, batch in batches:
+            rewards = self._logits(
+                self.trainable, self.setup.frozen, sharding.put_batch(batch, self.setup.mesh)
+            )
+            out[index] = np.asarray(rewards, np.float32)[: len(index)]
+        return out
 
     def probabilities(
         self, texts: Sequence[str], pairs: Sequence[str] | None = None, progress: bool = False
@@ -110,7 +150,7 @@ def read_scorable(predictor: Predictor, src: str, text_field: str, pair_field: s
     error when no row has text in the fields the run reads."""
     numbered = list(tables.read_rows(src, "predict", {}))
     rows = [row for _, row in numbered]
-    fields = [text_field, *([pair_field] if predictor.pair else [])]
+    fields = [text_field, *([pair_field] if _reads_pairs(predictor, pair_field) else [])]
     usable = [
         i for i, r in enumerate(rows)
         if all(isinstance(r.get(f), str) and r[f].strip() for f in fields)
@@ -123,17 +163,32 @@ def read_scorable(predictor: Predictor, src: str, text_field: str, pair_field: s
     return rows, [n for n, _ in numbered], usable
 
 
+def _reads_pairs(predictor: Predictor, pair_field: str) -> bool:
+    """Whether rows are read as two texts: a pair task's, or a reward model's prompt and
+    response (when ``pair_field`` names the responses)."""
+    return predictor.pair or (predictor.reward and bool(pair_field))
+
+
 def score_rows(predictor: Predictor, rows, usable, text_field: str, pair_field: str):
-    """[len(usable), C] logits of ``rows[usable]``, with a progress bar."""
-    return predictor.logits(
-        [rows[i][text_field] for i in usable],
-        [rows[i][pair_field] for i in usable] if predictor.pair else None,
-        progress=True,
-    )
+    """[len(usable), C] logits of ``rows[usable]`` (a reward model's rewards as [N, 1]), with a
+    progress bar."""
+    texts = [rows[i][text_field] for i in usable]
+    seconds = [rows[i][pair_field] for i in usable] if _reads_pairs(predictor, pair_field) else None
+    if predictor.reward:
+        return predictor.rewards(texts, seconds, progress=True)[:, None]
+    return predictor.logits(texts, seconds, progress=True)
+
+
+def output_column(predictor: Predictor, column: str) -> str:
+    """``--column`` as the run writes it: a reward model's default is ``reward``."""
+    return "reward" if predictor.reward and column == "label" else column
 
 
 def new_columns(predictor: Predictor, column: str) -> list[str]:
-    """The columns a prediction adds: ``column`` (the label) and ``prob_<class>`` per class."""
+    """The columns a prediction adds: ``column`` (the label) and ``prob_<class>`` per class; a
+    reward model's: ``column`` (the reward) alone."""
+    if predictor.reward:
+        return [column]
     return [column, *(f"prob_{name}" for name in predictor.labels)]
 
 
@@ -157,7 +212,11 @@ def check_columns(src: str, rows, created: list[str], reads: list[str], overwrit
 def predictions(predictor: Predictor, rows, usable, logits, column: str) -> list[dict]:
     """``rows`` in order, each with ``column`` (the predicted class) and ``prob_<class>``; a
     row without usable text keeps its columns with an empty label. Input columns the
-    prediction does not write are kept as they are."""
+    prediction does not write are kept as they are. A reward model's rows get their reward in
+    ``column`` (empty where the row had no usable text)."""
+    if predictor.reward:
+        rewards = dict(zip(usable, np.asarray(logits)[:, 0].tolist(), strict=True))
+        return [{**row, column: rewards.get(i, "")} for i, row in enumerate(rows)]
     probs = np.asarray(jax.nn.softmax(logits, axis=-1)) if len(usable) else logits
     columns = new_columns(predictor, column)
     scored = {i: p for i, p in zip(usable, probs, strict=True)}
@@ -185,8 +244,9 @@ def predict_file(
     """Writes ``src``'s rows to ``dst`` with ``column`` and ``prob_<class>`` (see
     :func:`predictions`); returns the number of rows scored and of rows left without a label
     (no usable text). A column the input has already is refused unless ``overwrite``."""
+    column = output_column(predictor, column)
     rows, _, usable = read_scorable(predictor, src, text_field, pair_field)
-    reads = [text_field, *([pair_field] if predictor.pair else [])]
+    reads = [text_field, *([pair_field] if _reads_pairs(predictor, pair_field) else [])]
     check_columns(src, rows, new_columns(predictor, column), reads, overwrite)
     logits = score_rows(predictor, rows, usable, text_field, pair_field)
     _write_rows(dst, predictions(predictor, rows, usable, logits, column))
@@ -285,13 +345,20 @@ def _write_rows(path: str, rows: list[dict]) -> None:
 
 
 def define_flags() -> None:
-    flags.DEFINE_string("workdir", None, "A finished lorax.train classification run.")
-    flags.DEFINE_multi_string("text", [], "A text to classify (repeatable).")
-    flags.DEFINE_multi_string("text_pair", [], "Its second text, for pair tasks (repeatable).")
+    flags.DEFINE_string("workdir", None, "A finished classification or reward-model run.")
+    flags.DEFINE_multi_string("text", [], "A text to classify or score (repeatable).")
+    flags.DEFINE_multi_string(
+        "text_pair", [], "Its second text, for pair tasks; for a reward model, its response."
+    )
     flags.DEFINE_string("input", "", "A csv, tsv, jsonl, json or parquet file of rows.")
-    flags.DEFINE_string("out", "", "Where --input's rows go with label and prob_<class>.")
+    flags.DEFINE_string(
+        "out", "", "Where --input's rows go with label and prob_<class> (a reward model: reward)."
+    )
     flags.DEFINE_string("text_field", "", "--input's text column (default: the run's).")
-    flags.DEFINE_string("text_pair_field", "", "--input's second text column (pair tasks).")
+    flags.DEFINE_string(
+        "text_pair_field", "", "--input's second text column (pair tasks; a reward model's "
+        "responses, after the prompts in --text_field)."
+    )  # fmt: skip
     flags.DEFINE_string(
         "gold", "",
         "Evaluate the run on --input: the column holding its gold labels. Prints accuracy, "
@@ -301,7 +368,7 @@ def define_flags() -> None:
     flags.DEFINE_string("metrics_out", "", "With --gold: a JSON file for the metrics.")
     flags.DEFINE_string(
         "column", "label", "The column --out's rows get the predicted label in (prob_<class> "
-        "beside it)."
+        "beside it); a reward model's default is 'reward'."
     )  # fmt: skip
     flags.DEFINE_bool(
         "overwrite", False, "Replace --input's columns that a prediction writes (refused else)."
@@ -326,11 +393,20 @@ def main(argv):
         raise app.UsageError("--metrics_out goes with --gold")
     cli.note(f"loading the run in {f.workdir} (its base model and latest checkpoint) ...")
     predictor = Predictor(f.workdir, f.batch_size)
+    if predictor.reward and f.gold:
+        raise app.UsageError("--gold evaluates classifiers; this run is a reward model")
     if f.input:
         return _file(predictor, f)
     pairs = list(f.text_pair) or None
     if pairs is not None and len(pairs) != len(f.text):
         raise app.UsageError(f"{len(f.text)} --text but {len(pairs)} --text_pair")
+    if predictor.reward:
+        rewards = predictor.rewards(f.text, pairs)
+        for i, (text, reward) in enumerate(zip(f.text, rewards, strict=True)):
+            shown = {"reward": float(reward), "text": text}
+            shown.update({"text_pair": pairs[i]} if pairs else {})
+            print(json.dumps(shown, ensure_ascii=False))
+        return
     probs = predictor.probabilities(f.text, pairs)
     for i, p in enumerate(probs):
         shown = ", ".join(f"{n} {x:.4f}" for n, x in zip(predictor.labels, p, strict=True))
@@ -343,11 +419,13 @@ def _file(predictor: Predictor, f) -> None:
     writes the rows (--out) and evaluates them (--gold)."""
     task = predictor.config.task
     text_field = f.text_field or task.get("text_field") or "text"
-    pair_field = f.text_pair_field or task.get("text_pair_field") or ""
+    pair_field = f.text_pair_field or ("" if predictor.reward else task.get("text_pair_field"))
+    pair_field = pair_field or ""
+    column = output_column(predictor, f.column)
     rows, numbers, usable = read_scorable(predictor, f.input, text_field, pair_field)
     if f.out:
-        reads = [text_field, *([pair_field] if predictor.pair else [])]
-        check_columns(f.input, rows, new_columns(predictor, f.column), reads, f.overwrite)
+        reads = [text_field, *([pair_field] if _reads_pairs(predictor, pair_field) else [])]
+        check_columns(f.input, rows, new_columns(predictor, column), reads, f.overwrite)
     if f.gold:
         kept, gold, skipped = gold_labels(predictor, f.input, rows, numbers, usable, f.gold)
         if not len(kept):
@@ -356,8 +434,9 @@ def _file(predictor: Predictor, f) -> None:
              "the XLA cache keeps them for the next run)")  # fmt: skip
     logits = score_rows(predictor, rows, usable, text_field, pair_field)
     if f.out:
-        _write_rows(f.out, predictions(predictor, rows, usable, logits, f.column))
-        print(f"wrote {f.out}: {len(usable)} rows labelled in column {f.column!r}, "
+        _write_rows(f.out, predictions(predictor, rows, usable, logits, column))
+        what = "scored" if predictor.reward else "labelled"
+        print(f"wrote {f.out}: {len(usable)} rows {what} in column {column!r}, "
               f"{len(rows) - len(usable)} without usable text")  # fmt: skip
     if f.gold:
         metrics = gold_metrics(predictor.labels, logits[kept], gold)

@@ -20,7 +20,7 @@ import numpy as np
 from lorax import assets, attention, checkpoints, evaluate, methods, paths, quant, sharding
 from lorax import data as data_lib
 from lorax.data import filetasks
-from lorax.models import decoder, encoder
+from lorax.models import decoder, encoder, reward
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -37,7 +37,9 @@ class Setup:
     """Everything a run needs, built once from a config."""
 
     model: Any  # encoder.EncoderClassifier or decoder.Decoder
-    kind: str  # "classify" (encoder + head) or "lm" (causal LM)
+    # "classify" (encoder + head), "lm" (causal LM) or "reward" (a decoder scoring each row by
+    # its score head, train.objective = "reward")
+    kind: str
     method: methods.Method  # what is trained beside the head and how the model sees it
     frozen: dict  # base leaves that are never trained (nested)
     head: dict  # base leaves trained beside the delta (train.trainable): the task head
@@ -113,9 +115,10 @@ def check_numbers(config) -> None:
 
 # train.objective: the loss a run trains on. "lm": the task's own (class cross-entropy, the
 # next-token loss, choice scoring). Objectives in PAIR_OBJECTIVES train on preference pairs
-# (task.name = "preferences") and only there.
-OBJECTIVES = ("lm",)
-PAIR_OBJECTIVES: tuple[str, ...] = ()
+# (task.name = "preferences") and only there: "reward" a reward model (a score head on the
+# decoder's last token, the Bradley–Terry loss of evaluate.reward_sums).
+OBJECTIVES = ("lm", "reward")
+PAIR_OBJECTIVES: tuple[str, ...] = ("reward",)
 
 
 def check_objective(config) -> str:
@@ -133,6 +136,12 @@ def check_objective(config) -> str:
         raise ValueError(
             f"task.name = 'preferences' holds preference pairs, which train.objective = "
             f"{objective!r} cannot train on; choose one of {list(PAIR_OBJECTIVES)}"
+        )
+    if config.task.get("margin_field") and objective != "reward":
+        raise ValueError(
+            f"task.margin_field = {config.task.margin_field!r} gives the margins of a reward "
+            f"model's loss; train.objective = {objective!r} does not use them (set "
+            "train.objective = 'reward', or task.margin_field = '')"
         )
     return objective
 
@@ -176,6 +185,24 @@ def _model_and_params(config, model_config, base, key):
     return model, encoder.init_params(model, base, key)
 
 
+def _kind(config, model_config, with_task: bool) -> str:
+    """The run's :attr:`Setup.kind` for its model and ``train.objective``, checked against
+    its task (``with_task``)."""
+    objective = choice(config.train.get("objective", "lm"), set(OBJECTIVES), "train.objective")
+    kind = "lm" if isinstance(model_config, decoder.DecoderConfig) else "classify"
+    if with_task:
+        data_lib.check_task(config.task.name, kind, config.model.name)
+    if objective != "reward":
+        return kind
+    if kind != "lm":
+        raise ValueError(
+            f"train.objective = 'reward' puts a score head on a decoder's last token; "
+            f"model.name = {config.model.name!r} is an encoder (use a Llama-family or GPT-2 "
+            "model)"
+        )
+    return "reward"
+
+
 def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup:
     """Loads the model, checks the method against it, then loads and tokenizes the task.
 
@@ -199,9 +226,7 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
 
     model_dir = assets.resolve(config.model.name)
     model_config, base = checkpoints.load_pretrained(model_dir)
-    kind = "lm" if isinstance(model_config, decoder.DecoderConfig) else "classify"
-    if with_task:
-        data_lib.check_task(config.task.name, kind, config.model.name)
+    kind = _kind(config, model_config, with_task)
     key = jax.random.key(config.seed)
     base_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(base))
     model, params = _model_and_params(config, model_config, base, jax.random.fold_in(key, 1))
@@ -223,7 +248,10 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
         ),
         mesh,
     )
-    head = sharding.put(jax.tree_util.tree_map(np.asarray, paths.unflatten(head_flat)), mesh)
+    head = paths.unflatten(head_flat)
+    if kind == "reward":  # the score head is the task's head: always trained
+        head["score"] = score_head(model_config, config.seed)
+    head = sharding.put(jax.tree_util.tree_map(np.asarray, head), mesh)
     delta = method.init(frozen, jax.random.fold_in(key, 2))
     if method.replaces_base:  # the delta holds those base leaves now (fp32 copies)
         frozen = methods.drop_replaced(frozen, delta)
@@ -255,10 +283,18 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
     )  # fmt: skip
 
 
+def score_head(model_config: decoder.DecoderConfig, seed: int) -> dict:
+    """A reward run's fresh ``score`` head for ``seed`` (the same in a single run and as one
+    adapter of a multi-adapter job)."""
+    key = jax.random.fold_in(jax.random.key(seed), 4)
+    return reward.init_score(model_config, key)
+
+
 def make_forward(
     setup: Setup, method: methods.Method | None = None, *, logits: bool = False
 ) -> Callable:
-    """``forward(trainable, frozen, batch, rng, train) -> logits``.
+    """``forward(trainable, frozen, batch, rng, train) -> logits`` (a reward model's: its
+    reward per row [R], :func:`lorax.models.reward.rewards`).
 
     The params the model sees are the frozen leaves, the trainable head leaves and the
     method's delta applied to them (``method``, default the setup's: for LoRA, wrapped around
@@ -270,6 +306,7 @@ def make_forward(
     """
     model, kind, mesh = setup.model, setup.kind, setup.mesh
     method = setup.method if method is None else method
+    pad_id = setup.pad_id
 
     chunk = 0 if logits else setup.loss_chunk
 
@@ -278,6 +315,17 @@ def make_forward(
         trainable = sharding.gather_fsdp(trainable, mesh)
         params = method.apply(paths.overlay(frozen, trainable["head"]), trainable["delta"])
         rngs = {"dropout": rng} if train else {}
+        if kind == "reward":  # [R] one scalar per row
+            return model.apply(
+                {"params": params},
+                batch["input_ids"],
+                batch["positions"],
+                _lm_mask(batch),
+                pad_id,
+                not train,
+                rngs=rngs,
+                method=reward.rewards,
+            )
         if kind == "lm":
             out, _ = model.apply(
                 {"params": params},
@@ -317,11 +365,16 @@ def _lm_mask(batch: Mapping[str, Any]) -> jax.Array | None:
 
 def train_sums(setup: Setup) -> Callable:
     """The metric sums the train step's loss comes from."""
+    if setup.kind == "reward":
+        return evaluate.reward_sums
     return evaluate.lm_sums if setup.kind == "lm" else evaluate.classification_sums
 
 
 def eval_sums(examples) -> Callable:
-    """The metric sums of an eval split: choice scoring, LM tokens or classes."""
+    """The metric sums of an eval split: preference pairs (a reward model's), choice
+    scoring, LM tokens or classes."""
+    if isinstance(examples, data_lib.PreferenceExamples):
+        return evaluate.reward_sums
     if isinstance(examples, data_lib.ChoiceExamples):
         return evaluate.choice_sums
     if isinstance(examples, data_lib.CausalExamples):

@@ -12,8 +12,9 @@ rejected. See :class:`PairBatcher` for the keys.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,9 @@ class PreferenceExamples:
     prompts: list[np.ndarray]  # int32 each, one or more tokens
     chosen: list[np.ndarray]  # int32 each, one or more tokens (the last is the eos)
     rejected: list[np.ndarray]  # int32 each, likewise
+    # float32 [N]: how clearly each pair is decided (task.margin_field; a reward model's loss
+    # is -log σ(r_chosen - r_rejected - margin)), or None when the data gives none
+    margins: np.ndarray | None = None
 
     def __post_init__(self):
         n = {len(self.prompts), len(self.chosen), len(self.rejected)}
@@ -49,6 +53,10 @@ class PreferenceExamples:
         for i, parts in enumerate(zip(self.prompts, self.chosen, self.rejected, strict=True)):
             if min(len(p) for p in parts) == 0:
                 raise ValueError(f"PreferenceExamples: pair {i} has an empty part")
+        if self.margins is not None and len(self.margins) != len(self.prompts):
+            raise ValueError(
+                f"PreferenceExamples: {len(self.margins)} margins for {len(self.prompts)} pairs"
+            )
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -59,6 +67,7 @@ class PreferenceExamples:
             [self.prompts[i] for i in indices],
             [self.chosen[i] for i in indices],
             [self.rejected[i] for i in indices],
+            None if self.margins is None else self.margins[np.asarray(indices, np.int64)],
         )
 
     def lengths(self) -> np.ndarray:
@@ -70,16 +79,33 @@ class PreferenceExamples:
         )  # fmt: skip
 
 
+def _number(value) -> float | None:
+    """A margin cell as a finite float (a number, or numeric text as a CSV gives), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
 def read_preference_rows(
-    path: str, split: str, counts: dict[str, int], fields: Sequence[str] = PAIR_FIELDS
-) -> list[tuple[str, str, str]]:
+    path: str,
+    split: str,
+    counts: dict[str, int],
+    fields: Sequence[str] = PAIR_FIELDS,
+    margin_field: str = "",
+) -> list[tuple]:
     """Reads (prompt, chosen, rejected) rows of a data file, skipping and counting bad ones.
 
     Any format :func:`lorax.data.tables.read_rows` reads (bad JSON and bad UTF-8 counted);
     ``fields`` names the prompt, chosen and rejected columns. Skip reasons
     (``<split>/skipped_<reason>``): ``missing_field`` (a field absent or null), ``bad_type``
     (not a string), ``empty_text`` (a blank prompt or response), ``same_response`` (chosen ==
-    rejected: the pair prefers nothing).
+    rejected: the pair prefers nothing). With ``margin_field`` each row also has its margin, a
+    finite number (or numeric text), as a fourth element; a row without one is
+    ``missing_field``, one that is not a number ``bad_type``.
     """
     if len(fields) != 3 or not all(isinstance(f, str) and f for f in fields):
         raise ValueError(
@@ -92,21 +118,23 @@ def read_preference_rows(
     for _, row in read_rows(path, split, counts):
         seen.update(row)
         values = [row.get(f) for f in fields]
-        if any(v is None for v in values):
+        margin = row.get(margin_field) if margin_field else 0.0
+        if any(v is None for v in values) or margin is None:
             skipped["missing_field"] += 1
-        elif not all(isinstance(v, str) for v in values):
+        elif not all(isinstance(v, str) for v in values) or _number(margin) is None:
             skipped["bad_type"] += 1
         elif not all(v.strip() for v in values):
             skipped["empty_text"] += 1
         elif values[1] == values[2]:
             skipped["same_response"] += 1
         else:
-            rows.append(tuple(values))
-    absent = [f for f in fields if f not in seen]
+            rows.append((*values, _number(margin)) if margin_field else tuple(values))
+    absent = [f for f in (*fields, *([margin_field] if margin_field else [])) if f not in seen]
     if absent and counts.get(f"{split}/file_rows"):
         raise ValueError(
             f"{path}: no row has the field(s) {absent}; its fields: {sorted(seen)}. Set "
-            "task.pair_fields = (prompt, chosen, rejected) column names"
+            "task.pair_fields = (prompt, chosen, rejected) column names (and "
+            "task.margin_field, when set)"
         )
     for reason, n in skipped.items():
         counts[f"{split}/skipped_{reason}"] = n
@@ -129,7 +157,7 @@ def chat_prompt(tokenizer: Any, prompt: str) -> str:
 
 def encode_preferences(
     tokenizer: Any,
-    rows: list[tuple[str, str, str]],
+    rows: list[tuple],
     *,
     max_length: int,
     counts: dict[str, int],
@@ -144,16 +172,20 @@ def encode_preferences(
     with the eos. A pair whose prompt leaves no room for a response token in ``max_length`` is
     skipped (``<split>/skipped_prompt_too_long``); a longer response loses tokens from the
     right (the eos first) and the pair is counted under ``<split>/truncated``; a pair whose
-    two responses are equal once cut is skipped as ``<split>/skipped_same_response``.
+    two responses are equal once cut is skipped as ``<split>/skipped_same_response``. Rows
+    with a fourth element (their margin, :func:`read_preference_rows`) give the examples'
+    ``margins``.
     """
     prefix, eos = ([] if chat_template else _leading_specials(tokenizer)), _eos_id(tokenizer)
-    texts = [chat_prompt(tokenizer, p) if chat_template else p for p, _, _ in rows]
+    texts = [chat_prompt(tokenizer, row[0]) if chat_template else row[0] for row in rows]
     prompts = _tokenize(tokenizer, texts)
-    chosen = _tokenize(tokenizer, [c for _, c, _ in rows])
-    rejected = _tokenize(tokenizer, [r for _, _, r in rows])
+    chosen = _tokenize(tokenizer, [row[1] for row in rows])
+    rejected = _tokenize(tokenizer, [row[2] for row in rows])
+    with_margins = bool(rows) and len(rows[0]) > 3
     out: tuple[list, list, list] = ([], [], [])
+    margins: list[float] = []
     too_long = truncated = same = 0
-    for p, c, r in zip(prompts, chosen, rejected, strict=True):
+    for row, p, c, r in zip(rows, prompts, chosen, rejected, strict=True):
         p, c, r = prefix + p, c + [eos], r + [eos]
         room = max_length - len(p)
         if room < 1:
@@ -167,12 +199,14 @@ def encode_preferences(
                 continue
         for part, x in zip(out, (p, c, r), strict=True):
             part.append(np.asarray(x, np.int32))
+        if with_margins:
+            margins.append(row[3])
     counts[f"{split}/skipped_prompt_too_long"] = too_long
     counts[f"{split}/skipped_same_response"] = (
         counts.get(f"{split}/skipped_same_response", 0) + same
     )
     counts[f"{split}/truncated"] = truncated - same
-    return PreferenceExamples(*out)
+    return PreferenceExamples(*out, np.asarray(margins, np.float32) if with_margins else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +229,7 @@ class PreferenceTask:
             files = split_files(task_config)
             fields = tuple(task_config.get("pair_fields") or PAIR_FIELDS)
             chat = bool(task_config.get("chat_template", False))
+            margin_field = task_config.get("margin_field") or ""
         else:
             train = os.path.join(os.fspath(data_dir), "train.jsonl")
             if not os.path.isfile(train):
@@ -202,9 +237,9 @@ class PreferenceTask:
             test = os.path.join(os.fspath(data_dir), "test.jsonl")
             files = {"train": train, "validation": None,
                      "test": test if os.path.isfile(test) else None}  # fmt: skip
-            fields, chat = PAIR_FIELDS, False
+            fields, chat, margin_field = PAIR_FIELDS, False, ""
         counts: dict[str, int] = {}
-        train = read_preference_rows(files["train"], "train", counts, fields)
+        train = read_preference_rows(files["train"], "train", counts, fields, margin_field)
         missing = [s for s in ("validation", "test") if files[s] is None]
         if missing and not 0 <= validation_size * len(missing) < len(train):
             top = (len(train) - 1) // len(missing)
@@ -217,7 +252,9 @@ class PreferenceTask:
         rows.update({s: [train[i] for i in idx] for s, idx in zip(missing, parts, strict=False)})
         for split in ("validation", "test"):
             if files[split] is not None:
-                rows[split] = read_preference_rows(files[split], split, counts, fields)
+                rows[split] = read_preference_rows(
+                    files[split], split, counts, fields, margin_field
+                )
         splits = {}
         for split in ("train", "validation", "test"):
             splits[split] = encode_preferences(
@@ -244,6 +281,8 @@ class PairBatcher(Batcher):
       ``positions`` [R, T] int32: 0..len-1, 0 on padding;
       ``last_index`` [R] int32: the position of the row's last real token (its eos, unless cut;
         where a reward model reads its score);
+      ``margin`` [B] float32: each pair's margin, when the examples have ``margins`` (0 for a
+        padding pair);
       ``weights`` [B] float32: 1 for a real pair, 0 for a padding pair (all-padding rows, the
         last evaluation batch's filler).
     Training order is that of :class:`lorax.data.Batcher` (pairs grouped by bucket, shuffled
@@ -277,7 +316,7 @@ class PairBatcher(Batcher):
                 positions[row, : len(x)] = np.arange(len(x))
                 last[row] = len(x) - 1
             weights[b] = 1.0
-        return {
+        batch = {
             "input_ids": ids,
             "targets": targets,
             "loss_mask": loss_mask,
@@ -286,3 +325,61 @@ class PairBatcher(Batcher):
             "last_index": last,
             "weights": weights,
         }
+        if ex.margins is not None:
+            batch["margin"] = np.zeros((self.batch_size,), np.float32)
+            batch["margin"][: len(indices)] = ex.margins[indices]
+        return batch
+
+
+def encode_scored(
+    tokenizer: Any,
+    texts: Sequence[str],
+    responses: Sequence[str] | None = None,
+    *,
+    max_length: int,
+    chat_template: bool = False,
+) -> list[np.ndarray]:
+    """Token rows for a reward model to score, built as its training rows are: ``texts[i]``
+    whole (the tokenizer's leading specials, its tokens, the eos), or with ``responses`` the
+    prompt ``texts[i]`` (its chat-template user turn with ``chat_template``) then
+    ``responses[i]`` and the eos, prompt and response tokenized apart. A row longer than
+    ``max_length`` keeps its first ``max_length`` tokens (a response loses its end, the eos
+    first, as in training)."""
+    eos = _eos_id(tokenizer)
+    if responses is None:
+        prefix = _leading_specials(tokenizer)
+        rows = [prefix + ids + [eos] for ids in _tokenize(tokenizer, list(texts))]
+    else:
+        if len(responses) != len(texts):
+            raise ValueError(f"{len(texts)} prompts but {len(responses)} responses")
+        prefix = [] if chat_template else _leading_specials(tokenizer)
+        prompts = [chat_prompt(tokenizer, p) if chat_template else p for p in texts]
+        rows = [
+            prefix + p + r + [eos]
+            for p, r in zip(
+                _tokenize(tokenizer, prompts), _tokenize(tokenizer, list(responses)), strict=True
+            )
+        ]
+    return [np.asarray(row[:max_length], np.int32) for row in rows]
+
+
+def scoring_batches(
+    rows: Sequence[np.ndarray], batch_size: int, buckets: Sequence[int], *, pad_id: int
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """``(indices, batch)`` over ``rows`` in length order, ``batch_size`` rows a batch (the
+    last filled with padding rows), each padded to the shortest of ``buckets`` that fits (the
+    longest row, past the last bucket): ``input_ids`` (``pad_id`` after each row),
+    ``segment_ids`` (1 on real tokens) and ``positions`` [B, T] int32, as
+    :class:`PairBatcher` lays out a row; ``indices`` are the real rows' places in ``rows``."""
+    order = np.argsort([len(r) for r in rows], kind="stable")
+    sizes = sorted(int(b) for b in buckets)
+    for start in range(0, len(rows), batch_size):
+        index = order[start : start + batch_size]
+        longest = max(len(rows[i]) for i in index)
+        t = next((b for b in sizes if b >= longest), longest)
+        ids = np.full((batch_size, t), pad_id, np.int32)
+        segments, positions = np.zeros_like(ids), np.zeros_like(ids)
+        for b, i in enumerate(index):
+            n = len(rows[i])
+            ids[b, :n], segments[b, :n], positions[b, :n] = rows[i], 1, np.arange(n)
+        yield index, {"input_ids": ids, "segment_ids": segments, "positions": positions}

@@ -9,7 +9,7 @@ Param layout (what lorax.lora's canonical target names match)::
     layers_i/attn_norm/scale (+bias)        layers_i/attn/{q,k,v,o}/kernel (+bias)
     layers_i/mlp_norm/scale (+bias)         layers_i/mlp/{mlp_gate,mlp_in,mlp_out}/kernel (+bias)
     final_norm/scale (+bias)                lm_head/kernel [D, V]              (untied only)
-    score/kernel [D, 1]                     (a reward model's head: :meth:`Decoder.reward`)
+    score/kernel [D, 1]                     (a reward model's head: lorax.models.reward)
 
 With ``scan=True`` the layers are one ``nn.scan`` module and their params live under
 ``layers/...`` with a leading [L] axis; :func:`lorax.paths.stack_layers` converts.
@@ -575,42 +575,6 @@ class Decoder(nn.Module):
             return lnn.attend(params["embed"]["token"]["embedding"], x_BTD, self.dtype)
         kernel = params["lm_head"]["kernel"]
         return lnn.apply_kernel(self, x_BTD, kernel, None, self.dtype, deterministic)
-
-    def reward(
-        self,
-        input_ids_BT: jax.Array,
-        positions_BT: jax.Array,
-        mask_BTS: jax.Array | None,
-        pad_id: int,
-        deterministic: bool = True,
-    ) -> jax.Array:
-        """A reward model's scalar per row [B] in fp32: the ``score/kernel`` [D, 1] head
-        (no bias) on the final hidden state of the row's last non-pad token
-        (:func:`last_token_index`), as ``LlamaForSequenceClassification`` /
-        ``GPT2ForSequenceClassification`` with ``num_labels=1`` compute it. Arguments as
-        ``__call__``'s; ``pad_id`` is the tokenizer's pad id (its eos when it has none)."""
-        x_BTD, _ = self(input_ids_BT, positions_BT, mask_BTS, None, deterministic, logits=False)
-        last_B = last_token_index(input_ids_BT, pad_id)
-        x_BD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)[:, 0]
-        kernel = self.variables["params"]["score"]["kernel"]
-        score_B1 = lnn.apply_kernel(self, x_BD, kernel, None, self.dtype, deterministic)
-        return score_B1[:, 0].astype(jnp.float32)
-
-
-def last_token_index(input_ids_BT: jax.Array, pad_id: int) -> jax.Array:
-    """[B] the position of each row's last token that is not ``pad_id``: where a reward
-    model reads its score, by the rule of ``transformers``' ``*ForSequenceClassification``
-    (the rightmost non-pad token, so right or left padding alike; 0 for a row of pads). A
-    row that ends in the pad token (an eos used as pad) is read at the token before it."""
-    t = input_ids_BT.shape[-1]
-    real_BT = (input_ids_BT != pad_id).astype(jnp.int32)
-    return jnp.argmax(jnp.arange(t, dtype=jnp.int32) * real_BT, axis=-1)
-
-
-def init_score(config: DecoderConfig, key: jax.Array) -> dict[str, jax.Array]:
-    """A fresh reward head ``{"kernel": [D, 1]}`` (fp32, normal with std 0.02 as
-    ``transformers`` initialises its ``score`` Linear; it has no bias)."""
-    return {"kernel": 0.02 * jax.random.normal(key, (config.hidden_size, 1), jnp.float32)}
 
 
 def param_shapes(config: DecoderConfig, scan: bool = False) -> dict[str, tuple[int, ...]]:
