@@ -219,7 +219,26 @@ def _hf_rows(tok, prompts, responses):
     return torch.tensor(ids), torch.tensor(mask)
 
 
-def test_reward_run_learns_exports_and_predicts_what_peft_predicts(tiny_reward_model, tmp_path):
+@pytest.fixture(scope="module")
+def reward_run(tiny_reward_model, tmp_path_factory):
+    """A finished 12-step reward run on 80 pairs with a margin column: (workdir, config,
+    summary)."""
+    import json
+
+    from lorax import train as train_lib
+
+    model_dir, _ = tiny_reward_model
+    d = tmp_path_factory.mktemp("reward_run")
+    data = d / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _preference_rows(80, 0)))
+    config = _reward_config(model_dir, data, **{"task.margin_field": "margin"})
+    summary = train_lib.train_and_evaluate(config, str(d / "run"))
+    return d / "run", config, summary
+
+
+def test_reward_run_learns_exports_and_predicts_what_peft_predicts(
+    tiny_reward_model, reward_run, tmp_path
+):
     """A LoRA + score-head reward run on preference pairs (with a margin column): the loss
     falls, the summary reports preference accuracy and mean margin on validation and test;
     its seq_cls export loads in AutoPeftModelForSequenceClassification(num_labels=1) and its
@@ -228,16 +247,10 @@ def test_reward_run_learns_exports_and_predicts_what_peft_predicts(tiny_reward_m
     import json
 
     from lorax import export, runs
-    from lorax import train as train_lib
     from lorax.predict import Predictor, predict_file
 
-    model_dir, tok = tiny_reward_model
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _preference_rows(80, 0)))
-    run = tmp_path / "run"
-    summary = train_lib.train_and_evaluate(
-        _reward_config(model_dir, data, **{"task.margin_field": "margin"}), str(run)
-    )
+    _, tok = tiny_reward_model
+    run, _, summary = reward_run
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["split"] == "train"]
     assert losses[-1] < losses[0]
@@ -345,3 +358,35 @@ def test_bad_reward_configs_are_refused_naming_the_field(tiny_model_dir, tiny_re
         }))  # fmt: skip
     with pytest.raises(ValueError, match=r"train.objective = 'rm' is not valid; choose one of"):
         setup_lib.build(_reward_config(model_dir, data, **{"train.objective": "rm"}))
+
+
+def test_reward_run_resumes_bit_identical_and_a_seed_sweep_job_equals_single_runs(
+    reward_run, tmp_path, monkeypatch
+):
+    """Killed after step 8 (last checkpoint at 6) and rerun, a reward run ends with the
+    uninterrupted run's adapter and score head bit for bit; seeds 0 and 1 as one
+    multi-adapter job give seed 0's single run (1e-5) and seed 1 its own score head."""
+    from lorax import multi, runs
+    from lorax import train as train_lib
+    from tests.helpers import train_until_interrupted
+
+    run, config, summary = reward_run
+    want = runs.restore_trainable(run)
+    train_until_interrupted(config, tmp_path / "cut", 8, monkeypatch)
+    resumed = train_lib.train_and_evaluate(config, str(tmp_path / "cut"))
+    assert resumed["resumed_from"] == 6
+    got = runs.restore_trainable(tmp_path / "cut")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+    assert resumed["validation_loss"] == summary["validation_loss"]
+
+    seeds = [config.copy_and_resolve_references() for _ in range(2)]
+    seeds[1].seed = 1
+    job = multi.train_many(seeds, [str(tmp_path / "s0"), str(tmp_path / "s1")])
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+        runs.restore_trainable(tmp_path / "s0"), want,
+    )  # fmt: skip
+    np.testing.assert_allclose(job[0]["validation_margin"], summary["validation_margin"],
+                               atol=1e-5)  # fmt: skip
+    heads = [runs.restore_trainable(tmp_path / s)["head"]["score"]["kernel"] for s in ("s0", "s1")]
+    assert np.abs(heads[0] - heads[1]).max() > 1e-3
