@@ -25,7 +25,7 @@ from typing import Any
 
 # Fitted by benchmarks/calibrate.py: measured step time = roofline time / EFFICIENCY, one
 # factor for every row (see benchmarks/README.md "Step-time estimate" for the rows and error).
-EFFICIENCY = 1.0
+EFFICIENCY = 0.654
 
 # Bytes per element by dtype; any other f8* is 1 byte, f4* half of one.
 DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4,

@@ -201,3 +201,33 @@ def test_estimate_divides_by_the_efficiency_and_says_it_is_an_estimate():
         roofline.estimate(DOT, "b200")
     with pytest.raises(ValueError, match="no ENTRY"):
         roofline.estimate("not hlo", SPEC)
+
+
+def test_the_calibrated_efficiency_is_the_one_benchmarks_calibrate_fitted():
+    """One source of truth: roofline.EFFICIENCY is the factor in the committed calibration
+    record (benchmarks/README.md "Step-time estimate"), fitted over every GPU-measured row."""
+    import json
+    import pathlib
+
+    from benchmarks import calibrate
+
+    path = pathlib.Path(calibrate.RUNBOOK).parent / "roofline-calibration.json"
+    record = json.loads(path.read_text())
+    assert roofline.EFFICIENCY == pytest.approx(record["efficiency"], abs=5e-4)
+    assert calibrate.fit(record["rows"]) == pytest.approx(record["efficiency"])
+    rows = calibrate.measured_rows()  # every lorax row the H200 timed, no PEFT row
+    assert len(rows) == len(record["rows"]) == 8
+    assert {(r["model"], r["mode"], r["scan"]) for r in rows} == {
+        (m, mode, False) for m in ("gpt2-124m", "llama-1b") for mode in ("lora", "multi", "full")
+    } | {("gpt2-124m", "lora", True)}
+
+
+def test_fit_is_the_geometric_mean_of_roofline_over_measured():
+    from benchmarks import calibrate
+
+    rows = [
+        {"roofline_s": 1.0, "measured_step_s": 2.0},
+        {"roofline_s": 1.0, "measured_step_s": 0.5},
+    ]
+    assert calibrate.fit(rows) == pytest.approx(1.0)  # 2x low and 2x high cancel
+    assert calibrate.fit(rows[:1]) == pytest.approx(0.5)
