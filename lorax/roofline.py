@@ -497,7 +497,7 @@ def kernels(module: Module, spec: Spec) -> tuple[list[Op], list[str]]:
                     instr.calls("true_computation") + instr.calls("false_computation"))  # fmt: skip
                 walked = [walk(b, times) for b in branches]
                 ops += max(walked, key=lambda w: sum(o.seconds * o.count for o in w), default=[])
-            elif op in ("call", "async-start") and not op.endswith("-done"):
+            elif op in ("call", "async-start"):  # what it wraps runs as kernels of its own
                 for called in instr.calls("to_apply") + instr.calls():
                     ops += walk(called, times)
             else:
