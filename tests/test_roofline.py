@@ -2,6 +2,8 @@
 """lorax.roofline on small handwritten HLO modules: the FLOPs, bytes, trip counts and link
 bytes it reads, each worked out by hand in the test, and the roofline's max(compute, memory)."""
 
+import json
+
 import pytest
 
 from lorax import roofline
@@ -196,6 +198,7 @@ def test_estimate_divides_by_the_efficiency_and_says_it_is_an_estimate():
     assert est.seconds == pytest.approx(2 * est.roofline_seconds)
     assert est.tokens_per_s == pytest.approx(64 / est.seconds)
     assert "estimate" in est.summary() and est.to_json()["estimate"] is True
+    assert json.loads(json.dumps(est.to_json()))["seconds"] == est.seconds  # --json prints it
     assert est.kinds["gemm"]["count"] == 1 and est.top[0]["name"] == "d"
     with pytest.raises(ValueError, match="unknown GPU 'b200'"):
         roofline.estimate(DOT, "b200")
@@ -206,7 +209,6 @@ def test_estimate_divides_by_the_efficiency_and_says_it_is_an_estimate():
 def test_the_calibrated_efficiency_is_the_one_benchmarks_calibrate_fitted():
     """One source of truth: roofline.EFFICIENCY is the factor in the committed calibration
     record (benchmarks/README.md "Step-time estimate"), fitted over every GPU-measured row."""
-    import json
     import pathlib
 
     from benchmarks import calibrate
