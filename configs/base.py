@@ -50,6 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Class names in class-index order. Empty: the built-in task's, or for a file task the
     # distinct labels of its training rows, sorted; a run's config.json records them.
     c.task.labels = ()
+    # Classification: weight each row's loss by its gold class (weighted cross-entropy, as
+    # PyTorch's CrossEntropyLoss(weight=...)): "" (none), "balanced" (n / (classes · n_class)
+    # from the training rows), or "label=w,label=w" / "{'label': w}" (classes not named: 1)
+    c.task.class_weights = ""
 
     # Your own data (task.name = "text_classification" or "pair_classification"): task.data is
     # a file (the training rows) or a folder (train.csv / train.jsonl / ..., optionally
@@ -149,6 +153,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.b2 = 0.999  # Adam beta2
     c.train.eps = 1e-8  # Adam epsilon
     c.train.grad_clip = 1.0  # global-norm clip over the trainable tree only (0 = off)
+    c.train.keep_best = ""  # keep, report and export the best checkpoint by a periodic
+    # validation metric (needs eval_every > 0): "validation_accuracy", "validation_loss",
+    # "validation_macro_f1" (classifiers) or "validation_perplexity" (LMs); "" = the last one
     c.train.skip_nonfinite = False  # on a NaN/Inf loss: False = stop the run, True = skip the batch
     c.train.max_skipped_consecutive = 10  # skip_nonfinite: stop after this many skips in a row
     c.train.max_skipped_fraction = 0.25  # skip_nonfinite: stop once more of the steps so far
@@ -160,6 +167,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 128  # examples per eval batch (a multiple of mesh.data × mesh.fsdp)
     c.checkpoint_every = 250  # steps between adapter checkpoints (0 = only at the end)
     c.keep_checkpoints = 2  # most recent checkpoints kept on disk
+    c.log = ml_collections.ConfigDict()
+    c.log.tensorboard = False  # also write metrics.jsonl's rows as TensorBoard event files in
+    # <workdir>/tensorboard (`tensorboard --logdir=runs`)
 
     # --- devices -----------------------------------------------------------------------------
     # data × fsdp × tensor must equal the number of visible devices (all hosts together);

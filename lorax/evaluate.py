@@ -16,19 +16,40 @@ from lorax import runfiles, sharding
 Forward = Callable[..., jax.Array]  # (trainable, frozen, batch, rng, train) -> logits
 
 
-def classification_sums(logits_BC: jax.Array, batch: Mapping[str, jax.Array]) -> dict:
-    """Loss and accuracy as sums over real rows (weight 1), with the row count."""
+def classification_sums(
+    logits_BC: jax.Array, batch: Mapping[str, jax.Array], class_weights_C=None
+) -> dict:
+    """Loss and accuracy as sums over real rows (weight 1), with the row count.
+
+    With ``class_weights_C`` (``task.class_weights``) also ``weighted_loss_sum`` (each row's
+    cross-entropy times its gold class's weight) and ``loss_weight`` (the weights' sum): the
+    train loss is then their ratio (:func:`train_loss`), PyTorch's weighted
+    ``CrossEntropyLoss``; ``loss_sum`` stays the plain one that is logged.
+    """
     w_B = batch["weights"].astype(jnp.float32)
     ce_B = optax.softmax_cross_entropy_with_integer_labels(
         logits_BC.astype(jnp.float32), batch["labels"]
     )
     correct_B = (jnp.argmax(logits_BC, -1) == batch["labels"]).astype(jnp.float32)
-    return {
+    sums = {
         "loss_sum": jnp.sum(ce_B * w_B),
         "correct": jnp.sum(correct_B * w_B),
         "count": jnp.sum(w_B),
         "confusion": _confusion(logits_BC, batch["labels"], w_B),
     }
+    if class_weights_C is not None:
+        cw_B = jnp.asarray(class_weights_C, jnp.float32)[batch["labels"]] * w_B
+        sums["weighted_loss_sum"] = jnp.sum(ce_B * cw_B)
+        sums["loss_weight"] = jnp.sum(cw_B)
+    return sums
+
+
+def train_loss(sums: Mapping[str, jax.Array]) -> jax.Array:
+    """The loss a train step differentiates: the class-weighted mean when the sums carry one
+    (:func:`classification_sums` with class weights), else ``loss_sum / count``."""
+    if "weighted_loss_sum" in sums:
+        return sums["weighted_loss_sum"] / jnp.maximum(sums["loss_weight"], 1e-12)
+    return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
 
 
 def _confusion(scores_BC: jax.Array, labels_B: jax.Array, w_B: jax.Array) -> jax.Array:

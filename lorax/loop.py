@@ -24,6 +24,7 @@ import tqdm
 from lorax import adalora, evaluate, lora, methods, paths, quant, runfiles, sharding
 from lorax import setup as setup_lib
 from lorax import step as step_lib
+from lorax.checkpoints import best as best_lib
 from lorax.checkpoints.state import Checkpointer, IncompatibleCheckpointError
 from lorax.runfiles import MetricsLog
 
@@ -207,6 +208,7 @@ class Result:
     step_memory_bytes: int | None
     earlier_wall_seconds: float = 0.0  # the earlier sessions' time up to their kept checkpoint
     sessions: int = 1  # processes that trained this run (resumes + 1)
+    kept: dict | None = None  # train.keep_best: the kept checkpoint's metric, step and value
 
 
 class _Window:
@@ -328,10 +330,12 @@ def run(
     state: Any,
     ckpt: Checkpointer,
     logs: Sequence[MetricsLog | None],
+    best: best_lib.Best | None = None,
 ) -> Result:
     """Trains ``stepper``'s adapters from ``state`` (or the newest checkpoint) to
     ``train.num_steps`` and evaluates them. ``logs[k]`` is adapter k's metrics log (None:
-    nothing is logged for it, e.g. an adapter whose run had already finished)."""
+    nothing is logged for it, e.g. an adapter whose run had already finished); ``best``
+    keeps the best checkpoint (``train.keep_best``, a single run)."""
     config = stepper.configs[0]
     t = config.train
     state = resume(ckpt, state, [log for log in logs if log is not None], t.num_steps)
@@ -345,14 +349,19 @@ def run(
             if log is not None and row is not None:
                 log.write(**fields, **row)
 
-    def run_eval(split, examples, step, final=False):
+    def run_eval(split, examples, step, final=False, of=None, **fields):
         desc = f"{'final ' if final else ''}eval {split}"
-        results = stepper.evaluate(state, examples, desc)
+        results = stepper.evaluate(state if of is None else of, examples, desc)
         # metrics.jsonl keeps the scalars; per-class figures and the confusion matrix go to
         # the summary only
         write([{k: v for k, v in r.items() if k not in _SUMMARY_ONLY} for r in results],
-              step=step, split=split)  # fmt: skip
+              step=step, split=split, **fields)  # fmt: skip
         return results
+
+    if t.get("keep_best") and best is None:
+        raise ValueError("train.keep_best is for single runs (lorax.train), not multi-adapter jobs")
+    for note in best.notes if best is not None else ():
+        tqdm.tqdm.write(note)
 
     bar = tqdm.tqdm(
         total=t.num_steps, initial=first_step, unit="step", dynamic_ncols=True,
@@ -411,7 +420,9 @@ def run(
             eval_start = time.time()
             results = run_eval("validation", val_subset, done)
             accuracies = ", ".join(f"{r['accuracy']:.4f}" for r in results)
-            bar.write(f"step {done}: validation accuracy {accuracies}")
+            kept = best is not None and best.offer(done, results[0], state)
+            bar.write(f"step {done}: validation accuracy {accuracies}"
+                      + (f" (best {best.metric} so far: kept)" if kept else ""))  # fmt: skip
             paused = time.time() - eval_start  # evals do not count against train throughput
             window.since += paused
             loop_start += paused
@@ -435,11 +446,39 @@ def run(
         + ("" if stepper.size == 1 else f", {stepper.size} adapters on each batch")
     )
     validation = run_eval("validation", task.splits["validation"], t.num_steps, final=True)
-    test = run_eval("test", test_examples, t.num_steps, final=True)
+    evaluated, kept = state, None
+    if best is not None:
+        evaluated, validation, kept = _final_best(
+            best, state, stepper, validation, val_subset, task, t.num_steps, run_eval
+        )
+    test = run_eval("test", test_examples, t.num_steps, final=True, of=evaluated)
     return Result(
-        state, first_step, validation, test, step_memory_bytes=step_memory,
+        state, first_step, validation, test, step_memory_bytes=step_memory, kept=kept,
         **timing.totals(train_seconds, train_tokens, step_times),
     )  # fmt: skip
+
+
+def _final_best(best, state, stepper, validation, val_subset, task, num_steps, run_eval):
+    """``train.keep_best`` at the end: the final state is offered too (on the periodic
+    evaluations' rows); if an earlier checkpoint stays best, it is what the run reports and
+    exports, so its validation is evaluated in full. Returns ``(state evaluated, its
+    validation, the summary's keep_best record)``."""
+    final = validation
+    if val_subset is not task.splits["validation"]:
+        final = stepper.evaluate(state, val_subset)
+    best.offer(num_steps, final[0], state)
+    evaluated = state
+    if best.step != num_steps:
+        tqdm.tqdm.write(
+            f"train.keep_best: the checkpoint of step {best.step} ({best.metric} "
+            f"{best.value:.4f}) is kept and evaluated; the final state's was "
+            f"{final[0][best.key]:.4f}"
+        )
+        evaluated = {"trainable": sharding.put(best.trainable(), stepper.setup.mesh)}
+        validation = run_eval("validation", task.splits["validation"], num_steps,
+                              final=True, of=evaluated, checkpoint_step=best.step)  # fmt: skip
+    best.ckpt.wait()
+    return evaluated, validation, best.describe()
 
 
 def make_summary(
@@ -488,6 +527,9 @@ def make_summary(
         "base_bytes_dense": quant.dense_nbytes(setup.frozen),
         "base_quantize": config.model.get("quantize") or "none",
         "steps": config.train.num_steps,
+        # train.keep_best: the checkpoint reported, exported and predicted with (else None:
+        # the final one)
+        "kept_checkpoint": result.kept,
         "resumed_from": result.first_step,
         # every session's: this process's wall time plus the earlier ones' (to their kept
         # checkpoint); train_seconds, tokens_per_second and step_seconds_median likewise

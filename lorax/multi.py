@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from lorax import data as data_lib
-from lorax import loop, lora, methods, paths, runfiles, runlock, sharding
+from lorax import evaluate, loop, lora, methods, paths, runfiles, runlock, sharding
 from lorax import setup as setup_lib
 from lorax import step as step_lib
 from lorax.checkpoints.state import Checkpointer
@@ -209,7 +209,7 @@ def make_multi_train_step(forward, tx, sums_fn):
             scaled = {"delta": apply_scales(trainable["delta"], scales), "head": trainable["head"]}
             logits = forward(scaled, frozen, batch, rng, True)
             sums = sums_fn(logits, batch)
-            return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
+            return evaluate.train_loss(sums), sums
 
         grads, sums = jax.grad(loss_fn, has_aux=True)(state["trainable"])
         grads = {"delta": apply_mask(grads["delta"], masks, grads=True), "head": grads["head"]}
@@ -401,8 +401,10 @@ def _train_many(configs, workdirs) -> list[dict[str, Any]]:
     stepper = MultiStepper(configs, workdirs)
     c0, num_steps = configs[0], configs[0].train.num_steps
     logs = [
-        None if s is not None else runfiles.MetricsLog(os.path.join(w, "metrics.jsonl"))
-        for w, s in zip(workdirs, summaries, strict=True)
+        None
+        if s is not None
+        else runfiles.MetricsLog(os.path.join(w, "metrics.jsonl"), runfiles.tensorboard_dir(w, c))
+        for w, s, c in zip(workdirs, summaries, configs, strict=True)
     ]
     with Checkpointer(os.path.join(workdirs[0], "job"), keep=c0.keep_checkpoints) as job_ckpt:
         result = loop.run(stepper, stepper.init_state(), job_ckpt, logs)

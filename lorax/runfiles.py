@@ -95,11 +95,25 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False))
 
 
-class MetricsLog:
-    """Appends one JSON object per event to ``metrics.jsonl``; trims events past a resume point."""
+def tensorboard_dir(workdir: str, config) -> str | None:
+    """``<workdir>/tensorboard`` for a config with ``log.tensorboard``, else None."""
+    log = config.get("log")
+    return os.path.join(workdir, "tensorboard") if log and log.get("tensorboard") else None
 
-    def __init__(self, path: str | os.PathLike):
+
+class MetricsLog:
+    """Appends one JSON object per event to ``metrics.jsonl``; trims events past a resume point.
+
+    With ``tensorboard`` (a folder: ``log.tensorboard``) each row's numbers are also written
+    as TensorBoard scalars ``<split>/<name>`` at the row's step (tensorboardX event files);
+    after a resume the first event purges what an earlier session logged past its checkpoint.
+    """
+
+    def __init__(self, path: str | os.PathLike, tensorboard: str | os.PathLike | None = None):
         self.path = os.fspath(path)
+        self.tensorboard = None if tensorboard is None else os.fspath(tensorboard)
+        self._writer = None
+        self._purge_step: int | None = None
 
     def keep(self, predicate: Callable[[dict], bool]) -> None:
         """Rewrites the log (atomically) with the rows ``predicate`` accepts; a line that is not
@@ -119,6 +133,7 @@ class MetricsLog:
     def truncate_after(self, step: int, final_step: int | None = None) -> None:
         """Drops rows logged after ``step`` by a run that was cut off before its next
         checkpoint, and the end-of-run evaluations at ``final_step`` (they are written again)."""
+        self._purge_step = step + 1
         self.keep(
             lambda row: row.get("step", 0) <= step
             and not (final_step is not None and row.get("split") != "train"
@@ -128,6 +143,27 @@ class MetricsLog:
     def write(self, **event) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(strict_json(event), sort_keys=True, allow_nan=False) + "\n")
+        if self.tensorboard is not None:
+            self._scalars(event)
+
+    def _scalars(self, event: dict) -> None:
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(self.tensorboard, purge_step=self._purge_step)
+        step, split = int(event.get("step", 0)), event.get("split", "")
+        for name, value in sorted(event.items()):
+            if name in ("step", "split") or isinstance(value, bool):
+                continue
+            if isinstance(value, int | float):
+                self._writer.add_scalar(f"{split}/{name}" if split else name, value, step)
+        self._writer.flush()  # on disk with the row: a killed run loses nothing logged
+
+    def close(self) -> None:
+        """Closes the TensorBoard writer, if one was opened."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 # Config fields a rerun may change without changing what the run computes: how often it logs,
@@ -143,6 +179,7 @@ RESULT_NEUTRAL = (
     "checkpoint_every",
     "keep_checkpoints",
     "task/max_eval_examples",
+    "log/",
     "mesh/",
 )
 

@@ -25,9 +25,17 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
+def kept_best(workdir: str | os.PathLike) -> bool:
+    """Whether the run kept a best checkpoint (``train.keep_best``), which it is read from."""
+    best = os.path.join(os.fspath(workdir), "best")
+    return os.path.isdir(best) and any(name.isdigit() for name in os.listdir(best))
+
+
 def restore_trainable(workdir: str | os.PathLike) -> dict[str, Any]:
-    """The latest checkpoint's ``{"delta", "head"}`` as numpy arrays (either may be empty)."""
-    ckpt = Checkpointer(os.fspath(workdir), writable=False)
+    """The latest checkpoint's ``{"delta", "head"}`` as numpy arrays (either may be empty);
+    for a run with ``train.keep_best``, its best checkpoint's."""
+    name = "best" if kept_best(workdir) else "checkpoints"
+    ckpt = Checkpointer(os.fspath(workdir), writable=False, name=name)
     try:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"{workdir} holds no checkpoint ({ckpt.directory})")

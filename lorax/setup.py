@@ -8,7 +8,9 @@ delta are placed beside it (:mod:`lorax.sharding`).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,6 +21,7 @@ import numpy as np
 
 from lorax import assets, attention, checkpoints, evaluate, methods, paths, quant, sharding
 from lorax import data as data_lib
+from lorax.checkpoints import best as best_lib
 from lorax.data import filetasks
 from lorax.models import decoder, encoder, reward
 
@@ -50,6 +53,7 @@ class Setup:
     tokenizer: Any = None
     loss_chunk: int = 0  # causal LMs: positions per chunk of the LM loss (0: dense logits)
     loss_grad: str = "forward"  # how the chunks give the hidden states' gradient (evaluate.Hidden)
+    class_weights: np.ndarray | None = None  # [C] task.class_weights (None: unweighted loss)
 
     @property
     def pad_id(self) -> int:
@@ -227,6 +231,8 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
     model_dir = assets.resolve(config.model.name)
     model_config, base = checkpoints.load_pretrained(model_dir)
     kind = _kind(config, model_config, with_task)
+    if with_task:
+        _check_training_options(config, kind)
     key = jax.random.key(config.seed)
     base_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(base))
     model, params = _model_and_params(config, model_config, base, jax.random.fold_in(key, 1))
@@ -269,6 +275,7 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
             validation_size=config.task.validation_size,
             task_config=config.task,
         )
+    weights = _class_weights_of(config, task, kind)
     loss_chunk = 0
     if kind == "lm":
         loss_chunk = evaluate.choose_loss_chunk(
@@ -279,7 +286,7 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
         )
     return Setup(
         model, kind, method, frozen, head, delta, task, mesh, base_params, tokenizer, loss_chunk,
-        loss_grad,
+        loss_grad, weights,
     )  # fmt: skip
 
 
@@ -364,10 +371,87 @@ def _lm_mask(batch: Mapping[str, Any]) -> jax.Array | None:
 
 
 def train_sums(setup: Setup) -> Callable:
-    """The metric sums the train step's loss comes from."""
+    """The metric sums the train step's loss comes from (class-weighted with
+    ``task.class_weights``)."""
     if setup.kind == "reward":
         return evaluate.reward_sums
-    return evaluate.lm_sums if setup.kind == "lm" else evaluate.classification_sums
+    if setup.kind == "lm":
+        return evaluate.lm_sums
+    if setup.class_weights is not None:
+        return functools.partial(evaluate.classification_sums, class_weights_C=setup.class_weights)
+    return evaluate.classification_sums
+
+
+def _check_training_options(config, kind: str) -> None:
+    """``train.keep_best`` and ``task.class_weights``, checked before the data is read."""
+    best_lib.check(config.train.get("keep_best") or "", kind, config.eval_every)
+    if config.task.get("class_weights"):
+        class_weights(config.task, data_lib.label_names(config.task) if kind == "classify" else ())
+
+
+def _class_weights_of(config, task, kind: str) -> np.ndarray | None:
+    """A classification run's ``task.class_weights`` from its training rows (None if none)."""
+    if task is None or kind != "classify":
+        return None
+    return class_weights(config.task, task.label_names, task.splits["train"].labels)
+
+
+def class_weights(task_config, names, train_labels=None) -> np.ndarray | None:
+    """``task.class_weights`` as [C] weights in class order, or None when it is empty.
+
+    ``"balanced"``: n / (C · n_c) from the training rows' labels ``train_labels`` (scikit-
+    learn's rule; None to check the value only); ``"name=w,name=w"`` or ``"{name: w}"``:
+    those classes' weights, the others 1. Raises naming the field, a class the task lacks, a
+    weight that is not a positive number, or a class with no training row under "balanced".
+    """
+    value = task_config.get("class_weights") or ""
+    if not isinstance(value, str):
+        raise ValueError(f"task.class_weights = {value!r} must be a string (see its comment)")
+    value = value.strip()
+    if not value:
+        return None
+    field = f"task.class_weights = {value!r}"
+    if not names:
+        raise ValueError(f"{field} is for classification tasks; this task has no classes")
+    if value == "balanced":
+        if train_labels is None:
+            return np.ones(len(names), np.float32)
+        counts = np.bincount(np.asarray(train_labels, int), minlength=len(names))
+        if (counts == 0).any():
+            empty = [n for n, c in zip(names, counts, strict=True) if c == 0]
+            raise ValueError(f"{field}: the classes {empty} have no training row to balance")
+        return (counts.sum() / (len(names) * counts)).astype(np.float32)
+    if value.startswith("{"):
+        try:
+            given = ast.literal_eval(value)
+        except (ValueError, SyntaxError) as e:
+            raise ValueError(f"{field} is not a {{label: weight}} mapping ({e})") from None
+        if not isinstance(given, dict):
+            raise ValueError(f"{field} is not a {{label: weight}} mapping")
+        pairs = [(str(k), w) for k, w in given.items()]
+    else:
+        pairs = []
+        for part in value.split(","):
+            name, eq, w = part.partition("=")
+            if not eq:
+                raise ValueError(
+                    f"{field} is not valid; give 'balanced', 'label=weight,label=weight' or "
+                    "'{label: weight}'"
+                )
+            pairs.append((name.strip(), w.strip()))
+    weights = np.ones(len(names), np.float32)
+    index = {n: i for i, n in enumerate(names)}
+    for name, w in pairs:
+        if name not in index:
+            raise ValueError(f"{field}: {name!r} is not one of the classes {list(names)}")
+        try:
+            w = float(w)
+        except (TypeError, ValueError):
+            w = float("nan")
+        if not (np.isfinite(w) and w > 0):
+            raise ValueError(f"{field}: the weight of {name!r} must be a positive number")
+        weights[index[name]] = w
+    return weights
 
 
 def eval_sums(examples) -> Callable:

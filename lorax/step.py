@@ -100,7 +100,7 @@ def make_train_step(
     def loss_fn(trainable, frozen, batch, rng):
         logits = forward(trainable, frozen, batch, rng, True)
         sums = sums_fn(logits, batch)
-        loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
+        loss = evaluate.train_loss(sums)
         if method is not None:
             loss = loss + method.penalty(trainable["delta"])
         return loss, sums

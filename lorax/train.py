@@ -24,6 +24,7 @@ from ml_collections import config_flags
 from lorax import cli, configdoc, loop, lora, paths, runfiles, runlock, sharding
 from lorax import data as data_lib
 from lorax import setup as setup_lib
+from lorax.checkpoints import best as best_lib
 from lorax.checkpoints.state import Checkpointer
 from lorax.runfiles import MetricsLog
 
@@ -59,7 +60,10 @@ def _train(config, setup: setup_lib.Setup, workdir: str, primary: bool, start: f
     if done is not None:
         return done
     # Closed on every way out, a Ctrl-C included: close() waits for the save in flight.
-    with Checkpointer(workdir, keep=config.keep_checkpoints) as ckpt:
+    with (
+        Checkpointer(workdir, keep=config.keep_checkpoints) as ckpt,
+        best_lib.open_for(workdir, config.train) as best,
+    ):
         stepper = loop.Stepper(setup, config, workdir)
         frozen = setup.frozen
         tqdm.tqdm.write(
@@ -76,13 +80,17 @@ def _train(config, setup: setup_lib.Setup, workdir: str, primary: bool, start: f
                 f"examples cut to task.max_length = {config.task.max_length} tokens: "
                 + ", ".join(f"{s} {n:,} of {len(setup.task.splits[s]):,}" for s, n in cut.items())
             )
-        log = MetricsLog(os.path.join(workdir, "metrics.jsonl")) if primary else None
-        result = loop.run(stepper, stepper.init_state(), ckpt, [log])
+        log = None
+        if primary:
+            log = MetricsLog(os.path.join(workdir, "metrics.jsonl"),
+                             runfiles.tensorboard_dir(workdir, config))  # fmt: skip
+        result = loop.run(stepper, stepper.init_state(), ckpt, [log], best)
         summary = loop.make_summary(
             config, setup, stepper.adapter(result.state, 0), result, 0, start
         )
         if primary:
             loop.write_summary(workdir, summary)
+            log.close()
         return summary
 
 

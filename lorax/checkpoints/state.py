@@ -97,11 +97,20 @@ class Checkpointer:
     Checkpoints found corrupt are moved to ``<workdir>/checkpoints-corrupt/`` (never deleted).
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, keep: int = 2, writable: bool = True):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        keep: int = 2,
+        writable: bool = True,
+        name: str = "checkpoints",
+    ):
         """``writable``: check at once that checkpoints can be written (a training run), not
-        at the first save; False for reading a finished run (which may be read-only)."""
+        at the first save; False for reading a finished run (which may be read-only).
+        ``name``: the folder under ``workdir`` (``best`` for ``train.keep_best``'s one)."""
         self.workdir = os.path.abspath(os.fspath(workdir))
-        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.name = name
+        self.directory = os.path.join(self.workdir, name)
         _drop_closed_loop_noise()
         if writable:
             _check_writable(self.directory)
@@ -215,7 +224,7 @@ class Checkpointer:
         return None, notes
 
     def _set_aside(self, step: int) -> str:
-        aside = os.path.join(self.workdir, "checkpoints-corrupt")
+        aside = os.path.join(self.workdir, f"{self.name}-corrupt")
         os.makedirs(aside, exist_ok=True)
         target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(os.path.join(self.directory, str(step)), target)
