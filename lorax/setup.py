@@ -275,7 +275,6 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
             validation_size=config.task.validation_size,
             task_config=config.task,
         )
-    weights = _class_weights_of(config, task, kind)
     loss_chunk = 0
     if kind == "lm":
         loss_chunk = evaluate.choose_loss_chunk(
@@ -286,7 +285,7 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
         )
     return Setup(
         model, kind, method, frozen, head, delta, task, mesh, base_params, tokenizer, loss_chunk,
-        loss_grad, weights,
+        loss_grad, _class_weights_of(config, task, kind),
     )  # fmt: skip
 
 
