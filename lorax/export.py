@@ -369,7 +369,8 @@ def main(argv):
     out = check_out_dir(f.out, f.overwrite)
     config = runs.read_config(f.workdir)
     base = check_base(f.base, config) if f.base else None
-    cli.note(f"loading the run in {f.workdir} (its base model and latest checkpoint) ...")
+    which = "best (train.keep_best)" if runs.kept_best(f.workdir) else "latest"
+    cli.note(f"loading the run in {f.workdir} (its base model and {which} checkpoint) ...")
     config, setup, trainable = runs.load_run(f.workdir)
     cli.note(f"writing the {'merged model' if f.merged else 'adapter'} to {out} ...")
     write_replacing(

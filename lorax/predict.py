@@ -391,7 +391,8 @@ def main(argv):
         raise app.UsageError("--out, --gold and --metrics_out go with --input")
     if f.metrics_out and not f.gold:
         raise app.UsageError("--metrics_out goes with --gold")
-    cli.note(f"loading the run in {f.workdir} (its base model and latest checkpoint) ...")
+    which = "best (train.keep_best)" if runs.kept_best(f.workdir) else "latest"
+    cli.note(f"loading the run in {f.workdir} (its base model and {which} checkpoint) ...")
     predictor = Predictor(f.workdir, f.batch_size)
     if predictor.reward and f.gold:
         raise app.UsageError("--gold evaluates classifiers; this run is a reward model")
