@@ -25,14 +25,18 @@ from unittest import mock
 
 from benchmarks import records
 
+# What makes two rows the same compiled step.
+STEP_KEYS = ("model", "batch", "seq", "mode", "multi", "scan", "remat", "attention",
+             "loss_chunk", "loss_grad")  # fmt: skip
 RUNBOOK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "runbook-gpu")
 TARGET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lorax",
                       "targets", "h200.txtpb")  # fmt: skip
 
 
 def measured_rows(runbook: str = RUNBOOK) -> list[dict[str, Any]]:
-    """Every lorax step a GPU timed, from the run-book's records: model, batch, seq, mode,
-    K, scan, measured step seconds and tokens/s, the record it came from."""
+    """Every lorax step a GPU timed, from the run-book's records: the step's arguments as it
+    ran (model, batch, seq, mode, K, scan, remat, attention kernel, loss chunk), its measured
+    step seconds and tokens/s, and the record it came from."""
     rows = []
     with open(os.path.join(runbook, "records.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
@@ -45,20 +49,35 @@ def measured_rows(runbook: str = RUNBOOK) -> list[dict[str, Any]]:
                 run = json.load(g)
             for mode, fig in run["modes"].items():
                 rows.append(_row(rec["step"], run["args"], mode, fig))
-        for side in ("on", "off"):  # A/B pairs: lorax both sides
+        for side in ("on", "off"):  # A/B pairs: lorax on both sides
             if side in result:
-                args = result[side]["argv"]
-                base = {"model": result["model"], "batch": 0, "seq": 0, "multi": 0,
-                        "scan": "--scan" in args}  # fmt: skip
+                args = _argv_args(result["model"], result[side])
                 for mode, fig in result[side]["modes"].items():
-                    rows.append(_row(f"{rec['step']} ({side})", base, mode, fig))
+                    rows.append(_row(f"{rec['step']} ({side})", args, mode, fig))
     return rows
+
+
+def _argv_args(model: str, side: dict) -> dict[str, Any]:
+    """An A/B side's step arguments: its argv over benchmarks.step's defaults, then what the
+    record kept of them resolved on the device (older records kept only the argv)."""
+    from benchmarks import step as bench_step
+
+    args = vars(bench_step.parse_args([f"--model={model}", *side["argv"]]))
+    if "args" not in side:  # before "auto" existed: what the argv did not name was the old path
+        args = {k: v for k, v in args.items() if v not in ("auto", -1)}
+    return {**args, **{k: v for k, v in side.get("args", {}).items() if v is not None}}
 
 
 def _row(source: str, args: dict, mode: str, fig: dict) -> dict[str, Any]:
     from benchmarks import models
 
     bench = models.get(args["model"])
+    # A run records the kernels its "auto" resolved to; runs before lorax had a choice (the
+    # 2026-11-27 H200 run) record none and ran XLA attention on dense logits, the only path.
+    attention = args.get("attention_kernel") or args.get("attention", "xla")
+    chunk = args.get("loss_chunk_positions", args.get("loss_chunk", 0))
+    if attention == "auto" or chunk < 0:
+        raise ValueError(f"{source}: the record does not say what 'auto' resolved to")
     return {
         "source": source,
         "model": args["model"],
@@ -67,6 +86,10 @@ def _row(source: str, args: dict, mode: str, fig: dict) -> dict[str, Any]:
         "mode": mode.split()[0],
         "multi": args.get("multi") or 1 if mode.startswith("multi") else 1,
         "scan": bool(args.get("scan")),
+        "remat": bool(args.get("remat")),
+        "attention": attention,
+        "loss_chunk": chunk,
+        "loss_grad": args.get("loss_grad") or "forward",
         "measured_step_s": fig["step_s"],
         "measured_tokens_per_s": fig["tokens_per_s"],
         "measured_xla_bytes": fig.get("xla_bytes"),
@@ -98,14 +121,16 @@ def compile_row(row: dict[str, Any], devices) -> tuple[str, int | None, int]:
     bench = models.get(row["model"])
     b, t = row["batch"], row["seq"]
     config = bench.decoder_config()
-    model = decoder.Decoder(config, jnp.bfloat16, scan=row["scan"], attention="xla")
+    model = decoder.Decoder(config, jnp.bfloat16, scan=row["scan"], remat=row["remat"],
+                            attention=row["attention"])  # fmt: skip
     mesh = sharding.make_mesh(1, devices=devices[:1])
     batch = bench_step.random_batch(config.vocab_size, b, t)
     built = {}
 
     def build():
         step = bench_step.build_step(row["mode"], bench, model, batch, mesh=mesh,
-                                     adapters=row["multi"], loss_chunk=0)  # fmt: skip
+                                     adapters=row["multi"], loss_chunk=row["loss_chunk"],
+                                     loss_grad=row["loss_grad"])  # fmt: skip
         built["fn"] = step.fn
         return step.args
 
@@ -128,7 +153,7 @@ def calibrate(rows: list[dict[str, Any]], target_config: str, spec, log=print) -
 
     devices, cache = gpu_devices(target_config), {}
     for row in rows:
-        key = (row["model"], row["batch"], row["seq"], row["mode"], row["multi"], row["scan"])
+        key = tuple(row[k] for k in STEP_KEYS)
         if key not in cache:
             start = time.perf_counter()
             text, footprint, tokens = compile_row(row, devices)

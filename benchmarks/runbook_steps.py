@@ -69,6 +69,9 @@ AB_PAIRS: tuple[ABPair, ...] = (
     ABPair("scan over layers", ("--scan",)),
     ABPair("remat each layer", ("--remat",)),
 )
+# The run's arguments an A/B record keeps beside its argv: the step as it ran, "auto" resolved.
+RESOLVED_ARGS = ("batch", "seq", "scan", "remat", "attention_kernel", "loss_chunk_positions",
+                 "loss_grad")  # fmt: skip
 PROFILE = "profile"  # step 4's profile of the LoRA step with the default kernels
 PROFILE_STEPS = 5  # traced steps
 # Step 4's order: the speed paths' A/B, the profile (where the time goes) once the two that
@@ -247,6 +250,8 @@ def ab_step(ctx: Context, pair: ABPair, model: str) -> dict[str, Any]:
         r = _read(record)
         sides[side] = {
             "argv": list(argv),
+            # what the defaults resolved to on that device (benchmarks.calibrate rebuilds it)
+            "args": {k: r["args"].get(k) for k in RESOLVED_ARGS},
             "modes": {m: {k: f.get(k) for k in ("tokens_per_s", "step_s", "compile_s",
                                                  "peak_bytes", "xla_bytes", "mfu_measured")}
                       for m, f in r["modes"].items()},

@@ -233,3 +233,26 @@ def test_fit_is_the_geometric_mean_of_roofline_over_measured():
     ]
     assert calibrate.fit(rows) == pytest.approx(1.0)  # 2x low and 2x high cancel
     assert calibrate.fit(rows[:1]) == pytest.approx(0.5)
+
+
+def test_calibration_rows_are_the_steps_as_they_ran(tmp_path):
+    """An A/B side is rebuilt from its argv and what "auto" resolved to on the device (kept by
+    the run-book since 2026-12); an older side, from before "auto", ran the only path then
+    (XLA attention, dense logits); a side that cannot say what "auto" became is refused."""
+    from benchmarks import calibrate
+
+    fig = {"step_s": 0.1, "tokens_per_s": 1000.0}
+    new = {"argv": [], "args": {"attention_kernel": "cudnn", "loss_chunk_positions": 64},
+           "modes": {"lora": fig}}  # fmt: skip
+    old = {"argv": ["--scan"], "modes": {"lora": fig}}
+    records = [{"step": "4/ab/x/gpt2-124m", "status": "ok",
+                "result": {"model": "gpt2-124m", "on": new, "off": old}}]  # fmt: skip
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    on, off = calibrate.measured_rows(str(tmp_path))
+    assert (on["attention"], on["loss_chunk"], on["scan"]) == ("cudnn", 64, False)
+    assert (off["attention"], off["loss_chunk"], off["scan"]) == ("xla", 0, True)
+    assert on["batch"] == 16 and on["measured_step_s"] == 0.1
+    new["args"] = {"attention_kernel": None}  # kept, but not what "auto" became
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ValueError, match="does not say what 'auto' resolved to"):
+        calibrate.measured_rows(str(tmp_path))
