@@ -13,13 +13,19 @@ def get_config() -> ml_collections.ConfigDict:
     # --- model -------------------------------------------------------------------------------
     c.model = ml_collections.ConfigDict()
     c.model.name = "minilm-l6"  # asset name (see lorax/assets.py) or a Hugging Face model dir
+    c.model.architecture = ""  # random weights instead of model.name's (no download; for
+    # lorax.plan and speed work): a decoder's Hugging Face config.json as JSON text or a path
+    # to one; model.name then only gives the tokenizer ("" = none: no task data)
     c.model.pooling = "mean"  # sentence vector for the head: "mean" over tokens, or "cls" (pooler)
     c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16"
     c.model.base_dtype = "float32"  # storage dtype of the frozen base: "float32" or "bfloat16"
     c.model.dropout = 0.1  # hidden dropout inside the (frozen) model during training
     c.model.head_dropout = 0.1  # dropout on the pooled vector before the classifier head
     c.model.scan = False  # decoders: run the layers under nn.scan (compiles one layer, not L)
-    c.model.remat = False  # decoders: recompute each layer's activations in the backward pass
+    c.model.remat = "none"  # decoders: what each layer keeps for the backward pass: "none"
+    # (everything), "block_inputs" (only its input: the layer is recomputed, ~1/3 more compute),
+    # "dots" (its weight matmuls' outputs: attention, norms and activations recomputed); with
+    # FSDP a layer's gathered weights are never kept unless mesh.fsdp_gather = "layer_keep"
     c.model.attention = "auto"  # attention kernel: "auto" (cuDNN's fused kernel on a GPU where
     # it runs these shapes, else XLA's), "xla" or "cudnn" (lorax/attention.py)
     c.model.loss_chunk = -1  # causal LMs: positions per chunk of the output layer + loss, so
@@ -178,6 +184,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # pure data parallel: batch split, params copied on every position
     c.mesh.fsdp = 1  # data parallel too, and every large kernel split over it (FSDP / ZeRO-3)
     c.mesh.tensor = 1  # Megatron tensor parallel: q/k/v/up/gate split by output, o/down by input
+    c.mesh.fsdp_gather = "layer"  # fsdp > 1: "layer" = each layer all-gathers its own weights
+    # and gathers them again in the backward pass (ZeRO-3; its gradients reduce-scattered per
+    # layer); "layer_keep" = kept from the forward pass instead (a layer's weights per layer
+    # more memory, half the all-gathers); "tree" = the whole tree gathered before layer 0
     c.mesh.distributed = False  # multi-host: call jax.distributed.initialize() before training
     c.mesh.coordinator_address = ""  # "host:port" of process 0 ("" = auto-detect: Slurm, MPI, TPU)
     c.mesh.num_processes = 0  # processes (hosts) in the run (0 = auto-detect)

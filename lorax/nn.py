@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lorax import attention, quant
+from lorax import attention, quant, sharding
 from lorax.kernels import (
     BankedLoraWeight,
     Bottleneck,
@@ -28,6 +28,89 @@ from lorax.kernels import (
 )
 
 Initializer = Callable[..., jax.Array]
+
+# model.remat: what each layer keeps from its forward pass for the backward pass.
+REMAT = {
+    "none": "every intermediate (nothing recomputed)",
+    "block_inputs": "only each layer's input; the whole layer is recomputed in the backward pass",
+    "dots": "the outputs of the weight matmuls (projections, MLP); attention scores, softmax, "
+    "norms and activations recomputed",
+}
+
+
+def remat_name(value: str | bool) -> str:
+    """``model.remat`` as a name of :data:`REMAT` (older configs' False / True mean "none" /
+    "block_inputs"); an error names the field and the valid names."""
+    if isinstance(value, bool):
+        return "block_inputs" if value else "none"
+    if value not in REMAT:
+        raise ValueError(
+            f"model.remat = {value!r} is not valid; choose one of {list(REMAT)} (or True / False "
+            f"for 'block_inputs' / 'none')"
+        )
+    return value
+
+
+def gathered(target, gather: Callable[[Any], Any] | None, scope: str = "", methods=None):
+    """``target`` (a Module class) reading its params through ``gather`` (e.g. the FSDP
+    all-gather of :func:`lorax.sharding.layer_gather`), or ``target`` itself when ``gather``
+    is None. Only for applying a model: its params must exist already (not under ``init``).
+
+    ``gather`` sees the params under ``scope`` (the module's name, e.g. "lm_head", for rules
+    that name it), or as they are (``attn/q/kernel``: a layer's rules match anywhere).
+    """
+    if gather is None:
+        return target
+
+    def trans_in(variables):
+        params = variables["params"]
+        params = gather({scope: params})[scope] if scope else gather(params)
+        return {**variables, "params": params}
+
+    return nn.map_variables(target, "params", trans_in_fn=trans_in, mutable=False, methods=methods)
+
+
+def layer(target, gather, remat: str | bool, regather: bool, prevent_cse: bool = True):
+    """``target`` (a layer's Module class) as a model runs each layer: reading its params
+    through ``gather`` (:func:`gathered`) inside a checkpoint with the ``remat`` policy
+    (:func:`remat_policy`), so a layer that gathers its weights again in the backward pass
+    (``regather``) does so inside the checkpoint. ``prevent_cse``: as ``jax.checkpoint``'s
+    (False under ``nn.scan``, whose loop already keeps the passes apart)."""
+    policy = remat_policy(remat, regather=gather is not None and regather)
+    block = gathered(target, gather)
+    return block if policy is None else nn.remat(block, prevent_cse=prevent_cse, policy=policy)
+
+
+def _anything_but_gathered(prim, *_, **params) -> bool:
+    # Everything saveable except the gathered weights; a sharding constraint's or a cast's
+    # output is recomputed too, else a gathered weight (or its cast copy) is saved through it.
+    if prim.name == "name":
+        return params.get("name") != sharding.GATHERED
+    return prim.name not in ("sharding_constraint", "convert_element_type")
+
+
+def remat_policy(remat: str | bool, regather: bool = False) -> Callable | None:
+    """The ``jax.checkpoint`` policy of one layer for ``model.remat`` (:data:`REMAT`), or None
+    for no checkpoint at all.
+
+    Args:
+      remat: a :data:`REMAT` name (or a bool, see :func:`remat_name`).
+      regather: the layer all-gathers FSDP-split weights (tagged
+        :data:`lorax.sharding.GATHERED`) and must gather them again in the backward pass
+        rather than keep them (ZeRO-3). False keeps them (saved like any residual), which
+        costs a layer's gathered weights per layer.
+    """
+    name = remat_name(remat)
+    policies = jax.checkpoint_policies
+    if name == "none":
+        return _anything_but_gathered if regather else None
+    base = {
+        "block_inputs": policies.nothing_saveable,
+        "dots": policies.dots_with_no_batch_dims_saveable,
+    }[name]
+    if regather:
+        return base
+    return policies.save_from_both_policies(base, policies.save_only_these_names(sharding.GATHERED))
 
 
 def _lora_dropout(module: nn.Module, x: jax.Array, rate: float, deterministic: bool):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import json
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lorax import assets, attention, checkpoints, evaluate, methods, paths, quant, sharding
+from lorax import assets, attention, checkpoints, evaluate, methods, nn, paths, quant, sharding
 from lorax import data as data_lib
 from lorax.checkpoints import best as best_lib
 from lorax.data import filetasks
@@ -161,10 +163,14 @@ def _check_quantize(config, method: methods.Method) -> None:
         )
 
 
-def _model_and_params(config, model_config, base, key):
-    """The Flax model for the checkpoint's family and the params tree it runs on."""
+def _model_and_params(config, model_config, base, key, mesh):
+    """The Flax model for the checkpoint's family and the params tree it runs on (random
+    weights in ``model.base_dtype``, already on ``mesh``, when ``base`` is None)."""
     compute_dtype = choice(config.model.dtype, DTYPES, "model.dtype")
+    base_dtype = choice(config.model.base_dtype, DTYPES, "model.base_dtype")
     requested = config.model.get("attention", "auto")
+    gather_mode = fsdp_gather_mode(config)
+    gather = None if gather_mode == "tree" else sharding.layer_gather(mesh)
     if isinstance(model_config, decoder.DecoderConfig):
         c = dataclasses.replace(model_config, dropout=config.model.dropout)
         shape = (c.num_heads, c.num_kv_heads, c.head_dim)
@@ -172,9 +178,15 @@ def _model_and_params(config, model_config, base, key):
             c,
             compute_dtype,
             scan=config.model.scan,
-            remat=config.model.remat,
+            remat=nn.remat_name(config.model.remat),
             attention=attention.choose(requested, compute_dtype, *shape),
+            gather=gather,
+            regather=gather_mode == "layer",
         )
+        if base is None:  # random weights (model.architecture), made on the mesh
+            init = functools.partial(random_params, model_config, config.model.scan, base_dtype)
+            shardings = sharding.tree_shardings(jax.eval_shape(init, key), mesh)
+            return model, jax.jit(init, out_shardings=shardings)(jax.random.fold_in(key, 3))
         return model, paths.stack_layers(base) if config.model.scan else base
     c = dataclasses.replace(model_config, hidden_dropout=config.model.dropout)
     heads = c.num_heads
@@ -185,6 +197,7 @@ def _model_and_params(config, model_config, base, key):
         dtype=compute_dtype,
         head_dropout=config.model.head_dropout,
         attention=attention.choose(requested, compute_dtype, heads, heads, c.hidden_size // heads),
+        gather=gather,
     )
     return model, encoder.init_params(model, base, key)
 
@@ -207,11 +220,84 @@ def _kind(config, model_config, with_task: bool) -> str:
     return "reward"
 
 
+def _load_base(config, with_task: bool) -> tuple[Any, dict | None, Any]:
+    """``(model config, pretrained params or None, model dir or None)``: a checkpoint's, or
+    with ``model.architecture`` the described shape (random weights, made later on the mesh)
+    and ``model.name``'s directory for the tokenizer alone."""
+    architecture = config.model.get("architecture", "")
+    if not architecture:
+        model_dir = assets.resolve(config.model.name)
+        return *checkpoints.load_pretrained(model_dir), model_dir
+    if not config.model.name:
+        if with_task:
+            raise ValueError(
+                "model.architecture gives random weights but no tokenizer: set model.name to a "
+                "model whose tokenizer the task should use (e.g. 'smollm2-135m')"
+            )
+        return read_architecture(architecture), None, None
+    return read_architecture(architecture), None, assets.resolve(config.model.name)
+
+
+def _place_frozen(frozen: dict, config, base_dtype, mesh) -> dict:
+    """The frozen base quantized (QLoRA) and cast to ``base_dtype`` on the host, then placed on
+    the mesh, each device receiving only its slice (random weights are there already)."""
+    if config.model.get("quantize"):  # QLoRA: from the fp32 weights, standing for base_dtype ones
+        frozen = quant.quantize_tree(
+            frozen, config.model.quantize, config.model.quant_block, dtype=base_dtype
+        )
+    on_host = lambda x: not (quant.is_quantized(x) or isinstance(x, jax.Array))  # noqa: E731
+    cast = lambda x: np.asarray(x, base_dtype) if on_host(x) else x  # noqa: E731
+    return sharding.put(jax.tree_util.tree_map(cast, frozen, is_leaf=quant.is_quantized), mesh)
+
+
+def read_architecture(architecture: str) -> decoder.DecoderConfig:
+    """``model.architecture``: a Hugging Face ``config.json`` of a decoder (Llama, Qwen2, GPT-2)
+    as JSON text or a path to one; an error names the field and what it holds."""
+    text = architecture
+    if not architecture.lstrip().startswith("{"):
+        if not os.path.isfile(architecture):
+            raise ValueError(
+                f"model.architecture = {architecture!r} is neither JSON text nor a config.json "
+                "file; give a Hugging Face config.json dict (e.g. configs/plan_llama8b_lora.py)"
+            )
+        with open(architecture) as f:
+            text = f.read()
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"model.architecture is not valid JSON: {e}") from None
+    if fields.get("model_type") == "bert":
+        raise ValueError(
+            "model.architecture: random weights are made for decoders (llama, qwen2, gpt2); "
+            "an encoder needs model.name"
+        )
+    return decoder.DecoderConfig.from_hf(fields)
+
+
+def random_params(model_config: decoder.DecoderConfig, scan: bool, dtype, key) -> dict:
+    """Random weights of ``model_config``'s decoder (Flax's initialisers) in ``dtype``, in the
+    scanned layout with ``scan``; jittable, so :func:`build` makes them straight into their
+    shardings and ``jax.eval_shape`` gives their shapes without allocating them."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    mask = decoder.causal_mask(jnp.ones_like(ids))
+    params = decoder.Decoder(model_config).init(key, ids, ids, mask)["params"]
+    params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+    return paths.stack_layers(params) if scan else params
+
+
+def fsdp_gather_mode(config) -> str:
+    """``mesh.fsdp_gather`` checked (:data:`lorax.sharding.GATHER_MODES`); "layer" if unset."""
+    mode = config.mesh.get("fsdp_gather", "layer")
+    return choice(mode, set(sharding.GATHER_MODES), "mesh.fsdp_gather")
+
+
 def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup:
     """Loads the model, checks the method against it, then loads and tokenizes the task.
 
     With ``model.scan`` :func:`paths.stack_layers` still stacks the layers on the default
-    device first. ``with_task=False`` skips the data (export, generation).
+    device first. With ``model.architecture`` no weights are read: random ones
+    (:func:`random_params`) are made by one jitted call straight into their shardings.
+    ``with_task=False`` skips the data (export, generation).
     """
     check_numbers(config)
     loss_grad = choice(config.model.get("loss_grad", "forward"), set(evaluate.LOSS_GRADS),
@@ -228,32 +314,19 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
     methods.lr_ratio_b(config)  # checked before any compute
     _check_quantize(config, method)
 
-    model_dir = assets.resolve(config.model.name)
-    model_config, base = checkpoints.load_pretrained(model_dir)
+    key = jax.random.key(config.seed)
+    model_config, base, model_dir = _load_base(config, with_task)
     kind = _kind(config, model_config, with_task)
     if with_task:
         _check_training_options(config, kind)
-    key = jax.random.key(config.seed)
-    base_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(base))
-    model, params = _model_and_params(config, model_config, base, jax.random.fold_in(key, 1))
+    model, params = _model_and_params(config, model_config, base, jax.random.fold_in(key, 1), mesh)
+    counted = params if base is None else base  # the pretrained base, without a new head
+    base_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(counted))
 
     head_flat, frozen_flat = paths.select(
         paths.flatten(params), tuple(config.train.trainable), what="train.trainable pattern"
     )
-    frozen = paths.unflatten(frozen_flat)
-    if config.model.get("quantize"):  # QLoRA: from the fp32 weights, standing for base_dtype ones
-        frozen = quant.quantize_tree(
-            frozen, config.model.quantize, config.model.quant_block, dtype=base_dtype
-        )
-    # Cast on the host, then each device receives only its slice.
-    frozen = sharding.put(
-        jax.tree_util.tree_map(
-            lambda x: x if quant.is_quantized(x) else np.asarray(x, base_dtype),
-            frozen,
-            is_leaf=quant.is_quantized,
-        ),
-        mesh,
-    )
+    frozen = _place_frozen(paths.unflatten(frozen_flat), config, base_dtype, mesh)
     head = paths.unflatten(head_flat)
     if kind == "reward":  # the score head is the task's head: always trained
         head["score"] = score_head(model_config, config.seed)
@@ -263,7 +336,7 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
         frozen = methods.drop_replaced(frozen, delta)
     delta = sharding.put(jax.tree_util.tree_map(np.asarray, delta), mesh)
 
-    tokenizer = checkpoints.load_tokenizer(model_dir)
+    tokenizer = None if model_dir is None else checkpoints.load_tokenizer(model_dir)
     task = None
     if with_task:
         file_task = config.task.name in data_lib.CONFIG_TASKS  # it finds its own files
@@ -307,18 +380,22 @@ def make_forward(
     its kernels as LoraWeight nodes, never merged). Logits are [B, C] for a classifier and
     [B, T, V] for a causal LM; with ``setup.loss_chunk`` a causal LM returns an
     :class:`evaluate.Hidden` instead (which the LM sums take in place of logits), unless
-    ``logits``. On a mesh with an fsdp axis the params are first gathered to their compute
-    layout (:func:`sharding.gather_fsdp`).
+    ``logits``. On a mesh with an fsdp axis each layer of the model gathers its own weights
+    (``setup.model.gather``, :func:`sharding.layer_gather`); with ``mesh.fsdp_gather = "tree"``
+    the model has no ``gather`` and the whole tree is gathered here first instead
+    (:func:`sharding.gather_fsdp`).
     """
     model, kind, mesh = setup.model, setup.kind, setup.mesh
     method = setup.method if method is None else method
     pad_id = setup.pad_id
+    whole_tree = model.gather is None
 
     chunk = 0 if logits else setup.loss_chunk
 
     def forward(trainable, frozen, batch, rng, train: bool):
-        frozen = sharding.gather_fsdp(frozen, mesh)
-        trainable = sharding.gather_fsdp(trainable, mesh)
+        if whole_tree:
+            frozen = sharding.gather_fsdp(frozen, mesh)
+            trainable = sharding.gather_fsdp(trainable, mesh)
         params = method.apply(paths.overlay(frozen, trainable["head"]), trainable["delta"])
         rngs = {"dropout": rng} if train else {}
         if kind == "reward":  # [R] one scalar per row

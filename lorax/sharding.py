@@ -4,9 +4,11 @@ The mesh has three axes, outermost first:
 
 - ``data``: pure data parallelism; params are copied on every position of this axis.
 - ``fsdp``: data parallel too (batches split over data × fsdp jointly), and each large kernel
-  is also stored split along one dimension over it (FSDP / ZeRO-3). The forward pass
-  all-gathers the weights it needs (:func:`gather_fsdp`) while activations stay split over
-  the batch, and gradients are reduced back to the split layout.
+  is also stored split along one dimension over it (FSDP / ZeRO-3). Each layer all-gathers
+  its own weights where it reads them (:func:`layer_gather`; ``mesh.fsdp_gather``, by default
+  again in the backward pass rather than kept) while activations stay split over the batch,
+  and the gradients are reduce-scattered back to the split layout layer by layer; the older
+  way, the whole tree gathered at the top of the forward pass, is :func:`gather_fsdp`.
 - ``tensor``: Megatron-style tensor parallelism; q/k/v and MLP up/gate kernels split along
   their output dimension, o and MLP down along their input dimension, so each attention and
   MLP block needs one reduction. The batch is not split over it.
@@ -34,11 +36,12 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -265,6 +268,53 @@ def gather_fsdp(tree: Any, mesh: Mesh, rules: Sequence[Rule] = RULES) -> Any:
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
     return jax.lax.with_sharding_constraint(tree, shardings)
+
+
+GATHER_MODES = {
+    "layer": "each layer all-gathers its own weights, again in the backward pass (ZeRO-3)",
+    "layer_keep": "each layer all-gathers its own weights, kept for the backward pass",
+    "tree": "the whole params tree all-gathered at the top of the forward pass",
+}
+GATHERED = "fsdp_gathered"  # checkpoint_name of gathered weights (lorax.nn's remat policies)
+
+
+def layer_gather(mesh: Mesh, rules: Sequence[Rule] = RULES) -> Callable[[Any], Any] | None:
+    """A function taking one layer's params (inside ``jit``) to their compute layout, for the
+    model to call where the layer reads them; None when the fsdp axis has size 1.
+
+    Each FSDP-split leaf is constrained first to its stored layout and then to that layout
+    without "fsdp": the forward pass all-gathers it inside the layer (inside the scanned body
+    of a scanned model), and the transpose of the first constraint reduce-scatters its
+    gradient back over fsdp inside the layer's backward pass, instead of after the last layer.
+    Gathered leaves are tagged :data:`GATHERED` (``jax.ad_checkpoint.checkpoint_name``) for
+    the remat policies. The leaves may sit in pytree nodes (LoraWeight and the like): a
+    node's ``w`` takes its kernel's rule, its ``a`` / ``b`` the factor rules; paths are
+    relative (``attn/q/kernel``), which the rules match anywhere. Leaves the rules leave
+    unsplit over fsdp pass through untouched.
+    """
+    if mesh.shape.get(FSDP, 1) == 1:
+        return None
+    compiled = paths.compile_patterns(p for p, _ in rules)
+
+    def gather(tree):
+        def one(path, leaf):
+            keys = tuple(path)
+            if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "w":
+                keys = keys[:-1]  # a node's frozen kernel sits where the kernel was
+            spec = _spec(paths.key_str(keys), tuple(np.shape(leaf)), mesh, rules, compiled)
+            if not any(FSDP in _names(axes) for axes in spec):
+                return leaf
+            leaf = jax.lax.with_sharding_constraint(leaf, NamedSharding(mesh, spec))
+            leaf = jax.lax.with_sharding_constraint(leaf, NamedSharding(mesh, _without(spec, FSDP)))
+            return checkpoint_name(leaf, GATHERED)
+
+        return jax.tree_util.tree_map_with_path(one, tree)
+
+    return gather
+
+
+def _names(axes) -> tuple[str, ...]:
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
 def _without(spec: PartitionSpec, axis: str) -> PartitionSpec:

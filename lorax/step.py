@@ -9,6 +9,8 @@ jitted with those shardings in and out.
 from __future__ import annotations
 
 import functools
+import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lorax import evaluate, sharding
+from lorax import evaluate, paths, sharding
 
 
 def head_learning_rate(train_config) -> float:
@@ -226,3 +228,59 @@ def step_memory_bytes(jitted: Callable, *args) -> int | None:
         return compiled_memory_bytes(jitted.lower(*args).compile())
     except Exception:  # noqa: BLE001 -- a backend without the analysis: nothing to report
         return None
+
+
+def memory_bound(
+    model_config, frozen: Any, trainable: Any, mesh, rows: int, length: int, remat: str, dtype
+) -> dict[str, int]:
+    """An analytic lower bound of a decoder LM train step's bytes per device, by part.
+
+    What any schedule must hold at its peak at the least, not a model of XLA's allocator:
+    "base", the frozen base as stored (each leaf's bytes over the devices that split it);
+    "gathered", two layers' weights all-gathered over fsdp (the layer computing and the next
+    one arriving; 0 without fsdp); "trainable", the trainable leaves, their gradients and
+    Adam's two moments; "activations", what ``remat`` (:data:`lorax.nn.REMAT`) keeps of every
+    layer ("block_inputs": its input; "dots", and "none" which keeps more: the weight matmuls'
+    outputs); "temporaries", the largest per-layer ones, the MLP's two [rows, length, F]
+    matmul outputs alive together. ``rows`` are one device's rows of ``length`` tokens;
+    ``dtype`` is the compute dtype; ``frozen`` and ``trainable`` may be abstract.
+    """
+
+    def nbytes(leaf):
+        return math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+
+    def per_device(tree, drop=()):  # bytes of each leaf over the mesh axes that split it
+        def one(leaf, spec):
+            axes = [a for dim in spec for a in ((dim,) if isinstance(dim, str) else dim or ())]
+            return nbytes(leaf) / math.prod(mesh.shape[a] for a in axes if a not in drop)
+
+        leaves = jax.tree_util.tree_leaves(tree)
+        specs = jax.tree_util.tree_leaves(
+            sharding.tree_specs(tree, mesh),
+            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
+        )
+        return sum(one(x, s) for x, s in zip(leaves, specs, strict=True))
+
+    c = model_config
+    layer = {
+        path: leaf
+        for path, leaf in paths.flatten({"f": frozen, "t": trainable}).items()
+        if re.match(r"[ft]/(layers/|layers_0/)", path)
+    }
+    stacked = any(p.split("/")[1] == "layers" for p in layer)
+    one_layer = per_device(paths.unflatten(layer), drop=(sharding.FSDP,))
+    one_layer /= c.num_layers if stacked else 1
+    width = jnp.dtype(dtype).itemsize * rows * length
+    kv = c.num_kv_heads * c.head_dim
+    kept = c.hidden_size  # block_inputs: the layer's input
+    if remat != "block_inputs":  # q, k, v, o, mlp_in, mlp_gate, mlp_out outputs
+        kept = c.num_heads * c.head_dim + 2 * kv + 2 * c.hidden_size + 2 * c.intermediate_size
+    parts = {
+        "base": per_device(frozen),
+        "gathered": 2 * one_layer if mesh.shape.get(sharding.FSDP, 1) > 1 else 0,
+        "trainable": 4 * per_device(trainable),
+        "activations": c.num_layers * width * kept,
+        "temporaries": 2 * width * c.intermediate_size,
+    }
+    parts = {k: int(v) for k, v in parts.items()}
+    return {**parts, "total": sum(parts.values())}

@@ -135,7 +135,7 @@ def test_scan_and_loop_follow_the_same_loss_curve(tiny_llama_dir, tmp_path):
     over = {"train.num_steps": 4, "checkpoint_every": 0}
     train_lib.train_and_evaluate(lm_config(tiny_llama_dir, **over), str(tmp_path / "loop"))
     train_lib.train_and_evaluate(
-        lm_config(tiny_llama_dir, **{**over, "model.scan": True, "model.remat": True}),
+        lm_config(tiny_llama_dir, **{**over, "model.scan": True, "model.remat": "block_inputs"}),
         str(tmp_path / "scan"),
     )
     np.testing.assert_allclose(_losses(tmp_path / "scan"), _losses(tmp_path / "loop"), rtol=1e-4)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -475,15 +475,20 @@ class Decoder(nn.Module):
       dtype: compute dtype (params may be stored in another dtype; they are cast).
       scan: run the layers as one ``nn.scan`` (params under ``layers/`` with a leading [L]
         axis): one layer is compiled instead of L.
-      remat: rematerialise each layer in the backward pass (less memory, ~⅓ more compute).
+      remat: what each layer keeps for the backward pass (:data:`lorax.nn.REMAT`).
       attention: the attention kernel, "xla" or "cudnn" (:func:`lorax.attention.choose`).
+      gather: applied to each layer's params (the embeddings', the output layer's) inside that
+        layer (its checkpoint, its scanned body): :func:`lorax.sharding.layer_gather`, or None.
+      regather: with ``gather``, gather again in the backward pass, never keep (ZeRO-3).
     """
 
     config: DecoderConfig
     dtype: Any = jnp.float32
     scan: bool = False
-    remat: bool = False
+    remat: str | bool = "none"
     attention: str = "xla"
+    gather: Callable[[Any], Any] | None = None
+    regather: bool = True
 
     @nn.compact
     def __call__(
@@ -515,15 +520,15 @@ class Decoder(nn.Module):
         )
         p = 0 if prompt_PD is None else prompt_PD.shape[0]
         _check_inputs(c, input_ids_BT.shape[1], p, cache is not None, mask_BTS is None)
-        embed = _Embeddings(c, self.dtype, name="embed")
+        gather = None if self.is_initializing() else self.gather
+        embed = lnn.gathered(_Embeddings, gather, "embed", methods=["__call__", "attend"])
+        embed = embed(c, self.dtype, name="embed")
         x_BTD = embed(input_ids_BT, positions_BT + p)
         if p:
             x_BTD, positions_BT, mask_BTS = _with_prompt(prompt_PD, x_BTD, positions_BT, mask_BTS)
         x_BTD = nn.Dropout(c.dropout)(x_BTD, deterministic=deterministic)
 
-        block = Block
-        if self.remat:
-            block = nn.remat(block, prevent_cse=not self.scan)
+        block = lnn.layer(Block, gather, self.remat, self.regather, prevent_cse=not self.scan)
         layer_caches = None
         if cache is not None:
             index = cache["index"]
@@ -549,8 +554,7 @@ class Decoder(nn.Module):
                     c, self.dtype, deterministic, self.attention, name=f"layers_{i}"
                 )(x_BTD, layer_cache, positions_BT, mask_BTS)
                 if out is not None:
-                    new_k.append(out[0])
-                    new_v.append(out[1])
+                    new_k, new_v = [*new_k, out[0]], [*new_v, out[1]]
             new = (jnp.stack(new_k), jnp.stack(new_v), None) if new_k else None
         x_BTD = _norm(c, self.dtype, "final_norm")(x_BTD[:, p:])
         new_cache = None
@@ -561,7 +565,8 @@ class Decoder(nn.Module):
         if c.tie_embeddings:
             logits_BTV = embed.attend(x_BTD)
         else:
-            logits_BTV = lnn.Dense(c.vocab_size, False, dtype=self.dtype, name="lm_head")(
+            lm_head = lnn.gathered(lnn.Dense, gather, "lm_head")
+            logits_BTV = lm_head(c.vocab_size, False, dtype=self.dtype, name="lm_head")(
                 x_BTD, deterministic
             )
         return logits_BTV.astype(jnp.float32), new_cache
@@ -570,10 +575,12 @@ class Decoder(nn.Module):
         """The output layer alone: logits [.., V] in the compute dtype from final hidden
         states, as ``__call__`` computes them (read from the bound params; used by the
         chunked LM loss, :class:`lorax.evaluate.Hidden`)."""
-        params = self.variables["params"]
+        scope = "embed" if self.config.tie_embeddings else "lm_head"
+        params = {scope: self.variables["params"][scope]}
+        params = (params if self.gather is None else self.gather(params))[scope]
         if self.config.tie_embeddings:
-            return lnn.attend(params["embed"]["token"]["embedding"], x_BTD, self.dtype)
-        kernel = params["lm_head"]["kernel"]
+            return lnn.attend(params["token"]["embedding"], x_BTD, self.dtype)
+        kernel = params["kernel"]
         return lnn.apply_kernel(self, x_BTD, kernel, None, self.dtype, deterministic)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -167,12 +168,15 @@ class Encoder(nn.Module):
       dtype: compute dtype (params may be stored in another dtype; they are cast).
       with_pooler: also compute BERT's pooler (dense + tanh on the first token).
       attention: the attention kernel, "xla" or "cudnn" (:func:`lorax.attention.choose`).
+      gather: applied to each layer's params (the embeddings', the pooler's) where that layer
+        reads them: the FSDP all-gather (:func:`lorax.sharding.layer_gather`); None: as given.
     """
 
     config: EncoderConfig
     dtype: Any = jnp.float32
     with_pooler: bool = False
     attention: str = "xla"
+    gather: Callable[[Any], Any] | None = None
 
     @nn.compact
     def __call__(
@@ -204,22 +208,24 @@ class Encoder(nn.Module):
                 f"sequence length {t} (with a soft prompt of {p}) exceeds max_position_embeddings "
                 f"{c.max_position_embeddings}"
             )
-        x_BTD = _Embeddings(c, self.dtype, name="embed")(input_ids_BT, token_type_ids_BT, prompt_PD)
+        gather = None if self.is_initializing() else self.gather
+        embeddings = lnn.gathered(_Embeddings, gather, "embed")(c, self.dtype, name="embed")
+        x_BTD = embeddings(input_ids_BT, token_type_ids_BT, prompt_PD)
         x_BTD = nn.Dropout(c.hidden_dropout)(x_BTD, deterministic=deterministic)
         keys_BS = attention_mask_BT.astype(bool)
         if p:  # every token sees the prompt
             keys_BS = jnp.concatenate([jnp.ones((keys_BS.shape[0], p), bool), keys_BS], axis=1)
         mask_BTS = jnp.broadcast_to(keys_BS[:, None, :], (x_BTD.shape[0], t, t))
         for i in range(c.num_layers):
-            layer = _Layer(c, self.dtype, self.attention, name=f"layers_{i}")
+            layer = lnn.gathered(_Layer, gather)(c, self.dtype, self.attention, name=f"layers_{i}")
             x_BTD = layer(x_BTD, mask_BTS, deterministic)
         x_BTD = x_BTD[:, p:]  # the prompt's outputs are not pooled or returned
         pooled_BD = None
         if self.with_pooler:
             pooled_BD = jnp.tanh(
-                lnn.Dense(c.hidden_size, dtype=self.dtype, name="pooler")(
-                    x_BTD[:, 0], deterministic
-                )
+                lnn.gathered(lnn.Dense, gather, "pooler")(
+                    c.hidden_size, dtype=self.dtype, name="pooler"
+                )(x_BTD[:, 0], deterministic)
             )
         return x_BTD, pooled_BD
 
@@ -267,6 +273,7 @@ class EncoderClassifier(nn.Module):
       dtype: compute dtype; logits are returned in fp32 regardless.
       head_dropout: dropout on the pooled vector during training.
       attention: the attention kernel, "xla" or "cudnn" (:func:`lorax.attention.choose`).
+      gather: see :class:`Encoder` (the head is small and replicated: read as given).
     """
 
     config: EncoderConfig
@@ -275,6 +282,7 @@ class EncoderClassifier(nn.Module):
     dtype: Any = jnp.float32
     head_dropout: float = 0.1
     attention: str = "xla"
+    gather: Callable[[Any], Any] | None = None
 
     @nn.compact
     def __call__(
@@ -286,7 +294,12 @@ class EncoderClassifier(nn.Module):
                 f"model.pooling = {self.pooling!r} is not valid; choose one of {list(POOLINGS)}"
             )
         hidden_BTD, pooled_BD = Encoder(
-            self.config, self.dtype, self.pooling == "cls", self.attention, name="encoder"
+            self.config,
+            self.dtype,
+            self.pooling == "cls",
+            self.attention,
+            self.gather,
+            name="encoder",
         )(input_ids_BT, token_type_ids_BT, attention_mask_BT, deterministic)
         if self.pooling == "mean":
             pooled_BD = mean_pool(hidden_BTD, attention_mask_BT)
