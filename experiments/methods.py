@@ -125,15 +125,21 @@ def main() -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         f = flags.FLAGS
+        sweep.check_counts(f.seeds, f.steps)
         name, base = sweep.study_base("methods", f.config, f.model, f.task, sweep.BASE_CONFIGS)
         if f.steps:
             base.train.num_steps = f.steps
+        bad = [item for item in f.set if "=" not in item]
+        if bad:
+            raise ValueError(f"--set {bad}: give each override as KEY=VALUE")
         extra = dict(item.split("=", 1) for item in f.set)
         base = sweep.apply_overrides(base, {k: _literal(v) for k, v in extra.items()})
         rows = run_study(name, runs(f.methods, f.seeds), base, f.root)
         print(f"{len(rows)} results in {os.path.join(f.root, name, 'results.json')}")
 
-    app.run(run)
+    from lorax import cli
+
+    cli.run(run, "experiments.methods")  # a user error as one line, as lorax's commands
 
 
 def _literal(text: str) -> Any:

@@ -18,7 +18,7 @@ import shutil
 import statistics
 from collections import defaultdict
 
-from absl import app, flags
+from absl import flags
 
 # The paper's MultiNLI validation accuracy (%), GPT-3 175B.
 PAPER_TABLE5 = {"q": 91.0, "k": 90.8, "v": 91.0, "o": 91.3, "qk": 91.3, "qv": 91.3, "qkvo": 91.7}
@@ -251,7 +251,7 @@ def main(argv):
     f = flags.FLAGS
     text = report(f.root, f.out or None)
     if not text:
-        raise SystemExit(
+        raise FileNotFoundError(
             f"no finished study under {f.root} (no <study>/results.json with rows); run "
             "python -m experiments.table5 / table6 / methods first, or pass --root"
         )
@@ -261,4 +261,6 @@ def main(argv):
 if __name__ == "__main__":
     flags.DEFINE_string("root", "runs/sweeps", "Directory holding the studies.")
     flags.DEFINE_string("out", "", "Where report.md and the PNGs go (default: --root).")
-    app.run(main)
+    from lorax import cli
+
+    cli.run(main, "experiments.report")

@@ -12,7 +12,6 @@ stopped (a job cut off mid-way resumes from its own checkpoint). Everything land
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -77,16 +76,16 @@ def study_base(study: str, config: str, model: str, task: str, table) -> tuple[s
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]):
-    """A copy of ``config`` with dotted overrides; an unknown key is an error naming it."""
+    """A copy of ``config`` with dotted overrides; an unknown key is a ValueError naming it."""
     config = ml_collections.ConfigDict(config.to_dict())
     for key, value in overrides.items():
         node, *parents, leaf = [config, *key.split(".")]
         for p in parents:
             if p not in node:
-                raise KeyError(f"override {key}: {p!r} is not a config section")
+                raise ValueError(f"override {key}: {p!r} is not a config section")
             node = node[p]
         if leaf not in node:
-            raise KeyError(f"override {key}: {leaf!r} is not a field of its section")
+            raise ValueError(f"override {key}: {leaf!r} is not a field of its section")
         node[leaf] = value
     return config
 
@@ -172,12 +171,13 @@ def write_results(study: str, out: str, runs: Sequence[Run]) -> list[dict[str, A
 
 def collect(out: str, runs: Sequence[Run]) -> list[dict[str, Any]]:
     """One row per finished run: its name, overrides and the summary's headline numbers."""
+    from lorax import loop
+
     rows = []
     for run in runs:
         if not finished(out, run):
             continue
-        with open(os.path.join(out, run.name, "summary.json")) as f:
-            s = json.load(f)
+        s = loop.finished(os.path.join(out, run.name))  # a damaged one is an error naming it
         rows.append({
             "name": run.name,
             "overrides": dict(run.overrides),
@@ -204,6 +204,8 @@ def main_for(study: str, grid, *, per_job: int = 0, target_sets: Sequence[str] =
     """
     from absl import app, flags
 
+    from lorax import cli
+
     flags.DEFINE_string("model", "minilm-l6", "Model asset name.")
     flags.DEFINE_string("task", "snli", "Task name.")
     flags.DEFINE_string("config", "", "A config file to study instead (e.g. your own task).")
@@ -220,6 +222,7 @@ def main_for(study: str, grid, *, per_job: int = 0, target_sets: Sequence[str] =
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         f = flags.FLAGS
+        check_counts(f.seeds, f.steps)
         name, base = study_base(study, f.config, f.model, f.task, STUDY_CONFIGS)
         if f.steps and f.steps != base.train.num_steps:
             # a longer or shorter budget is a different study, never a resume of this one
@@ -237,4 +240,14 @@ def main_for(study: str, grid, *, per_job: int = 0, target_sets: Sequence[str] =
         rows = run_study(name, runs, base, root=f.root, max_adapters=f.max_adapters)
         print(f"{len(rows)} results in {os.path.join(f.root, name, 'results.json')}")
 
-    app.run(run)
+    cli.run(run, f"experiments.{study}")  # a user error as one line, as lorax's commands
+
+
+def check_counts(seeds: int, steps: int) -> None:
+    """Refuses ``--seeds`` below 1 (a study of no runs) and ``--steps`` below 0 (0 = the base
+    config's), before anything is made."""
+    if seeds < 1:
+        raise ValueError(f"--seeds={seeds}: a study needs at least one seed (--seeds=1 or more)")
+    if steps < 0:
+        raise ValueError(f"--steps={steps} is not valid: a number of steps >= 1, or 0 for the "
+                         "base config's train.num_steps")  # fmt: skip

@@ -1,9 +1,15 @@
 """The command lines' shared entry point: a user's mistake ends in one line, not a traceback.
 
 A bad flag, config field, path or file is reported by lorax as a ``ValueError`` (or
-``FileNotFoundError``, ``NotADirectoryError``, a busy workdir) whose message names the field,
-path or row and what would be valid; a command line prints that message and exits 2. Set
-``LORAX_TRACEBACK=1`` to see the traceback as well (for a bug report).
+``FileNotFoundError``, ``NotADirectoryError``, a busy workdir, a :class:`UserError` such as
+a NaN stop) whose message names the field, path or row and what would be valid; a command line
+prints that message and exits 2. A Ctrl-C ends in one line too (the loop's says which
+checkpoint a rerun resumes from), exit 130. Set ``LORAX_TRACEBACK=1`` to see the traceback as
+well (for a bug report).
+
+Importing this module also drops transformers' "PyTorch was not found" notice, which every
+command printed first and which reads like an error: lorax never uses PyTorch models. Only that
+one record of the ``transformers`` logger is dropped; its other warnings and errors pass.
 
 Every command line also keeps the programs XLA compiles in JAX's persistent compilation cache
 (:func:`use_xla_cache`), so a second ``lorax.predict`` or ``lorax.export`` of a run starts warm.
@@ -11,6 +17,7 @@ Every command line also keeps the programs XLA compiles in JAX's persistent comp
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -19,6 +26,12 @@ from absl import app
 
 from lorax import configdoc, runlock
 
+
+class UserError(Exception):
+    """An error the user fixes by changing the config, flags or data (e.g. a diverged run);
+    the command lines print its message as one line."""
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
     FileNotFoundError,
@@ -26,6 +39,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     FileExistsError,
     PermissionError,
     runlock.WorkdirBusyError,
+    UserError,
 )
 
 
@@ -66,6 +80,15 @@ def use_xla_cache() -> str | None:
     return path
 
 
+def _not_torch_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("PyTorch was not found")
+
+
+# transformers logs the notice on its root logger ("transformers") when it is first imported,
+# which lorax does lazily (lorax.checkpoints.load_tokenizer), after this module.
+logging.getLogger("transformers").addFilter(_not_torch_notice)
+
+
 def run(main: Callable[[list[str]], object], prog: str) -> None:
     """``absl.app.run(main)``, with a user error printed as ``<prog>: error: <message>``, and
     the XLA compilation cache on (:func:`use_xla_cache`)."""
@@ -80,6 +103,11 @@ def run(main: Callable[[list[str]], object], prog: str) -> None:
             print(f"{prog}: error: {e}", file=sys.stderr)
             print("(LORAX_TRACEBACK=1 shows the traceback)", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt as e:  # Ctrl-C: the loop's message says where a rerun resumes
+            if os.environ.get("LORAX_TRACEBACK"):
+                raise
+            print(f"\n{prog}: {str(e) or 'interrupted'}", file=sys.stderr)
+            sys.exit(130)
 
     try:
         app.run(friendly)

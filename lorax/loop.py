@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import tqdm
 
-from lorax import adalora, evaluate, lora, methods, paths, quant, runfiles, sharding
+from lorax import adalora, cli, evaluate, lora, methods, paths, quant, runfiles, sharding
 from lorax import setup as setup_lib
 from lorax import step as step_lib
 from lorax.checkpoints import best as best_lib
@@ -32,17 +32,88 @@ _WINDOW = ("loss_sum", "correct", "count")
 _SUMMARY_ONLY = ("per_class", "confusion")
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf and the config says to stop."""
+class NonFiniteLossError(cli.UserError):
+    """The loss became NaN or Inf and the config says to stop (a user error: the command
+    lines print it as one line)."""
 
 
-def nonfinite_advice(ckpt: Checkpointer) -> str:
-    """The end of a NaN/Inf message: where the last good checkpoint is, and the way to skip."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says which checkpoint a rerun of the same command
+    resumes from."""
+
+
+def interrupted(ckpt: Checkpointer) -> Interrupted:
+    """The :class:`Interrupted` to raise for a run cut off by Ctrl-C (after its pending save
+    has landed)."""
     last = ckpt.latest_step()
-    return (
-        f"Last good checkpoint: {'none' if last is None else f'step {last}'} in "
-        f"{ckpt.directory}. Set train.skip_nonfinite=True to skip such batches."
+    if last is None:
+        return Interrupted(
+            "interrupted before the first checkpoint; rerun the same command to start again"
+        )
+    return Interrupted(
+        f"interrupted; last checkpoint step {last} in {ckpt.directory}: rerun the same command "
+        "to resume from it"
     )
+
+
+def good_checkpoint(steps: Sequence[int], losses: Sequence[tuple[int, float | None]]):
+    """The newest of the checkpoint ``steps`` that is *good*, or None.
+
+    Good means the training loss last logged at or before it (``losses``: the run's
+    ``(step, mean training loss)`` rows in order) is finite and at most twice the first one
+    the run logged. A diverging run's loss climbs before it turns NaN (weights of 1e29 still
+    give a finite loss), so the newest checkpoint of a run stopped by a NaN is often already
+    ruined; one whose loss is still near where the run started (twice: room for the noise of
+    a short log window; a classifier at twice its starting loss is worse than guessing) was
+    learning, not diverging. A checkpoint saved before any logged loss cannot be judged, so
+    is not good.
+    """
+    if not losses or losses[0][1] is None or not np.isfinite(losses[0][1]):
+        return None
+    limit = 2 * losses[0][1]
+    for step in sorted(steps, reverse=True):
+        before = [loss for at, loss in losses if at <= step]
+        if before and before[-1] is not None and np.isfinite(before[-1]) and before[-1] <= limit:
+            return step
+    return None
+
+
+def nonfinite_advice(ckpt: Checkpointer, losses=None) -> str:
+    """The end of a NaN/Inf message: the last good checkpoint (:func:`good_checkpoint` over
+    ``losses``; without them, the newest one), and what to do."""
+    steps = ckpt.all_steps()
+    todo = (
+        "Lower train.learning_rate (or check the data) and start afresh (a new --workdir), or "
+        "set train.skip_nonfinite=True to skip such batches."
+    )
+    if not steps:
+        return f"Last good checkpoint: none in {ckpt.directory}. {todo}"
+    good = steps[-1] if losses is None else good_checkpoint(steps, losses)
+    bad = [s for s in steps if good is None or s > good]
+    why = ""
+    if bad:
+        start = f"{losses[0][1]:.4g}" if losses and losses[0][1] is not None else "unknown"
+        why = (
+            f" (kept checkpoint(s) at step(s) {bad} were saved after the training loss had "
+            f"climbed past twice where it started, {start}: diverged, not good)"
+        )
+    where = "none" if good is None else f"step {good}"
+    return f"Last good checkpoint: {where} in {ckpt.directory}{why}. {todo}"
+
+
+def logged_losses(log: MetricsLog | None) -> list[tuple[int, float | None]]:
+    """``(step, loss)`` of the training rows already in ``log`` (a resumed run's)."""
+    rows = []
+    if log is not None and os.path.exists(log.path):
+        with open(log.path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if row.get("split") == "train" and "loss" in row:
+                    rows.append((row["step"], row["loss"]))
+    return rows
 
 
 class Stepper:
@@ -321,7 +392,7 @@ class _Skips:
                 f"{'..., ' if len(self.steps[k]) > len(shown) else ''}{shown}): past "
                 f"train.max_skipped_consecutive = {self.limit} or train.max_skipped_fraction "
                 f"= {self.fraction}, the run is diverging, not meeting a few bad batches; "
-                f"lower train.learning_rate or check the data. {advice()}"
+                f"lower train.learning_rate or check the data. {advice(k)}"
             )
 
 
@@ -344,10 +415,17 @@ def run(
     task = stepper.setup.task
     val_subset = setup_lib.subset(task.splits["validation"], config.task.max_eval_examples)
 
+    losses = [logged_losses(log) for log in logs]  # each adapter's (step, training loss)
+
     def write(k_rows, **fields):
-        for log, row in zip(logs, k_rows, strict=True):
+        for log, row, seen in zip(logs, k_rows, losses, strict=True):
             if log is not None and row is not None:
                 log.write(**fields, **row)
+                if fields.get("split") == "train" and "loss" in row:
+                    seen.append((fields["step"], row["loss"]))
+
+    def advice(k: int) -> str:
+        return nonfinite_advice(ckpt, losses[k])
 
     def run_eval(split, examples, step, final=False, of=None, **fields):
         desc = f"{'final ' if final else ''}eval {split}"
@@ -383,13 +461,13 @@ def run(
             where = "" if stepper.size == 1 else f" in {names}"
             msg = (
                 f"loss is NaN/Inf at step {step}{where}; the state from step {step - 1} was "
-                "kept. " + nonfinite_advice(ckpt)
+                "kept. " + advice(int(np.flatnonzero(bad)[0]))
             )
             if not t.skip_nonfinite:
                 raise NonFiniteLossError(msg)
             tqdm.tqdm.write(f"skipping batch: {msg}")
             write([{"skipped_nonfinite": 1} if b else None for b in bad], step=step, split="train")
-        skips.update(step, bad, lambda: nonfinite_advice(ckpt))
+        skips.update(step, bad, advice)
         window.add(sums, tokens, ~bad)
         train_tokens += int(tokens[~bad].sum())
 

@@ -94,7 +94,8 @@ class LoraSpec:
         for t in self.targets:
             if not isinstance(t.rank, int) or t.rank <= 0:
                 raise ValueError(
-                    f"LoRA rank for target {t.name!r} must be a positive integer, got {t.rank!r}"
+                    f"LoRA rank (lora.rank, lora.rank_pattern) for target {t.name!r} must be a "
+                    f"positive integer, got {t.rank!r}"
                 )
             t.pattern  # noqa: B018 -- validates the name early
 

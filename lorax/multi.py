@@ -407,7 +407,11 @@ def _train_many(configs, workdirs) -> list[dict[str, Any]]:
         for w, s, c in zip(workdirs, summaries, configs, strict=True)
     ]
     with Checkpointer(os.path.join(workdirs[0], "job"), keep=c0.keep_checkpoints) as job_ckpt:
-        result = loop.run(stepper, stepper.init_state(), job_ckpt, logs)
+        try:
+            result = loop.run(stepper, stepper.init_state(), job_ckpt, logs)
+        except KeyboardInterrupt:
+            job_ckpt.wait()  # the save in flight lands: the message names it
+            raise loop.interrupted(job_ckpt) from None
 
     for k, (config, workdir) in enumerate(zip(configs, workdirs, strict=True)):
         if summaries[k] is not None:  # finished before the job was cut off: left as it is

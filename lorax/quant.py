@@ -118,7 +118,8 @@ def check_kind_block(kind: str, block: int) -> None:
         raise ValueError(f"unknown quantization kind {kind!r}; valid kinds are {list(KINDS)}")
     if isinstance(block, bool) or not isinstance(block, int | np.integer) or block < 2 or block % 2:
         raise ValueError(
-            f"quantization block size must be a positive even integer (e.g. 64), got {block!r}"
+            f"quantization block size (model.quant_block) must be a positive even integer "
+            f"(e.g. 64), got {block!r}"
         )
 
 

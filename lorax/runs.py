@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+import tqdm
 
 from lorax import lora, methods, paths
 from lorax import setup as setup_lib
-from lorax.checkpoints.state import Checkpointer
+from lorax.checkpoints.state import Checkpointer, CorruptCheckpointError
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -21,8 +23,11 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     path = os.path.join(os.fspath(workdir), "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{workdir} has no config.json: is it a lorax.train workdir?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    try:
+        with open(path) as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except ValueError as e:
+        raise ValueError(f"{path} is damaged ({e}); it records the run's config") from None
 
 
 def kept_best(workdir: str | os.PathLike) -> bool:
@@ -32,18 +37,51 @@ def kept_best(workdir: str | os.PathLike) -> bool:
 
 
 def restore_trainable(workdir: str | os.PathLike) -> dict[str, Any]:
-    """The latest checkpoint's ``{"delta", "head"}`` as numpy arrays (either may be empty);
-    for a run with ``train.keep_best``, its best checkpoint's."""
+    """The newest intact checkpoint's ``{"delta", "head"}`` as numpy arrays (either may be
+    empty); for a run with ``train.keep_best``, its best checkpoint's. See
+    :func:`restore_latest`."""
+    return restore_latest(workdir)[1]
+
+
+def restore_latest(workdir: str | os.PathLike) -> tuple[int, dict[str, Any]]:
+    """``(step, {"delta", "head"})`` of the newest intact checkpoint of a run (numpy arrays;
+    of its best checkpoints for a run with ``train.keep_best``).
+
+    A corrupt newer checkpoint is skipped with a warning naming it (nothing is moved: the
+    run may be read-only; its next training session sets it aside).
+
+    Raises:
+      FileNotFoundError: the run holds no checkpoint.
+      ValueError: every checkpoint it holds is corrupt (each named).
+    """
     name = "best" if kept_best(workdir) else "checkpoints"
     ckpt = Checkpointer(os.fspath(workdir), writable=False, name=name)
     try:
-        if ckpt.latest_step() is None:
+        steps, damaged = ckpt.all_steps(), []
+        if not steps:
             raise FileNotFoundError(f"{workdir} holds no checkpoint ({ckpt.directory})")
-        trainable = ckpt.restore(None)["trainable"]
+        for step in reversed(steps):
+            try:
+                trainable = ckpt.restore(None, step)["trainable"]
+                break
+            except CorruptCheckpointError as e:
+                damaged.append(str(e))
+        else:
+            raise ValueError(
+                f"{workdir}: no intact checkpoint to read ({'; '.join(damaged)}); rerun the "
+                "training command on this workdir to train it again"
+            )
     finally:
         ckpt.close()
+    for note in damaged:
+        warn(f"skipped a damaged checkpoint: {note}; using step {step}")
     trainable = {"delta": trainable.get("delta") or {}, "head": trainable.get("head") or {}}
-    return jax.tree_util.tree_map(np.asarray, trainable)
+    return step, jax.tree_util.tree_map(np.asarray, trainable)
+
+
+def warn(message: str) -> None:
+    """A warning to the user of a command line, on stderr (beside progress bars)."""
+    tqdm.tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def load_run(workdir: str | os.PathLike):
@@ -57,8 +95,16 @@ def load_run(workdir: str | os.PathLike):
     """
     config = read_config(workdir)
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    step, trainable = restore_latest(workdir)  # before the model: a bad run fails fast
     setup = setup_lib.build(config, with_task=False)
-    return config, setup, restore_trainable(workdir)
+    total = config.train.num_steps
+    if step < total and not os.path.exists(os.path.join(os.fspath(workdir), "summary.json")):
+        warn(
+            f"{workdir} is unfinished: its latest checkpoint is step {step} of {total} "
+            f"(train.num_steps); this uses that partly trained model. Rerun its training "
+            "command to finish it"
+        )
+    return config, setup, trainable
 
 
 def load_adapter(workdir: str, base: dict) -> tuple[dict, lora.LoraSpec]:

@@ -66,7 +66,10 @@ class Setup:
         return int(pad or 0)
 
 
-# (dotted field, lowest valid value, highest valid value or None, integer?)
+# (dotted field, lowest valid value, highest valid value or None, integer?[, open]): ``open``
+# names the bounds that are themselves invalid ("lo", "hi" or "lo,hi"). Numeric fields missing
+# here are checked where they are read (their method, the mesh, the quantizer, file tasks);
+# tests/test_user_errors.py holds every numeric field of configs/base.py to one or the other.
 NUMBERS = (
     ("seed", 0, None, True),
     ("train.num_steps", 1, None, True),
@@ -77,6 +80,12 @@ NUMBERS = (
     ("train.warmup_fraction", 0.0, 1.0, False),
     ("train.weight_decay", 0.0, None, False),
     ("train.grad_clip", 0.0, None, False),
+    ("train.b1", 0.0, 1.0, False, "hi"),
+    ("train.b2", 0.0, 1.0, False, "hi"),
+    ("train.eps", 0.0, None, False, "lo"),  # 0: A's gradient is 0 at LoRA's init, 0/0 = NaN
+    ("lora.alpha", 0.0, None, False, "lo"),
+    ("prefix.hidden", 1, None, True),
+    ("ptuning.hidden", 1, None, True),
     ("train.max_skipped_consecutive", 1, None, True),
     ("train.max_skipped_fraction", 0.0, 1.0, False),
     ("eval_batch_size", 1, None, True),
@@ -102,9 +111,10 @@ def check_numbers(config) -> None:
     if file_task:  # hold-outs as a count or a fraction of the training rows
         for field in ("validation_size", "test_size"):
             filetasks.check_size(config.task.get(field), f"task.{field}")
-    for field, lo, hi, integer in NUMBERS:
+    for field, lo, hi, integer, *open_ in NUMBERS:
         if file_task and field == "task.validation_size":
             continue
+        open_lo, open_hi = ("lo" in open_[0], "hi" in open_[0]) if open_ else (False, False)
         node = config
         for part in field.split("."):
             node = node.get(part) if hasattr(node, "get") else None
@@ -113,9 +123,14 @@ def check_numbers(config) -> None:
         ok = isinstance(node, int | float) and not isinstance(node, bool)
         if integer:
             ok = ok and float(node).is_integer()
-        if not ok or node < lo or (hi is not None and node > hi):
+        ok = ok and node == node  # NaN is no value
+        below = ok and (node <= lo if open_lo else node < lo)
+        above = ok and hi is not None and (node >= hi if open_hi else node > hi)
+        if not ok or below or above:
             kind = "an integer" if integer else "a number"
-            span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            low = f"{'(' if open_lo else '['}{lo}"
+            span = (f"{'>' if open_lo else '>='} {lo}" if hi is None
+                    else f"in {low}, {hi}{')' if open_hi else ']'}")  # fmt: skip
             raise ValueError(f"{field} = {node!r} is not valid; it must be {kind} {span}")
 
 

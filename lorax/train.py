@@ -9,6 +9,7 @@ every run shares (:mod:`lorax.loop`, also behind the multi-adapter jobs of :mod:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -34,7 +35,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Writes ``metrics.jsonl``, ``summary.json``, ``config.json`` and adapter-only checkpoints
     into ``workdir``; rerunning on the same workdir resumes from its last checkpoint, and a
-    finished run (alone or from a multi-adapter job) just returns its summary.
+    finished run (alone or from a multi-adapter job) just returns its summary. A workdir that
+    holds no checkpoint and no summary (a run stopped by a NaN loss, an error or Ctrl-C before
+    its first checkpoint) may be rerun with a changed config: :func:`restart_unsaved`.
     """
     start = time.time()
     primary = jax.process_index() == 0  # on several hosts, one writes the run's files
@@ -46,6 +49,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         try:
             data_lib.resolve_labels(config)  # config.json names the classes
             if primary:
+                restart_unsaved(workdir, config)
                 runfiles.write_config_once(workdir, config)
             setup = setup_lib.build(config)
         except Exception:
@@ -53,6 +57,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 shutil.rmtree(workdir, ignore_errors=True)
             raise
         return _train(config, setup, workdir, primary, start)
+
+
+def restart_unsaved(workdir: str, config) -> str | None:
+    """Lets a rerun with a changed config start afresh in a workdir where nothing was saved.
+
+    A workdir whose ``config.json`` differs from ``config`` but that holds no checkpoint and
+    no ``summary.json`` has nothing trained to mislabel, so its ``config.json`` and
+    ``metrics.jsonl`` are moved into ``<workdir>/unsaved-<time>/`` (kept for reference) and
+    the run starts at step 0 with the new config. Returns that directory, or None when
+    nothing moved (a new workdir, the same config, or a run with a checkpoint: that one keeps
+    its config, :func:`lorax.runfiles.write_config_once`).
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path) or os.path.exists(os.path.join(workdir, "summary.json")):
+        return None
+    for sub in ("checkpoints", "job"):  # a single run's checkpoints, a multi-adapter job's
+        d = os.path.join(workdir, sub)
+        if os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d)):
+            return None
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return None  # write_config_once names the damaged file
+    if not runfiles.config_changes(old, json.loads(config.to_json_best_effort())):
+        return None
+    aside = os.path.join(workdir, f"unsaved-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(aside, exist_ok=True)
+    for name in ("config.json", "metrics.jsonl", "timing.json"):
+        if os.path.exists(os.path.join(workdir, name)):
+            shutil.move(os.path.join(workdir, name), os.path.join(aside, name))
+    tqdm.tqdm.write(
+        f"{workdir} held no checkpoint (its run stopped before the first one); starting it "
+        f"afresh with this config; its old config.json and metrics.jsonl are in {aside}"
+    )
+    return aside
 
 
 def _train(config, setup: setup_lib.Setup, workdir: str, primary: bool, start: float) -> dict:
@@ -84,7 +124,11 @@ def _train(config, setup: setup_lib.Setup, workdir: str, primary: bool, start: f
         if primary:
             log = MetricsLog(os.path.join(workdir, "metrics.jsonl"),
                              runfiles.tensorboard_dir(workdir, config))  # fmt: skip
-        result = loop.run(stepper, stepper.init_state(), ckpt, [log], best)
+        try:
+            result = loop.run(stepper, stepper.init_state(), ckpt, [log], best)
+        except KeyboardInterrupt:
+            ckpt.wait()  # the save in flight lands: the message names it
+            raise loop.interrupted(ckpt) from None
         summary = loop.make_summary(
             config, setup, stepper.adapter(result.state, 0), result, 0, start
         )

@@ -48,6 +48,26 @@ def load_pretrained(
     return hf.load_decoder(model, dtype)
 
 
+# The files a Hugging Face directory's tokenizer is read from (one of them is enough): its
+# fast tokenizer, a WordPiece or BPE vocabulary, a SentencePiece model.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
+
+
+def check_tokenizer_files(model: str | os.PathLike) -> None:
+    """Raises naming ``model`` and the files expected unless it holds a tokenizer. Without
+    one transformers builds a tokenizer of its few special tokens, every word ``[UNK]``, and
+    a run trains to chance without a word of warning."""
+    model = os.fspath(model)
+    if os.path.isdir(model) and not any(
+        os.path.exists(os.path.join(model, name)) for name in TOKENIZER_FILES
+    ):
+        raise FileNotFoundError(
+            f"{model} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); copy the "
+            "tokenizer saved with the model into it (tokenizer.save_pretrained(dir))"
+        )
+
+
 def load_tokenizer(model: str | os.PathLike):
     """The model's tokenizer: from the GGUF metadata, or the directory's tokenizer files."""
     from lorax.checkpoints import gguf
@@ -55,6 +75,7 @@ def load_tokenizer(model: str | os.PathLike):
     path = _gguf_file(model)
     if path is not None:
         return gguf.tokenizer_from_gguf(path)
+    check_tokenizer_files(model)
     import transformers  # heavy; only once a model is being loaded
 
     # lorax tokenizes without truncation and cuts (and counts) long examples itself, so the

@@ -240,8 +240,14 @@ def read_config(model_dir: str | os.PathLike) -> dict:
             f"{model_dir} has no config.json; expected a Hugging Face model "
             "directory (config.json + model.safetensors)"
         )
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, "rb") as f:
+            raw = json.loads(f.read().decode("utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not a JSON model config ({e}); restore the file") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} is not a JSON object (a model config); restore the file")
+    return raw
 
 
 def _config_from(from_hf, raw: dict, model_dir) -> Any:

@@ -8,17 +8,21 @@ Where the splits come from (``task`` fields):
   ``validation.<ext>`` (or ``valid``, ``dev``) and ``test.<ext>``; a folder with a single data
   file uses it as the training rows. An asset name (e.g. ``rotten-tomatoes``) is its folder.
 - A split without a file is held out of the training rows: ``validation_size`` and
-  ``test_size`` rows (a count >= 1, or a fraction in (0, 1) of the usable training rows), drawn
+  ``test_size`` rows (a count >= 2, or a fraction in (0, 1) of the usable training rows; 1 is
+  refused as ambiguous), drawn
   with a fixed seed (:func:`lorax.data.tasks.hold_out`), so every run of a sweep sees the same
   rows whatever its own seed.
 
 Labels: ``task.labels`` fixes the classes and their order; empty, they are the distinct labels
 of the usable training rows, sorted (numerically when every label is an integer). Labels may be
 strings, integers or booleans; a row of another split whose label is not among them is an error
-naming the file and row. Rows are skipped and counted like the built-in tasks' (``data_counts``):
-``missing_field``, ``no_gold_label`` (a null or empty label, or one of ``task.skip_labels``,
-e.g. SNLI's "-"), ``bad_type`` (a text that is not a
-string), ``empty_text``; undecodable bytes are replaced and counted under ``bad_utf8``.
+naming the file and row. Refused as meaningless: training rows of fewer than two classes,
+labels mixing integers with names (``0``/``1`` beside ``neg``/``pos``: four classes, most
+likely two spelt two ways; set ``task.labels`` if they truly are distinct), and a text column
+that is also the label column. Rows are skipped and counted like the built-in tasks'
+(``data_counts``): ``missing_field``, ``no_gold_label`` (a null or empty label, or one of
+``task.skip_labels``, e.g. SNLI's "-"), ``bad_type`` (a text that is not a string),
+``empty_text``; undecodable bytes are replaced and counted under ``bad_utf8``.
 """
 
 from __future__ import annotations
@@ -51,6 +55,14 @@ def sort_labels(names) -> tuple[str, ...]:
         return tuple(sorted(names, key=int))
     except ValueError:
         return tuple(sorted(names))
+
+
+def _is_int(name: str) -> bool:
+    try:
+        int(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _resolve_data(data: str) -> str:
@@ -110,11 +122,20 @@ def _is_data(path: str) -> bool:
 
 
 def check_size(value, field: str) -> None:
-    """Raises naming ``field`` unless ``value`` is a count >= 1 or a fraction in (0, 1)."""
-    count = isinstance(value, int | float) and float(value).is_integer() and value >= 1
+    """Raises naming ``field`` unless ``value`` is a count >= 2 or a fraction in (0, 1).
+
+    1 is refused: the field is a float in the config (so 1 and 1.0 are the same value) and
+    1.0 reads as "all of them" as well as "one row"; neither is a useful hold-out.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == 1:
+        raise ValueError(
+            f"{field} = {value!r} is ambiguous (one row, or every row?); give a count >= 2 "
+            "(rows) or a fraction in (0, 1) such as 0.1"
+        )
+    count = isinstance(value, int | float) and float(value).is_integer() and value >= 2
     fraction = isinstance(value, float) and 0 < value < 1
     if isinstance(value, bool) or not (count or fraction):
-        raise ValueError(f"{field} = {value!r} must be a count >= 1 or a fraction in (0, 1)")
+        raise ValueError(f"{field} = {value!r} must be a count >= 2 or a fraction in (0, 1)")
 
 
 def hold_out_size(value, usable: int, field: str) -> int:
@@ -140,6 +161,14 @@ class FileClassification:
         missing = [f"task.{n}" for n, v in zip(names, values, strict=True) if not v]
         if missing:
             raise ValueError(f"task.name = {self.name!r} needs {missing} (the column names)")
+        for i, (name, value) in enumerate(zip(names, values, strict=True)):
+            for other, same in zip(names[i + 1 :], values[i + 1 :], strict=True):
+                if value == same:
+                    raise ValueError(
+                        f"task.{name} and task.{other} both name the column {value!r}; "
+                        "each must name its own column (a model that reads its labels as "
+                        "its text learns nothing)"
+                    )
         return tuple(values)
 
     def read(self, path: str, split: str, task_config, counts: dict[str, int]):
@@ -190,7 +219,16 @@ class FileClassification:
             _, _, train_labels, _ = self.read(train, "train", task_config, {})
         if not train_labels:
             raise ValueError(f"{train} has no usable rows to take the labels from")
-        return sort_labels(train_labels)
+        names = sort_labels(train_labels)
+        numeric = [n for n in names if _is_int(n)]
+        if numeric and len(numeric) < len(names):
+            raise ValueError(
+                f"{train}: {task_config.label_field} mixes integer labels {numeric} with named "
+                f"ones {[n for n in names if not _is_int(n)]}, which would make "
+                f"{len(names)} classes; write each class one way, or set task.labels to the "
+                "full label set if they truly are distinct classes"
+            )
+        return names
 
     def load(self, task_config, tokenizer, *, max_length: int) -> TaskData:
         """The three splits, encoded; see :func:`lorax.data.registry.load_task`."""
@@ -198,6 +236,13 @@ class FileClassification:
         counts: dict[str, int] = {}
         raw = {s: self.read(p, s, task_config, counts) for s, p in files.items() if p}
         names = self.label_names(task_config, raw["train"][2])
+        seen = sort_labels(raw["train"][2])  # not empty: label_names refuses that
+        if len(seen) < 2:
+            raise ValueError(
+                f"{files['train']}: every usable training row has {task_config.label_field} = "
+                f"{seen[0]!r}, the only class seen; a classifier needs rows of at least 2 "
+                f"classes (is task.label_field = {task_config.label_field!r} the right column?)"
+            )
         index = {name: i for i, name in enumerate(names)}
         for split, (_, _, labels, rows) in raw.items():
             for label, row in zip(labels, rows, strict=True):

@@ -75,6 +75,12 @@ def _csv_rows(path: str, split: str, counts: dict[str, int]) -> Iterator[tuple[i
         reader = csv.DictReader(text, delimiter=delimiter)
         if not reader.fieldnames:
             raise ValueError(f"{path} has no header row; the first line must name the columns")
+        repeated = sorted({c for c in reader.fieldnames if reader.fieldnames.count(c) > 1})
+        if repeated:  # DictReader would keep the last such column and drop the others
+            raise ValueError(
+                f"{path}: the header names the column(s) {repeated} more than once "
+                f"({reader.fieldnames}); rename them so each column has its own name"
+            )
         for row in reader:
             row.pop(None, None)  # cells past the header's columns
             file_rows += 1
