@@ -145,10 +145,52 @@ class Predictor:
         return out
 
 
-def read_scorable(predictor: Predictor, src: str, text_field: str, pair_field: str):
-    """``(rows, row numbers, indices of the rows with usable text)`` of an input file; an
-    error when no row has text in the fields the run reads."""
-    numbered = list(tables.read_rows(src, "predict", {}))
+def read_input(src: str, encoding: str = "utf-8") -> list[tuple[int, dict]]:
+    """``(row number, row)`` of an input file, decoded as ``encoding``.
+
+    Read as UTF-8 (the default), a file with bytes that are not UTF-8 (latin-1, cp1252) is
+    refused, naming its first such row: scoring it would replace those bytes by U+FFFD and
+    write the damaged text to ``--out``. ``--encoding`` reads it as what it is; its text is
+    written out as UTF-8, and a note says so.
+    """
+    counts: dict[str, int] = {}
+    numbered = list(tables.read_rows(src, "predict", counts, encoding))
+    bad = counts.get("predict/bad_utf8", 0)
+    utf8 = tables.codecs_name(encoding) == "utf-8"
+    if bad and utf8:
+        damaged = (n for n, r in numbered
+                   if any(isinstance(v, str) and "\ufffd" in v for v in r.values()))  # fmt: skip
+        first = next(damaged, "?")
+        raise ValueError(
+            f"{src}: {bad} row(s) are not valid UTF-8 (the first at row {first}); predicting "
+            "would replace their undecodable bytes with U+FFFD and write the damaged text out. "
+            "Pass --encoding=latin-1 (or the file's own encoding) to read it as such"
+        )
+    if not utf8:
+        runs.warn(f"read {src} as {encoding} (--encoding); rows are written out as UTF-8")
+    return numbered
+
+
+def check_out(path: str) -> None:
+    """Refuses ``--out`` before any work (not after every prediction): a format lorax.predict
+    cannot write, a directory, a folder that does not exist, or a place it cannot write."""
+    if tables.file_format(path) not in ("csv", "tsv", "jsonl") or path.endswith((".gz", ".bz2")):
+        raise ValueError(f"--out={path}: write a .csv, .tsv or .jsonl file")
+    if os.path.isdir(path):
+        raise ValueError(f"--out={path} is a directory; name a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--out={path}: the folder {folder} does not exist; create it")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise PermissionError(f"--out={path}: {folder} is not writable; name a file elsewhere")
+
+
+def read_scorable(
+    predictor: Predictor, src: str, text_field: str, pair_field: str, encoding: str = "utf-8"
+):
+    """``(rows, row numbers, indices of the rows with usable text)`` of an input file
+    (:func:`read_input`); an error when no row has text in the fields the run reads."""
+    numbered = read_input(src, encoding)
     rows = [row for _, row in numbered]
     fields = [text_field, *([pair_field] if _reads_pairs(predictor, pair_field) else [])]
     usable = [
@@ -240,12 +282,13 @@ def predict_file(
     pair_field: str,
     column: str = "label",
     overwrite: bool = False,
+    encoding: str = "utf-8",
 ):
     """Writes ``src``'s rows to ``dst`` with ``column`` and ``prob_<class>`` (see
     :func:`predictions`); returns the number of rows scored and of rows left without a label
     (no usable text). A column the input has already is refused unless ``overwrite``."""
     column = output_column(predictor, column)
-    rows, _, usable = read_scorable(predictor, src, text_field, pair_field)
+    rows, _, usable = read_scorable(predictor, src, text_field, pair_field, encoding)
     reads = [text_field, *([pair_field] if _reads_pairs(predictor, pair_field) else [])]
     check_columns(src, rows, new_columns(predictor, column), reads, overwrite)
     logits = score_rows(predictor, rows, usable, text_field, pair_field)
@@ -373,6 +416,10 @@ def define_flags() -> None:
     flags.DEFINE_bool(
         "overwrite", False, "Replace --input's columns that a prediction writes (refused else)."
     )
+    flags.DEFINE_string(
+        "encoding", "utf-8", "--input's text encoding (a file that is not UTF-8 is refused "
+        "unless named here, e.g. latin-1); --out is written as UTF-8."
+    )  # fmt: skip
     flags.DEFINE_integer("batch_size", 64, "Rows per forward pass.")
     flags.mark_flag_as_required("workdir")
 
@@ -391,6 +438,8 @@ def main(argv):
         raise app.UsageError("--out, --gold and --metrics_out go with --input")
     if f.metrics_out and not f.gold:
         raise app.UsageError("--metrics_out goes with --gold")
+    if f.out:
+        check_out(f.out)  # before the model loads, not after every prediction
     which = "best (train.keep_best)" if runs.kept_best(f.workdir) else "latest"
     cli.note(f"loading the run in {f.workdir} (its base model and {which} checkpoint) ...")
     predictor = Predictor(f.workdir, f.batch_size)
@@ -423,7 +472,7 @@ def _file(predictor: Predictor, f) -> None:
     pair_field = f.text_pair_field or ("" if predictor.reward else task.get("text_pair_field"))
     pair_field = pair_field or ""
     column = output_column(predictor, f.column)
-    rows, numbers, usable = read_scorable(predictor, f.input, text_field, pair_field)
+    rows, numbers, usable = read_scorable(predictor, f.input, text_field, pair_field, f.encoding)
     if f.out:
         reads = [text_field, *([pair_field] if _reads_pairs(predictor, pair_field) else [])]
         check_columns(f.input, rows, new_columns(predictor, column), reads, f.overwrite)

@@ -70,7 +70,9 @@ def test_training_rows_of_one_class_are_refused(tiny_model_dir, tmp_path):
 def test_the_text_column_cannot_be_the_label_column(tiny_model_dir, tmp_path):
     data = _csv(tmp_path / "d.csv", _rows(["neg", "pos"]))
     config = _file_config(tiny_model_dir, data, **{"task.label_field": "text"})
-    with pytest.raises(ValueError, match=r"task.text_field and task.label_field both name the column .text."):
+    with pytest.raises(
+        ValueError, match=r"task.text_field and task.label_field both name the column .text."
+    ):
         setup_lib.build(config)
 
 
@@ -429,3 +431,47 @@ def test_no_test_asserts_on_wall_clock_time():
             with open(os.path.join(REPO, "tests", name)) as f:
                 found += [f"{name}:{i}" for i, line in enumerate(f, 1) if clock.search(line)]
     assert not found
+
+
+# --------------------------------------------------------------------------- lorax.predict
+
+
+def test_predict_refuses_a_bad_out_before_loading_anything(tmp_path, monkeypatch):
+    from lorax import predict
+
+    with pytest.raises(FileNotFoundError, match=rf"the folder {tmp_path / 'missing'} does not"):
+        predict.check_out(str(tmp_path / "missing" / "out.csv"))
+    (tmp_path / "dir.csv").mkdir()
+    with pytest.raises(ValueError, match=r"is a directory"):
+        predict.check_out(str(tmp_path / "dir.csv"))
+    with pytest.raises(ValueError, match=r"write a .csv, .tsv or .jsonl file"):
+        predict.check_out(str(tmp_path / "out.parquet"))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # (root may write anywhere)
+    with pytest.raises(PermissionError, match=rf"{tmp_path} is not writable"):
+        predict.check_out(str(tmp_path / "out.csv"))
+
+
+def test_predict_command_fails_on_a_missing_out_folder_at_once(tmp_path):
+    """Before: every row was scored, then the write failed naming a temporary file."""
+    src = _csv(tmp_path / "in.csv", _rows(["neg", "pos"], n=4))
+    out = tmp_path / "missing" / "out.csv"
+    done = _command("-m", "lorax.predict", f"--workdir={tmp_path / 'no_run'}", f"--input={src}",
+                    f"--out={out}")  # fmt: skip
+    assert done.returncode == 2
+    assert f"lorax.predict: error: --out={out}: the folder {out.parent} does not exist" in (
+        done.stderr
+    )
+
+
+def test_predict_input_that_is_not_utf8_is_refused_unless_its_encoding_is_given(tmp_path, capsys):
+    """Latin-1 text read as UTF-8 would be rewritten with U+FFFD without a word."""
+    from lorax import predict
+
+    src = tmp_path / "latin1.csv"
+    src.write_bytes("text\nplain row\nun café crème\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"1 row\(s\) are not valid UTF-8 \(the first at row 3\)"
+                                         r".*--encoding=latin-1"):  # fmt: skip
+        predict.read_input(str(src))
+    rows = predict.read_input(str(src), "latin-1")
+    assert [r["text"] for _, r in rows] == ["plain row", "un café crème"]
+    assert "read " in capsys.readouterr().err

@@ -43,35 +43,52 @@ def file_format(path: str) -> str:
     return FORMATS[ext]
 
 
+def codecs_name(encoding: str) -> str:
+    """An encoding's canonical name ("utf8", "UTF-8" -> "utf-8")."""
+    import codecs
+
+    return codecs.lookup(encoding).name
+
+
 def open_binary(path: str) -> IO[bytes]:
     """``path`` opened for reading bytes, decompressed on the fly if it ends in .gz/.bz2."""
     opener = _COMPRESSED.get(os.path.splitext(path.lower())[1], open)
     return opener(path, "rb")
 
 
-def read_rows(path: str, split: str, counts: dict[str, int]) -> Iterator[tuple[int, dict]]:
+def read_rows(
+    path: str, split: str, counts: dict[str, int], encoding: str = "utf-8"
+) -> Iterator[tuple[int, dict]]:
     """Yields ``(row number, row)`` for each row of ``path`` (see the module doc).
 
     Row numbers are file lines for csv/tsv/jsonl (a CSV header is line 1) and 1-based record
-    numbers for json and parquet, so an error can name the row a user would look at.
+    numbers for json and parquet, so an error can name the row a user would look at. Text
+    formats are decoded as ``encoding`` (UTF-8 by default, a byte order mark allowed).
     """
+    import codecs
+
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"{encoding!r} is not a text encoding Python knows") from None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist")
     fmt = file_format(path)
     reader = {"csv": _csv_rows, "tsv": _csv_rows, "jsonl": read_jsonl, "json": _json_rows,
               "parquet": _parquet_rows}[fmt]  # fmt: skip
     try:
-        yield from reader(path, split, counts)
+        yield from reader(path, split, counts, encoding)
     except (OSError, EOFError, csv.Error, UnicodeError) as e:
         raise ValueError(f"{path} cannot be read as {fmt}: {e}") from None
 
 
-def _csv_rows(path: str, split: str, counts: dict[str, int]) -> Iterator[tuple[int, dict]]:
+def _csv_rows(path: str, split: str, counts: dict[str, int], encoding: str = "utf-8"):
     delimiter = "\t" if file_format(path) == "tsv" else ","
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long texts are fine
     file_rows = bad_utf8 = 0
     with open_binary(path) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
+        encoding = "utf-8-sig" if codecs_name(encoding) == "utf-8" else encoding
+        text = io.TextIOWrapper(raw, encoding=encoding, errors="replace", newline="")
         reader = csv.DictReader(text, delimiter=delimiter)
         if not reader.fieldnames:
             raise ValueError(f"{path} has no header row; the first line must name the columns")
@@ -91,12 +108,12 @@ def _csv_rows(path: str, split: str, counts: dict[str, int]) -> Iterator[tuple[i
     counts[f"{split}/bad_utf8"] = bad_utf8
 
 
-def _json_rows(path: str, split: str, counts: dict[str, int]) -> Iterator[tuple[int, dict]]:
+def _json_rows(path: str, split: str, counts: dict[str, int], encoding: str = "utf-8"):
     """A JSON file holding a list of objects, an object with one such list (``{"data":
     [...]}``), or columns (an object of equal-length lists)."""
     with open_binary(path) as f:
         try:
-            data = json.loads(f.read().decode("utf-8", errors="replace"))
+            data = json.loads(f.read().decode(encoding, errors="replace"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
     if isinstance(data, dict):
@@ -122,7 +139,8 @@ def _json_rows(path: str, split: str, counts: dict[str, int]) -> Iterator[tuple[
     counts[f"{split}/skipped_bad_json"] = bad
 
 
-def _parquet_rows(path: str, split: str, counts: dict[str, int]) -> Iterator[tuple[int, dict]]:
+def _parquet_rows(path: str, split: str, counts: dict[str, int], encoding: str = "utf-8"):
+    del encoding  # parquet stores its strings as UTF-8
     import pyarrow.parquet as pq
 
     try:
@@ -156,7 +174,9 @@ def _replace_surrogates(value):
     return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def read_jsonl(path: str, split: str, counts: dict[str, int]) -> Iterator[tuple[int, dict]]:
+def read_jsonl(
+    path: str, split: str, counts: dict[str, int], encoding: str = "utf-8"
+) -> Iterator[tuple[int, dict]]:
     """Yields ``(line number, object)`` for each JSON object line of ``path``.
 
     Read line by line with plain ``json``, so one bad line is counted, never fatal: blank
@@ -175,9 +195,9 @@ def read_jsonl(path: str, split: str, counts: dict[str, int]) -> Iterator[tuple[
                 continue
             file_rows += 1
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode(encoding)
             except UnicodeDecodeError:
-                line = raw.decode("utf-8", errors="replace")
+                line = raw.decode(encoding, errors="replace")
                 bad_utf8 += 1
             try:
                 row = json.loads(line)
