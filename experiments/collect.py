@@ -6,9 +6,7 @@ Run: python -m experiments.collect runs/wq_r8 runs/wq_wv_r4 ...   (default: ever
 from __future__ import annotations
 
 import glob
-import json
 import os
-import sys
 
 COLUMNS = (
     ("run", "{}"),
@@ -25,11 +23,11 @@ COLUMNS = (
 
 def row(workdir: str) -> dict | None:
     """One table row from ``workdir/summary.json``; None if the run has not finished."""
-    path = os.path.join(workdir, "summary.json")
-    if not os.path.exists(path):
+    from lorax import loop
+
+    s = loop.finished(workdir)  # a damaged summary.json is an error naming it
+    if s is None:
         return None
-    with open(path) as f:
-        s = json.load(f)
     cfg = s.get("config", {})
     lora = cfg.get("lora", {})
     full = cfg.get("method") == "full"
@@ -52,6 +50,11 @@ def table(workdirs: list[str]) -> str:
     return "\n".join([head, rule, *body])
 
 
+def main(argv):
+    print(table(argv[1:] or sorted(glob.glob("runs/*/"))))
+
+
 if __name__ == "__main__":
-    dirs = sys.argv[1:] or sorted(glob.glob("runs/*/"))
-    print(table(dirs))
+    from lorax import cli
+
+    cli.run(main, "experiments.collect")  # a user error as one line, as lorax's commands

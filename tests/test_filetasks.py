@@ -129,7 +129,7 @@ def test_errors_name_the_field_file_and_row(tmp_path, tokenizer):
         load(config, tokenizer, max_length=32)
     with pytest.raises(ValueError, match=r"no row has the field\(s\) \['topic'\]"):
         load(_task_config(data=str(train), label_field="topic"), tokenizer, max_length=32)
-    with pytest.raises(ValueError, match=r"task.test_size = 1.5 must be a count >= 1 or a fr"):
+    with pytest.raises(ValueError, match=r"task.test_size = 1.5 must be a count >= 2 or a fr"):
         load(_task_config(data=str(train), test_size=1.5), tokenizer, max_length=32)
     with pytest.raises(ValueError, match=r"leaves none of the 30 usable training rows"):
         load(_task_config(data=str(train), validation_size=20, test_size=10), tokenizer,

@@ -419,6 +419,14 @@ def test_experiment_errors_name_a_damaged_summary_and_a_busy_study(tmp_path):
     assert f"experiments.table5: error: workdir {study} is in use by" in done.stderr
 
 
+def test_collect_names_a_damaged_summary(tmp_path):
+    from experiments import collect
+
+    (tmp_path / "summary.json").write_text('{"test_accuracy": ')
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'summary.json'} is damaged"):
+        collect.row(str(tmp_path))
+
+
 # --------------------------------------------------------------------------- the suite itself
 
 

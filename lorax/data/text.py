@@ -21,7 +21,7 @@ it in its chunk. Chunks are the examples :class:`lorax.data.PackedBatcher` packs
 chunk) boundary and positions restart at 0 in each.
 
 Validation and test are held out by document, before chunking: ``task.validation_size`` and
-``task.test_size`` documents (a count >= 1 or a fraction in (0, 1) of the usable documents),
+``task.test_size`` documents (a count >= 2 or a fraction in (0, 1) of the usable documents),
 drawn with a fixed seed (:func:`lorax.data.tasks.hold_out`), so every run and seed holds out
 the same documents and no document has chunks on both sides. Every target token of a split
 counts in its loss, next-token accuracy and perplexity (exp of the mean token loss).
