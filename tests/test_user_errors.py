@@ -12,7 +12,7 @@ import sys
 import pytest
 from helpers import REPO, poison_losses, tiny_config, train_until_interrupted
 
-from lorax import cli, loop, runs
+from lorax import cli, divergence, loop, runs
 from lorax import setup as setup_lib
 from lorax import train as train_lib
 from lorax.checkpoints import hf
@@ -213,14 +213,15 @@ def test_the_last_good_checkpoint_is_one_saved_before_the_loss_climbed():
     """Good: the training loss last logged at or before it is finite and at most twice the
     first logged. A checkpoint of a run whose loss had climbed to 1e29 is not offered."""
     losses = [(1, 0.70), (2, 0.66), (3, 1.39), (4, 1.5), (5, 1e29), (6, None)]
-    assert loop.good_checkpoint([2, 3], losses) == 3 and loop.good_checkpoint([2, 4], losses) == 2
-    assert loop.good_checkpoint([4, 5], losses) is None
-    assert loop.good_checkpoint([], losses) is None
-    assert loop.good_checkpoint([3], []) is None  # nothing logged: cannot be judged
-    message = loop.nonfinite_advice(_Kept([2, 4]), losses)
+    assert divergence.good_checkpoint([2, 3], losses) == 3
+    assert divergence.good_checkpoint([2, 4], losses) == 2
+    assert divergence.good_checkpoint([4, 5], losses) is None
+    assert divergence.good_checkpoint([], losses) is None
+    assert divergence.good_checkpoint([3], []) is None  # nothing logged: cannot be judged
+    message = divergence.nonfinite_advice(_Kept([2, 4]), losses)
     assert message.startswith("Last good checkpoint: step 2 in /w/checkpoints (kept checkpoint")
     assert "step(s) [4] were saved after the training loss had climbed past twice" in message
-    assert "Last good checkpoint: none" in loop.nonfinite_advice(_Kept([4, 5]), losses)
+    assert "Last good checkpoint: none" in divergence.nonfinite_advice(_Kept([4, 5]), losses)
 
 
 def test_a_nan_stop_names_a_checkpoint_from_before_the_divergence(
