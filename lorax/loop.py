@@ -21,50 +21,16 @@ import jax
 import numpy as np
 import tqdm
 
-from lorax import (
-    adalora,
-    cli,
-    divergence,
-    evaluate,
-    lora,
-    methods,
-    paths,
-    quant,
-    runfiles,
-    sharding,
-)
+from lorax import adalora, evaluate, lora, methods, paths, quant, runfiles, sharding, stops
 from lorax import setup as setup_lib
 from lorax import step as step_lib
 from lorax.checkpoints import best as best_lib
 from lorax.checkpoints.state import Checkpointer, IncompatibleCheckpointError
 from lorax.runfiles import MetricsLog
+from lorax.stops import NonFiniteLossError
 
 _WINDOW = ("loss_sum", "correct", "count")
 _SUMMARY_ONLY = ("per_class", "confusion")
-
-
-class NonFiniteLossError(cli.UserError):
-    """The loss became NaN or Inf and the config says to stop (a user error: the command
-    lines print it as one line)."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a run; the message says which checkpoint a rerun of the same command
-    resumes from."""
-
-
-def interrupted(ckpt: Checkpointer) -> Interrupted:
-    """The :class:`Interrupted` to raise for a run cut off by Ctrl-C (after its pending save
-    has landed)."""
-    last = ckpt.latest_step()
-    if last is None:
-        return Interrupted(
-            "interrupted before the first checkpoint; rerun the same command to start again"
-        )
-    return Interrupted(
-        f"interrupted; last checkpoint step {last} in {ckpt.directory}: rerun the same command "
-        "to resume from it"
-    )
 
 
 class Stepper:
@@ -366,7 +332,7 @@ def run(
     task = stepper.setup.task
     val_subset = setup_lib.subset(task.splits["validation"], config.task.max_eval_examples)
 
-    losses = [divergence.logged_losses(log) for log in logs]  # each adapter's (step, training loss)
+    losses = [stops.logged_losses(log) for log in logs]  # each adapter's (step, training loss)
 
     def write(k_rows, **fields):
         for log, row, seen in zip(logs, k_rows, losses, strict=True):
@@ -376,7 +342,7 @@ def run(
                     seen.append((fields["step"], row["loss"]))
 
     def advice(k: int) -> str:
-        return divergence.nonfinite_advice(ckpt, losses[k])
+        return stops.nonfinite_advice(ckpt, losses[k])
 
     def run_eval(split, examples, step, final=False, of=None, **fields):
         desc = f"{'final ' if final else ''}eval {split}"

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from lorax import data as data_lib
-from lorax import evaluate, loop, lora, methods, paths, runfiles, runlock, sharding
+from lorax import evaluate, loop, lora, methods, paths, runfiles, runlock, sharding, stops
 from lorax import setup as setup_lib
 from lorax import step as step_lib
 from lorax.checkpoints.state import Checkpointer
@@ -411,7 +411,7 @@ def _train_many(configs, workdirs) -> list[dict[str, Any]]:
             result = loop.run(stepper, stepper.init_state(), job_ckpt, logs)
         except KeyboardInterrupt:
             job_ckpt.wait()  # the save in flight lands: the message names it
-            raise loop.interrupted(job_ckpt) from None
+            raise stops.interrupted(job_ckpt) from None
 
     for k, (config, workdir) in enumerate(zip(configs, workdirs, strict=True)):
         if summaries[k] is not None:  # finished before the job was cut off: left as it is

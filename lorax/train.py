@@ -22,7 +22,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from lorax import cli, configdoc, loop, lora, paths, runfiles, runlock, sharding
+from lorax import cli, configdoc, loop, lora, paths, runfiles, runlock, sharding, stops
 from lorax import data as data_lib
 from lorax import setup as setup_lib
 from lorax.checkpoints import best as best_lib
@@ -128,7 +128,7 @@ def _train(config, setup: setup_lib.Setup, workdir: str, primary: bool, start: f
             result = loop.run(stepper, stepper.init_state(), ckpt, [log], best)
         except KeyboardInterrupt:
             ckpt.wait()  # the save in flight lands: the message names it
-            raise loop.interrupted(ckpt) from None
+            raise stops.interrupted(ckpt) from None
         summary = loop.make_summary(
             config, setup, stepper.adapter(result.state, 0), result, 0, start
         )

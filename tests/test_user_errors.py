@@ -12,7 +12,7 @@ import sys
 import pytest
 from helpers import REPO, poison_losses, tiny_config, train_until_interrupted
 
-from lorax import cli, divergence, loop, runs
+from lorax import cli, loop, runs, stops
 from lorax import setup as setup_lib
 from lorax import train as train_lib
 from lorax.checkpoints import hf
@@ -213,15 +213,15 @@ def test_the_last_good_checkpoint_is_one_saved_before_the_loss_climbed():
     """Good: the training loss last logged at or before it is finite and at most twice the
     first logged. A checkpoint of a run whose loss had climbed to 1e29 is not offered."""
     losses = [(1, 0.70), (2, 0.66), (3, 1.39), (4, 1.5), (5, 1e29), (6, None)]
-    assert divergence.good_checkpoint([2, 3], losses) == 3
-    assert divergence.good_checkpoint([2, 4], losses) == 2
-    assert divergence.good_checkpoint([4, 5], losses) is None
-    assert divergence.good_checkpoint([], losses) is None
-    assert divergence.good_checkpoint([3], []) is None  # nothing logged: cannot be judged
-    message = divergence.nonfinite_advice(_Kept([2, 4]), losses)
+    assert stops.good_checkpoint([2, 3], losses) == 3
+    assert stops.good_checkpoint([2, 4], losses) == 2
+    assert stops.good_checkpoint([4, 5], losses) is None
+    assert stops.good_checkpoint([], losses) is None
+    assert stops.good_checkpoint([3], []) is None  # nothing logged: cannot be judged
+    message = stops.nonfinite_advice(_Kept([2, 4]), losses)
     assert message.startswith("Last good checkpoint: step 2 in /w/checkpoints (kept checkpoint")
     assert "step(s) [4] were saved after the training loss had climbed past twice" in message
-    assert "Last good checkpoint: none" in divergence.nonfinite_advice(_Kept([4, 5]), losses)
+    assert "Last good checkpoint: none" in stops.nonfinite_advice(_Kept([4, 5]), losses)
 
 
 def test_a_nan_stop_names_a_checkpoint_from_before_the_divergence(
@@ -320,7 +320,7 @@ def test_ctrl_c_names_the_checkpoint_a_rerun_resumes_from(
             return real(self, i)
 
         m.setattr(data.Batcher, "train_batch", dying)
-        with pytest.raises(loop.Interrupted) as e:
+        with pytest.raises(stops.Interrupted) as e:
             train_lib.train_and_evaluate(config, str(workdir))
     assert str(e.value) == (
         f"interrupted; last checkpoint step 3 in {workdir / 'checkpoints'}: rerun the same "
@@ -331,7 +331,7 @@ def test_ctrl_c_names_the_checkpoint_a_rerun_resumes_from(
 @pytest.mark.parametrize("raised,code,line", [
     (loop.NonFiniteLossError("loss is NaN/Inf at step 7; Last good checkpoint: step 2"), 2,
      "prog: error: loss is NaN/Inf at step 7; Last good checkpoint: step 2"),
-    (loop.Interrupted("interrupted; last checkpoint step 3 in /w: rerun"), 130,
+    (stops.Interrupted("interrupted; last checkpoint step 3 in /w: rerun"), 130,
      "prog: interrupted; last checkpoint step 3 in /w: rerun"),
     (KeyboardInterrupt(), 130, "prog: interrupted"),
 ])  # fmt: skip

@@ -1,5 +1,6 @@
-"""What a run stopped by a NaN/Inf loss tells its user: which of its kept checkpoints is
-*good* (saved before the loss had climbed), and what to do next (:func:`nonfinite_advice`)."""
+"""What a run that stops early tells its user, in one line: a NaN/Inf loss (which of its kept
+checkpoints is *good*, saved before the loss had climbed: :func:`nonfinite_advice`) or Ctrl-C
+(which checkpoint a rerun resumes from: :func:`interrupted`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,33 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+
+from lorax import cli
+
+
+class NonFiniteLossError(cli.UserError):
+    """The loss became NaN or Inf and the config says to stop (a user error: the command
+    lines print it as one line)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says which checkpoint a rerun of the same command
+    resumes from."""
+
+
+def interrupted(ckpt) -> Interrupted:
+    """The :class:`Interrupted` to raise for a run cut off by Ctrl-C, naming the latest step
+    of ``ckpt`` (a :class:`lorax.checkpoints.state.Checkpointer` whose pending save has
+    landed)."""
+    last = ckpt.latest_step()
+    if last is None:
+        return Interrupted(
+            "interrupted before the first checkpoint; rerun the same command to start again"
+        )
+    return Interrupted(
+        f"interrupted; last checkpoint step {last} in {ckpt.directory}: rerun the same command "
+        "to resume from it"
+    )
 
 
 def good_checkpoint(steps: Sequence[int], losses: Sequence[tuple[int, float | None]]):
