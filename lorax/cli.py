@@ -64,11 +64,15 @@ def xla_cache_dir() -> str | None:
     return os.fspath(assets.cache_root() / "xla")
 
 
+XLA_CACHE_BYTES = 2 << 30  # the cache's size cap (a MiniLM predict adds ~0.3 MB)
+
+
 def use_xla_cache() -> str | None:
     """Turns on JAX's persistent compilation cache in :func:`xla_cache_dir` (before anything is
-    compiled; compiles from 0.1 s up are kept, so a run's forward pass and step are) and
-    returns it. The cache is keyed by the program, the jax version and the flags: a hit is
-    the executable a fresh compile would build."""
+    compiled; compiles from 0.1 s up are kept, so a run's forward pass and step are; at most
+    :data:`XLA_CACHE_BYTES`, the least recently used dropped first) and returns it. The
+    cache is keyed by the program, the jax version and the flags: a hit is the executable a
+    fresh compile would build."""
     path = xla_cache_dir()
     if path is None:
         return None
@@ -77,6 +81,8 @@ def use_xla_cache() -> str | None:
     jax.config.update("jax_compilation_cache_dir", path)
     if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    if not os.environ.get("JAX_COMPILATION_CACHE_MAX_SIZE"):  # least recently used go first
+        jax.config.update("jax_compilation_cache_max_size", XLA_CACHE_BYTES)
     return path
 
 

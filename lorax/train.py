@@ -51,6 +51,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if primary:
                 restart_unsaved(workdir, config)
                 runfiles.write_config_once(workdir, config)
+            tqdm.tqdm.write(f"loading {config.model.name} and the {config.task.name} data "
+                            "(tokenizing every split) ...")  # fmt: skip
             setup = setup_lib.build(config)
         except Exception:
             if new and primary:  # a run that never started leaves no workdir behind
