@@ -185,7 +185,7 @@ def _model_and_params(config, model_config, base, key, mesh):
     base_dtype = choice(config.model.base_dtype, DTYPES, "model.base_dtype")
     requested = config.model.get("attention", "auto")
     gather_mode = fsdp_gather_mode(config)
-    gather = None if gather_mode == "tree" else sharding.layer_gather(mesh)
+    gather = None if gather_mode == "tree" else sharding.layer_gather(mesh, dtype=compute_dtype)
     if isinstance(model_config, decoder.DecoderConfig):
         c = dataclasses.replace(model_config, dropout=config.model.dropout)
         shape = (c.num_heads, c.num_kv_heads, c.head_dim)

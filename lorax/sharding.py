@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import mesh_utils
@@ -278,7 +279,9 @@ GATHER_MODES = {
 GATHERED = "fsdp_gathered"  # checkpoint_name of gathered weights (lorax.nn's remat policies)
 
 
-def layer_gather(mesh: Mesh, rules: Sequence[Rule] = RULES) -> Callable[[Any], Any] | None:
+def layer_gather(
+    mesh: Mesh, rules: Sequence[Rule] = RULES, dtype: Any = None
+) -> Callable[[Any], Any] | None:
     """A function taking one layer's params (inside ``jit``) to their compute layout, for the
     model to call where the layer reads them; None when the fsdp axis has size 1.
 
@@ -291,6 +294,12 @@ def layer_gather(mesh: Mesh, rules: Sequence[Rule] = RULES) -> Callable[[Any], A
     node's ``w`` takes its kernel's rule, its ``a`` / ``b`` the factor rules; paths are
     relative (``attn/q/kernel``), which the rules match anywhere. Leaves the rules leave
     unsplit over fsdp pass through untouched.
+
+    ``dtype`` (the compute dtype): floating leaves are cast to it before they are gathered,
+    as the layer would cast them after: an fp32 leaf (a LoRA factor, a fully fine-tuned
+    kernel) crosses the links in half the bytes, and its gradient is reduce-scattered in that
+    dtype (compiled for H100s, XLA all-reduced the whole bf16 gradient of each layer's kernels
+    and sliced it after the cast back instead).
     """
     if mesh.shape.get(FSDP, 1) == 1:
         return None
@@ -304,6 +313,8 @@ def layer_gather(mesh: Mesh, rules: Sequence[Rule] = RULES) -> Callable[[Any], A
             spec = _spec(paths.key_str(keys), tuple(np.shape(leaf)), mesh, rules, compiled)
             if not any(FSDP in _names(axes) for axes in spec):
                 return leaf
+            if dtype is not None and jnp.issubdtype(leaf.dtype, jnp.floating):
+                leaf = leaf.astype(dtype)
             leaf = jax.lax.with_sharding_constraint(leaf, NamedSharding(mesh, spec))
             leaf = jax.lax.with_sharding_constraint(leaf, NamedSharding(mesh, _without(spec, FSDP)))
             return checkpoint_name(leaf, GATHERED)
