@@ -163,6 +163,12 @@ def load_for_generation(config, adapter: str | None, merge: bool = False):
     from lorax import setup as setup_lib
 
     setup = setup_lib.build(config, with_task=False)
+    if setup.kind == "reward":
+        raise ValueError(
+            "the config trains a reward model (train.objective = 'reward'): it scores texts "
+            "and does not generate; score with lorax.predict, or generate with a config of "
+            "train.objective = 'lm'"
+        )
     if setup.kind != "lm":
         raise ValueError(f"model.name = {config.model.name!r} is not a causal LM")
     params = paths.overlay(setup.frozen, setup.head)

@@ -124,6 +124,12 @@ def load_adapter(workdir: str, base: dict) -> tuple[dict, lora.LoraSpec]:
             f"--adapter={workdir} is a method = {run_config.method!r} run; generation takes "
             "LoRA adapters (export a full or partial fine-tuning run with --merged instead)"
         )
+    if run_config.train.get("objective") == "reward":
+        raise ValueError(
+            f"--adapter={workdir} is a reward model (train.objective = 'reward'): its adapter "
+            "was trained to score texts through its score head, not to write them; score with "
+            f"python -m lorax.predict --workdir={workdir}"
+        )
     spec = methods.lora_spec(run_config.lora)
     delta = jax.tree_util.tree_map(jax.numpy.asarray, restore_trainable(workdir)["delta"])
     scanned = any(paths.is_stacked(p) for p in paths.flatten(base))

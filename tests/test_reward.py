@@ -246,7 +246,7 @@ def test_reward_run_learns_exports_and_predicts_what_peft_predicts(
     within 1e-4; lorax.predict writes a file's rewards as a ``reward`` column."""
     import json
 
-    from lorax import export, runs
+    from lorax import export, generate, runs
     from lorax.predict import Predictor, predict_file
 
     _, tok = tiny_reward_model
@@ -294,6 +294,10 @@ def test_reward_run_learns_exports_and_predicts_what_peft_predicts(
     got = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([g["reward"] for g in got[:4]], ours, atol=1e-6)
     assert got[4]["reward"] == ""
+    with pytest.raises(ValueError, match=r"is a reward model.*lorax.predict"):
+        runs.load_adapter(str(run), setup.frozen)  # lorax.generate --adapter=<a reward run>
+    with pytest.raises(ValueError, match=r"reward model.*does not generate"):
+        generate.load_for_generation(config, None)
 
 
 def test_margins_are_read_checked_and_batched(tiny_reward_model, tmp_path):
