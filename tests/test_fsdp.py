@@ -180,3 +180,42 @@ def test_per_layer_gathering_follows_one_device_and_whole_tree_loss_curves(tmp_p
     assert scan_layer["temp"] < scan_keep["temp"], (scan_layer["temp"], scan_keep["temp"])
     stacks = [s for s in gathered(result["scan-tree"]) if re.match(r"f32\[2,", s)]
     assert len(stacks) >= 5, gathered(result["scan-tree"])  # the old way: whole stacks
+
+
+@pytest.mark.parametrize("remat", ["none", "block_inputs", "dots"])
+def test_remat_policies_never_keep_gathered_weights_unless_asked(remat, capsys):
+    """Under each model.remat policy a layer's gathered weights (a sharding constraint's output
+    tagged sharding.GATHERED, as layer_gather makes them) are not saved for the backward pass,
+    and are with regather=False; "none" and "dots" keep the matmul outputs, "block_inputs"
+    keeps neither (only the inputs)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.ad_checkpoint import checkpoint_name
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from lorax import nn, sharding
+
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+    def gathered(w):
+        w = jax.lax.with_sharding_constraint(w, NamedSharding(mesh, P()))
+        return checkpoint_name(w, sharding.GATHERED)
+
+    def layer(w1, w2, x):  # [7, 5] and [5, 3] weights: shapes no activation has
+        return jnp.sum(jnp.tanh(x @ gathered(w1)) @ gathered(w2))
+
+    args = (jnp.ones((7, 5)), jnp.ones((5, 3)), jnp.ones((4, 7)))
+
+    def saved(regather):  # what the backward pass gets from the forward pass, as JAX says
+        policy = nn.remat_policy(remat, regather=regather)
+        f = layer if policy is None else jax.checkpoint(layer, policy=policy)
+        capsys.readouterr()
+        jax.ad_checkpoint.print_saved_residuals(lambda w1, w2: f(w1, w2, args[2]), *args[:2])
+        return capsys.readouterr().out
+
+    regathered, kept = saved(regather=True), saved(regather=False)
+    assert f"named '{sharding.GATHERED}'" not in regathered, regathered  # the stored w's only
+    assert f"named '{sharding.GATHERED}'" in kept, kept
+    matmul_kept = "[4,5] output of" in regathered
+    assert matmul_kept == (remat != "block_inputs"), regathered
