@@ -114,6 +114,14 @@ def test_keep_best_keeps_reports_and_exports_the_best_through_a_kill(
     assert [e.step for e in events] == sorted(train_rows) == [1, 2, 3, 4, 5, 6]
     logged = [train_rows[s] for s in sorted(train_rows)]
     np.testing.assert_allclose([e.value for e in events], logged, rtol=1e-6)
+    # each session's events open by purging what an earlier one logged past the checkpoint it
+    # starts from: a START marker at step 1 (the first), 5 (the resumed one, from step 4)
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    starts = [e.step for f in sorted((workdir / "tensorboard").iterdir())
+              for e in EventFileLoader(str(f)).Load()
+              if e.HasField("session_log") and e.session_log.status == 1]  # fmt: skip
+    assert starts == [1, 5]
     test_rows = [r for r in rows if r["split"] == "test"]
     assert [e.value for e in acc.Scalars("test/accuracy")] == pytest.approx(
         [r["accuracy"] for r in test_rows]
