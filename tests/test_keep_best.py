@@ -190,3 +190,36 @@ def test_class_weights_reach_the_train_step_from_the_config(tiny_model_dir, tmp_
     assert "weighted_loss_sum" in sums
     with pytest.raises(ValueError, match=r"'maybe' is not one of the classes"):
         setup_lib.build(_config(tiny_model_dir, data, **{"task.class_weights": "maybe=2"}))
+
+
+def test_the_train_step_descends_the_class_weighted_loss():
+    """One SGD step of lorax's train step on a linear classifier with class-weighted sums moves
+    the weights by PyTorch's gradient of its weighted CrossEntropyLoss."""
+    import functools
+
+    import optax
+
+    from lorax import step as step_lib
+
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    x, w0 = rng.normal(size=(8, 5)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, size=8)
+    cw = np.array([4.0, 1.0, 0.25], np.float32)
+
+    def forward(trainable, frozen, batch, key, train):
+        return batch["x"] @ trainable["head"]["w"]
+
+    sums_fn = functools.partial(evaluate.classification_sums, class_weights_C=cw)
+    train_step = step_lib.make_train_step(forward, optax.sgd(1.0), sums_fn)
+    trainable = {"delta": {}, "head": {"w": jnp.asarray(w0)}}
+    state = step_lib.fresh_state(trainable, optax.sgd(1.0))
+    batch = {"x": jnp.asarray(x), "labels": jnp.asarray(labels), "weights": jnp.ones(8)}
+    new, _ = train_step(state, {}, batch, jax.random.key(0))
+
+    w = torch.tensor(w0, requires_grad=True)
+    loss = torch.nn.CrossEntropyLoss(weight=torch.tensor(cw))(torch.tensor(x) @ w,
+                                                              torch.tensor(labels))  # fmt: skip
+    loss.backward()
+    np.testing.assert_allclose(np.asarray(new["trainable"]["head"]["w"]),
+                               w0 - w.grad.numpy(), rtol=1e-5, atol=1e-6)  # fmt: skip
