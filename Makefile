@@ -6,7 +6,7 @@ CONFIG ?= configs/wq_wv_r4.py
 # pytest worker processes (pytest-xdist): make test WORKERS=1 runs in one process
 WORKERS ?= 2
 
-.PHONY: demo test test-fast lint fetch clean
+.PHONY: demo test test-fast plan-test lint fetch clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
+$(VENV)/.installed-plan: pyproject.toml $(VENV)/.installed-test
+	$(BIN)/python -m pip install --quiet -e '.[test,plan]'
+	touch $@
+
 # Fetch the pretrained model and data set once into the cache (~/.cache/lorax, or $LORAX_CACHE).
 fetch: $(VENV)/.installed
 	$(BIN)/python -m lorax.assets minilm-l6 snli
@@ -29,12 +33,18 @@ demo: fetch
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m lorax.assets minilm-l6 snli smollm2-135m rotten-tomatoes
-	$(BIN)/python -m pytest -q -n $(WORKERS)
+	$(BIN)/python -m pytest -q -n $(WORKERS) -m "not plan"
 
 # The developer loop: everything not marked slow (real-model loads, kill -9 runs, studies).
 test-fast: $(VENV)/.installed-test
 	$(BIN)/python -m lorax.assets minilm-l6 snli
-	$(BIN)/python -m pytest -q -n $(WORKERS) -m "not slow"
+	$(BIN)/python -m pytest -q -n $(WORKERS) -m "not slow and not plan"
+
+# The GPU gates (tests/test_plan.py, marked plan): the benchmark steps compiled for a described
+# H100/H200 by JAX's CUDA plugin (the [plan] extra), no GPU needed. One process: the module
+# compiles each step once and its tests share them.
+plan-test: $(VENV)/.installed-plan
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -p no:xdist -m plan tests/test_plan.py
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check lorax tests configs experiments benchmarks

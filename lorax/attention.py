@@ -16,7 +16,11 @@ compute (JAX 0.10's cuDNN path, `should_export_dbias`, computes one whenever a b
 
 ``model.attention`` chooses: ``"auto"`` takes cuDNN on a GPU where a probe of the model's own
 head shapes and dtype compiles and runs (forward and gradients), else XLA; ``"xla"`` and
-``"cudnn"`` force one (``"cudnn"`` where it cannot run is an error naming why).
+``"cudnn"`` force one (``"cudnn"`` where it cannot run is an error naming why). The choice is
+made for the platform the step is compiled for: the host's backend, or the GPUs a plan
+describes (``lorax.plan``), where no GPU is present to run the probe: there ``"auto"`` takes
+cuDNN for a bfloat16/float16 model unprobed (:func:`probed` says so), and the GPU compiler's
+own checks of the fused kernel's shapes remain.
 """
 
 from __future__ import annotations
@@ -45,13 +49,22 @@ def attend(q_BTHE, k_BSKE, v_BSKE, mask_B1TS, *, implementation: str, causal: bo
     )
 
 
-def choose(requested: str, dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> str:
-    """``model.attention`` resolved for this backend and these shapes: "xla" or "cudnn"."""
+def choose(
+    requested: str,
+    dtype,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    platform: str | None = None,
+) -> str:
+    """``model.attention`` resolved for ``platform`` (default: the host's backend) and these
+    shapes: "xla" or "cudnn"."""
     if requested not in CHOICES:
         raise ValueError(f"model.attention = {requested!r}; choose one of {list(CHOICES)}")
     if requested == "xla":
         return "xla"
-    why = _cudnn_unavailable(jnp.dtype(dtype).name, num_heads, num_kv_heads, head_dim)
+    platform = platform or jax.default_backend()
+    why = _cudnn_unavailable(jnp.dtype(dtype).name, num_heads, num_kv_heads, head_dim, platform)
     if why is None:
         return "cudnn"
     if requested == "cudnn":
@@ -62,19 +75,28 @@ def choose(requested: str, dtype, num_heads: int, num_kv_heads: int, head_dim: i
     return "xla"
 
 
-@functools.cache
-def _cudnn_unavailable(dtype: str, heads: int, kv_heads: int, head_dim: int) -> str | None:
-    """Why cuDNN's fused attention cannot run these shapes here, or None when it can.
+def probed(platform: str) -> bool:
+    """Whether an ``"auto"`` choice for ``platform`` ran the cuDNN probe: only where the host
+    itself has that platform (not for the GPUs of a plan made without one)."""
+    return platform == jax.default_backend()
 
-    Cheap answers first (backend, dtype); then a probe: a 256-token causal attention with a
-    mask and without one, and a padded non-causal one, forward and gradients, compiled and run
-    once per shape.
+
+@functools.cache
+def _cudnn_unavailable(
+    dtype: str, heads: int, kv_heads: int, head_dim: int, platform: str
+) -> str | None:
+    """Why cuDNN's fused attention cannot run these shapes on ``platform``, or None when it can.
+
+    Cheap answers first (platform, dtype); then, where the host has a GPU, a probe: a 256-token
+    causal attention with a mask and without one, and a padded non-causal one, forward and
+    gradients, compiled and run once per shape.
     """
-    backend = jax.default_backend()
-    if backend != "gpu":
-        return f"the backend is {backend!r} (cuDNN needs an NVIDIA GPU)"
+    if platform != "gpu":
+        return f"the backend is {platform!r} (cuDNN needs an NVIDIA GPU)"
     if dtype not in ("bfloat16", "float16"):
         return f"model.dtype is {dtype!r} (the fused kernel takes bfloat16 or float16)"
+    if not probed(platform):  # GPUs described, not present: nothing to run the probe on
+        return None
     t = 256
     q = jnp.ones((2, t, heads, head_dim), dtype)
     kv = jnp.ones((2, t, kv_heads, head_dim), dtype)

@@ -117,21 +117,26 @@ class Hidden:
 
 LOSS_GRADS = ("forward", "recompute")  # model.loss_grad: see Hidden
 LOSS_CHUNK_BYTES = 256 << 20  # fp32 logits per chunk that "auto" aims for
-LOSS_CHUNK_FROM = 1 << 30  # "auto" chunks where a batch's fp32 logits would reach this
+# "auto" chunks where a batch's fp32 logits would reach this: half a GiB, so that the 1B Llama
+# at 8×1024 (32,000 words: 0.98 GiB of logits) is chunked too (lorax.plan found it dense).
+LOSS_CHUNK_FROM = 512 << 20
 
 
-def choose_loss_chunk(requested: int, rows: int, length: int, vocab: int) -> int:
+def choose_loss_chunk(
+    requested: int, rows: int, length: int, vocab: int, platform: str | None = None
+) -> int:
     """``model.loss_chunk`` resolved: positions per chunk of the LM loss, or 0 for dense logits.
 
     -1 ("auto") chunks on an accelerator where a train batch's fp32 logits [rows, length,
-    vocab] would take 1 GiB or more, in chunks of the largest power of two positions whose
-    logits fit 256 MiB (GPT-2 at 16×1024: 64); on a CPU, where memory is plentiful and the
-    recomputed output layer costs time, it keeps the dense logits. 0 and N > 0 are taken as
-    they are.
+    vocab] would take 512 MiB or more, in chunks of the largest power of two positions whose
+    logits fit 256 MiB (GPT-2 at 16×1024: 64; the 1B Llama at 8×1024: 256); on a CPU, where
+    memory is plentiful and the recomputed output layer costs time, it keeps the dense logits.
+    0 and N > 0 are taken as they are. ``platform`` is the one the step is compiled for
+    (default: the host's backend).
     """
     if requested >= 0:
         return requested
-    if jax.default_backend() == "cpu" or rows * length * vocab * 4 < LOSS_CHUNK_FROM:
+    if (platform or jax.default_backend()) == "cpu" or rows * length * vocab * 4 < LOSS_CHUNK_FROM:
         return 0
     chunk = 8
     while chunk * 2 < length and rows * chunk * 2 * vocab * 4 <= LOSS_CHUNK_BYTES:

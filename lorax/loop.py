@@ -43,7 +43,7 @@ class Stepper:
         self.forward = setup_lib.make_forward(setup)
         self.tx = step_lib.make_optimizer(config.train, lr_ratio_b=methods.lr_ratio_b(config))
         self._key = jax.random.fold_in(jax.random.key(config.seed), 3)
-        self._batcher = setup_lib.make_batcher(
+        self._batcher = setup.task and setup_lib.make_batcher(  # a plan's setup has no task
             setup, setup.task.splits["train"], config.train.batch_size, config
         )
         self._eval_steps: dict[Any, Any] = {}  # one jitted eval step per kind of split
@@ -56,11 +56,17 @@ class Stepper:
         trainable = {"delta": self.setup.delta, "head": self.setup.head}
         return step_lib.initial_state(trainable, self.tx, self.setup.mesh, self.setup.method)
 
-    def jit(self, state) -> None:
-        """Jits the step for ``state``'s shapes and shardings (before the first batch)."""
+    def state_shapes(self) -> dict:
+        """:meth:`init_state`'s shapes and shardings, nothing computed (``lorax.plan``)."""
+        s = self.setup
+        return step_lib.state_shapes({"delta": s.delta, "head": s.head}, self.tx, s.mesh, s.method)
+
+    def jit(self, state):
+        """Jits (and returns) the step for ``state``'s shapes and shardings, before step 0."""
         sums = setup_lib.train_sums(self.setup)
         fn = step_lib.make_train_step(self.forward, self.tx, sums, self.setup.method)
         self._step = step_lib.jit_train_step(fn, self.setup.mesh, state, self.setup.frozen)
+        return self._step
 
     def batch(self, step: int) -> tuple[Any, np.ndarray]:
         """Step ``step``'s batch on the mesh and each adapter's real tokens in it."""

@@ -19,6 +19,7 @@ axes), and each adapter's batch split over data × fsdp.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -258,11 +259,22 @@ class MultiStepper(loop.Stepper):
     """The device side of a job of K compatible configs over one base: a stacked state, the
     vmapped step, K batchers, and evaluation of every adapter on the same batches."""
 
-    def __init__(self, configs: Sequence[ml_collections.ConfigDict], names: Sequence[str]):
+    def __init__(
+        self,
+        configs: Sequence[ml_collections.ConfigDict],
+        names: Sequence[str],
+        setup: setup_lib.Setup | None = None,
+    ):
+        """``setup``: the job's, already built from ``configs[0]`` (a plan's abstract one);
+        default :func:`lorax.setup.build` of it."""
         configs = list(configs)
         check_compatible(configs)
         c0 = configs[0]
-        setup = setup_lib.build(c0)
+        setup = setup or setup_lib.build(c0)
+        # the auto LM-loss chunk for all K adapters' rows: the vmapped step holds them together
+        platform = setup.mesh.devices.flat[0].platform
+        chunk = setup_lib.loss_chunk(c0, setup.kind, setup.model.config, platform, len(configs))
+        setup = dataclasses.replace(setup, loss_chunk=chunk)
         self.setup, self.config, self.configs, self.names = setup, c0, configs, list(names)
         self.stack = None
         if isinstance(setup.method, methods.LoRA):
@@ -279,35 +291,60 @@ class MultiStepper(loop.Stepper):
             jnp.asarray([step_lib.head_learning_rate(c.train) for c in configs], jnp.float32),
         )
         self._keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 3) for c in configs])
-        train = setup.task.splits["train"]
-        self._batchers = [
-            setup_lib.make_batcher(setup, train, c0.train.batch_size, c) for c in configs
-        ]
         self._eval_steps = {}
+
+    @functools.cached_property
+    def _batchers(self) -> list:
+        """Each adapter's train batcher, made at the first batch (a plan has no task)."""
+        train, c0 = self.setup.task.splits["train"], self.config
+        return [
+            setup_lib.make_batcher(self.setup, train, c0.train.batch_size, c) for c in self.configs
+        ]
+
+    def _adapter_state(self, config, frozen, pretrained) -> dict:
+        """Adapter ``config``'s step-0 state, exactly as its single run would start, over the
+        job's ``frozen`` base (``pretrained``: the setup's delta, a partial method's leaves)."""
+        setup = self.setup
+        key = jax.random.fold_in(jax.random.key(config.seed), 2)
+        if self.stack is not None:
+            spec = methods.lora_spec(config.lora)
+            delta = _pad_one(self.stack, methods.LoRA(spec).init(frozen, key), frozen)
+        elif setup.method.replaces_base:  # the pretrained leaves, for every seed
+            delta = pretrained
+        else:
+            delta = setup.method.init(frozen, key)
+        head = _head_for_seed(setup, config)
+        return step_lib.fresh_state({"delta": delta, "head": head}, self.tx)
 
     def init_state(self) -> dict:
         """The stacked step-0 state, each adapter initialised exactly as its single run would
         be, placed on the job's mesh (the rules never split the leading K axis)."""
-        setup, states = self.setup, []
-        for config in self.configs:
-            key = jax.random.fold_in(jax.random.key(config.seed), 2)
-            if self.stack is not None:
-                spec = methods.lora_spec(config.lora)
-                delta = _pad_one(
-                    self.stack, methods.LoRA(spec).init(setup.frozen, key), setup.frozen
-                )
-            elif setup.method.replaces_base:  # the pretrained leaves, for every seed
-                delta = setup.delta
-            else:
-                delta = setup.method.init(setup.frozen, key)
-            head = jax.tree_util.tree_map(np.asarray, _head_for_seed(setup, config))
-            states.append(step_lib.fresh_state({"delta": delta, "head": head}, self.tx))
+        states = [
+            jax.tree_util.tree_map(
+                np.asarray, self._adapter_state(c, self.setup.frozen, self.setup.delta)
+            )
+            for c in self.configs
+        ]
         state = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *states)
-        return sharding.put(state, setup.mesh)
+        return sharding.put(state, self.setup.mesh)
 
-    def jit(self, state) -> None:
+    def state_shapes(self) -> dict:
+        """:meth:`init_state`'s shapes and shardings, nothing computed (``lorax.plan``): the
+        stacked states of :meth:`_adapter_state`, each ``jax.ShapeDtypeStruct`` given a
+        leading K axis."""
+        one = jax.eval_shape(
+            lambda f, d: self._adapter_state(self.config, f, d), self.setup.frozen, self.setup.delta
+        )
+        k = self.size
+        stacked = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct((k, *x.shape), x.dtype), one
+        )
+        return sharding.shaped(stacked, self.setup.mesh)
+
+    def jit(self, state):
         fn = make_multi_train_step(self.forward, self.tx, setup_lib.train_sums(self.setup))
         self._step = jit_multi_train_step(fn, self.setup.mesh, state, self.setup.frozen)
+        return self._step
 
     def batch(self, step: int):
         batches = [b.train_batch(step) for b in self._batchers]

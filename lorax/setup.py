@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import functools
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,7 +22,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lorax import assets, attention, checkpoints, evaluate, methods, nn, paths, quant, sharding
+from lorax import (
+    assets,
+    attention,
+    checkpoints,
+    evaluate,
+    methods,
+    nn,
+    paths,
+    quant,
+    sharding,
+    weights,
+)
 from lorax import data as data_lib
 from lorax.checkpoints import best as best_lib
 from lorax.data import filetasks
@@ -178,12 +190,16 @@ def _check_quantize(config, method: methods.Method) -> None:
         )
 
 
-def _model_and_params(config, model_config, base, key, mesh):
+def _model_and_params(config, model_config, base, key, mesh, abstract: bool = False):
     """The Flax model for the checkpoint's family and the params tree it runs on (random
-    weights in ``model.base_dtype``, already on ``mesh``, when ``base`` is None)."""
+    weights in ``model.base_dtype``, already on ``mesh``, when ``base`` is None; with
+    ``abstract`` ``ShapeDtypeStruct`` s); attention chosen for the mesh's platform."""
     compute_dtype = choice(config.model.dtype, DTYPES, "model.dtype")
     base_dtype = choice(config.model.base_dtype, DTYPES, "model.base_dtype")
     requested = config.model.get("attention", "auto")
+    kernel = functools.partial(
+        attention.choose, requested, compute_dtype, platform=mesh.devices.flat[0].platform
+    )
     gather_mode = fsdp_gather_mode(config)
     gather = None if gather_mode == "tree" else sharding.layer_gather(mesh, dtype=compute_dtype)
     if isinstance(model_config, decoder.DecoderConfig):
@@ -194,15 +210,22 @@ def _model_and_params(config, model_config, base, key, mesh):
             compute_dtype,
             scan=config.model.scan,
             remat=nn.remat_name(config.model.remat),
-            attention=attention.choose(requested, compute_dtype, *shape),
+            attention=kernel(*shape),
             gather=gather,
             regather=gather_mode == "layer",
         )
         if base is None:  # random weights (model.architecture), made on the mesh
             init = functools.partial(random_params, model_config, config.model.scan, base_dtype)
-            shardings = sharding.tree_shardings(jax.eval_shape(init, key), mesh)
+            shapes = jax.eval_shape(init, key)
+            if abstract:
+                return model, sharding.shaped(shapes, mesh)
+            shardings = sharding.tree_shardings(shapes, mesh)
             return model, jax.jit(init, out_shardings=shardings)(jax.random.fold_in(key, 3))
-        return model, paths.stack_layers(base) if config.model.scan else base
+        if not config.model.scan:
+            return model, base
+        return model, jax.eval_shape(paths.stack_layers, base) if abstract else paths.stack_layers(
+            base
+        )
     c = dataclasses.replace(model_config, hidden_dropout=config.model.dropout)
     heads = c.num_heads
     model = encoder.EncoderClassifier(
@@ -211,9 +234,11 @@ def _model_and_params(config, model_config, base, key, mesh):
         pooling=config.model.pooling,
         dtype=compute_dtype,
         head_dropout=config.model.head_dropout,
-        attention=attention.choose(requested, compute_dtype, heads, heads, c.hidden_size // heads),
+        attention=kernel(heads, heads, c.hidden_size // heads),
         gather=gather,
     )
+    if abstract:
+        return model, jax.eval_shape(lambda b: encoder.init_params(model, b, key), base)
     return model, encoder.init_params(model, base, key)
 
 
@@ -235,14 +260,16 @@ def _kind(config, model_config, with_task: bool) -> str:
     return "reward"
 
 
-def _load_base(config, with_task: bool) -> tuple[Any, dict | None, Any]:
-    """``(model config, pretrained params or None, model dir or None)``: a checkpoint's, or
-    with ``model.architecture`` the described shape (random weights, made later on the mesh)
-    and ``model.name``'s directory for the tokenizer alone."""
+def _load_base(config, with_task: bool, abstract: bool = False) -> tuple[Any, dict | None, Any]:
+    """``(model config, pretrained params or None, model dir or None)``: a checkpoint's (with
+    ``abstract`` its shapes alone, :func:`lorax.checkpoints.pretrained_shapes`), or with
+    ``model.architecture`` the described shape (random weights, made later on the mesh) and
+    ``model.name``'s directory for the tokenizer alone."""
     architecture = config.model.get("architecture", "")
     if not architecture:
         model_dir = assets.resolve(config.model.name)
-        return *checkpoints.load_pretrained(model_dir), model_dir
+        load = checkpoints.pretrained_shapes if abstract else checkpoints.load_pretrained
+        return *load(model_dir), model_dir
     if not config.model.name:
         if with_task:
             raise ValueError(
@@ -251,18 +278,6 @@ def _load_base(config, with_task: bool) -> tuple[Any, dict | None, Any]:
             )
         return read_architecture(architecture), None, None
     return read_architecture(architecture), None, assets.resolve(config.model.name)
-
-
-def _place_frozen(frozen: dict, config, base_dtype, mesh) -> dict:
-    """The frozen base quantized (QLoRA) and cast to ``base_dtype`` on the host, then placed on
-    the mesh, each device receiving only its slice (random weights are there already)."""
-    if config.model.get("quantize"):  # QLoRA: from the fp32 weights, standing for base_dtype ones
-        frozen = quant.quantize_tree(
-            frozen, config.model.quantize, config.model.quant_block, dtype=base_dtype
-        )
-    on_host = lambda x: not (quant.is_quantized(x) or isinstance(x, jax.Array))  # noqa: E731
-    cast = lambda x: np.asarray(x, base_dtype) if on_host(x) else x  # noqa: E731
-    return sharding.put(jax.tree_util.tree_map(cast, frozen, is_leaf=quant.is_quantized), mesh)
 
 
 def read_architecture(architecture: str) -> decoder.DecoderConfig:
@@ -306,20 +321,27 @@ def fsdp_gather_mode(config) -> str:
     return choice(mode, set(sharding.GATHER_MODES), "mesh.fsdp_gather")
 
 
-def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup:
+def build(
+    config: ml_collections.ConfigDict, *, with_task: bool = True, devices=None, abstract=False
+) -> Setup:
     """Loads the model, checks the method against it, then loads and tokenizes the task.
 
     With ``model.scan`` :func:`paths.stack_layers` still stacks the layers on the default
     device first. With ``model.architecture`` no weights are read: random ones
     (:func:`random_params`) are made by one jitted call straight into their shardings.
-    ``with_task=False`` skips the data (export, generation).
+    ``with_task=False`` skips the data (export, generation). ``devices``: the mesh's (default:
+    all visible); the ``auto`` choices are made for their platform (a plan's GPUs chooses
+    what the GPU run would). ``abstract`` (with ``with_task=False``): no weights read, no
+    tokenizer; frozen, head and delta are ``ShapeDtypeStruct`` s (:func:`weights.abstract`).
     """
+    if abstract and with_task:
+        raise ValueError("an abstract setup has no data: build it with with_task=False")
     check_numbers(config)
     loss_grad = choice(config.model.get("loss_grad", "forward"), set(evaluate.LOSS_GRADS),
                        "model.loss_grad")  # fmt: skip
     choice(config.model.dtype, DTYPES, "model.dtype")
     base_dtype = choice(config.model.base_dtype, DTYPES, "model.base_dtype")
-    mesh = sharding.mesh_from_config(config.mesh)
+    mesh = sharding.mesh_from_config(config.mesh, devices)
     if with_task:  # no batches otherwise
         sharding.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
         sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
@@ -330,28 +352,20 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
     _check_quantize(config, method)
 
     key = jax.random.key(config.seed)
-    model_config, base, model_dir = _load_base(config, with_task)
+    model_config, base, model_dir = _load_base(config, with_task, abstract)
     kind = _kind(config, model_config, with_task)
     if with_task:
         _check_training_options(config, kind)
-    model, params = _model_and_params(config, model_config, base, jax.random.fold_in(key, 1), mesh)
-    counted = params if base is None else base  # the pretrained base, without a new head
-    base_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(counted))
-
-    head_flat, frozen_flat = paths.select(
-        paths.flatten(params), tuple(config.train.trainable), what="train.trainable pattern"
+    model, params = _model_and_params(
+        config, model_config, base, jax.random.fold_in(key, 1), mesh, abstract
     )
-    frozen = _place_frozen(paths.unflatten(frozen_flat), config, base_dtype, mesh)
-    head = paths.unflatten(head_flat)
-    if kind == "reward":  # the score head is the task's head: always trained
-        head["score"] = score_head(model_config, config.seed)
-    head = sharding.put(jax.tree_util.tree_map(np.asarray, head), mesh)
-    delta = method.init(frozen, jax.random.fold_in(key, 2))
-    if method.replaces_base:  # the delta holds those base leaves now (fp32 copies)
-        frozen = methods.drop_replaced(frozen, delta)
-    delta = sharding.put(jax.tree_util.tree_map(np.asarray, delta), mesh)
-
-    tokenizer = None if model_dir is None else checkpoints.load_tokenizer(model_dir)
+    counted = params if base is None else base  # the pretrained base, without a new head
+    base_params = sum(math.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(counted))
+    extra_head = {"score": score_head(model_config, config.seed)} if kind == "reward" else {}
+    trees = weights.abstract if abstract else weights.placed
+    frozen, head, delta = trees(config, params, method, base_dtype, mesh, key, extra_head)
+    chunk = loss_chunk(config, kind, model_config, mesh.devices.flat[0].platform)
+    tokenizer = None if model_dir is None or abstract else checkpoints.load_tokenizer(model_dir)
     task = None
     if with_task:
         file_task = config.task.name in data_lib.CONFIG_TASKS  # it finds its own files
@@ -363,18 +377,23 @@ def build(config: ml_collections.ConfigDict, *, with_task: bool = True) -> Setup
             validation_size=config.task.validation_size,
             task_config=config.task,
         )
-    loss_chunk = 0
-    if kind == "lm":
-        loss_chunk = evaluate.choose_loss_chunk(
-            config.model.get("loss_chunk", -1),
-            config.train.batch_size,
-            config.task.max_length,
-            model_config.vocab_size,
-        )
     return Setup(
-        model, kind, method, frozen, head, delta, task, mesh, base_params, tokenizer, loss_chunk,
+        model, kind, method, frozen, head, delta, task, mesh, base_params, tokenizer, chunk,
         loss_grad, _class_weights_of(config, task, kind),
     )  # fmt: skip
+
+
+def loss_chunk(config, kind: str, model_config, platform: str, adapters: int = 1) -> int:
+    """``model.loss_chunk`` resolved for ``adapters`` × ``train.batch_size`` rows, ``platform``."""
+    if kind != "lm":
+        return 0
+    return evaluate.choose_loss_chunk(
+        config.model.get("loss_chunk", -1),
+        adapters * config.train.batch_size,
+        config.task.max_length,
+        model_config.vocab_size,
+        platform,
+    )
 
 
 def score_head(model_config: decoder.DecoderConfig, seed: int) -> dict:

@@ -145,10 +145,11 @@ def make_mesh(
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
-def mesh_from_config(mesh_config: Mapping[str, Any]) -> Mesh:
-    """The mesh a config's ``mesh`` section describes (``mesh.data``, ``.fsdp``, ``.tensor``)."""
+def mesh_from_config(mesh_config: Mapping[str, Any], devices: Sequence | None = None) -> Mesh:
+    """The mesh a config's ``mesh`` section describes (``mesh.data``, ``.fsdp``, ``.tensor``)
+    over ``devices`` (default: all visible; a plan passes the devices it describes)."""
     get = lambda axis, default: int(mesh_config.get(axis, default))  # older configs: data only
-    return make_mesh(get(DATA, -1), get(FSDP, 1), get(TENSOR, 1))
+    return make_mesh(get(DATA, -1), get(FSDP, 1), get(TENSOR, 1), devices)
 
 
 def initialize_distributed(mesh_config: Mapping[str, Any]) -> None:
@@ -346,6 +347,17 @@ def put(tree: Any, mesh: Mesh, rules: Sequence[Rule] = RULES) -> Any:
     not fit one device can be placed as long as it fits the host.
     """
     return jax.device_put(tree, tree_shardings(tree, mesh, rules))
+
+
+def shaped(tree: Any, mesh: Mesh, rules: Sequence[Rule] = RULES) -> Any:
+    """``tree`` (arrays or ``jax.ShapeDtypeStruct`` s) as ``jax.ShapeDtypeStruct`` s carrying
+    the shardings :func:`put` would give them: the abstract counterpart of a placed tree, for
+    compiling a step without its arrays (``lorax.plan``)."""
+    return jax.tree_util.tree_map(
+        lambda x, sh: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sh),
+        tree,
+        tree_shardings(tree, mesh, rules),
+    )
 
 
 def bytes_per_device(tree: Any) -> int:

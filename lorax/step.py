@@ -204,6 +204,15 @@ def initial_state(
     return jax.jit(init, out_shardings=shardings)(trainable)
 
 
+def state_shapes(
+    trainable: Any, tx: optax.GradientTransformation, mesh, method=None
+) -> dict[str, Any]:
+    """:func:`initial_state`'s shapes and shardings as ``jax.ShapeDtypeStruct`` s, nothing
+    computed: for compiling the step without its arrays (``lorax.plan``)."""
+    init = functools.partial(fresh_state, tx=tx, method=method)
+    return sharding.shaped(jax.eval_shape(init, trainable), mesh)
+
+
 def compiled_memory_bytes(compiled) -> int | None:
     """A compiled step's own device footprint: arguments + outputs − donated (aliased) +
     temporaries, the frozen base included; None if the backend cannot say."""

@@ -22,6 +22,9 @@ os.environ.setdefault(
     os.environ.get("LORAX_TEST_JAX_CACHE", os.path.join(_REPO, ".jax-cache")),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# The suite runs on the CPU. Pinning it lets JAX's CUDA plugin (the [plan] extra), where
+# installed, load without a CUDA runtime and describe GPUs for tests/test_plan.py.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # after the cache settings, which jax reads when it is imported
 import jax.numpy as jnp

@@ -321,6 +321,7 @@ def test_loss_chunk_choice(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert evaluate.choose_loss_chunk(-1, 16, 1024, 50257) == 64
     assert evaluate.choose_loss_chunk(-1, 8, 1024, 128256) == 64  # 263 MB
+    assert evaluate.choose_loss_chunk(-1, 8, 1024, 32000) == 256  # the 1B Llama: 0.98 GiB
     assert evaluate.choose_loss_chunk(-1, 4, 256, 49152) == 0  # 200 MB of logits: dense
 
 

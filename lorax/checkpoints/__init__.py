@@ -68,6 +68,37 @@ def check_tokenizer_files(model: str | os.PathLike) -> None:
         )
 
 
+def pretrained_shapes(
+    model: str | os.PathLike, dtype=np.float32
+) -> tuple[EncoderConfig | decoder.DecoderConfig, dict]:
+    """``(config, params)`` as :func:`load_pretrained` returns them, with
+    ``jax.ShapeDtypeStruct`` leaves in place of arrays: read from ``config.json`` (or a GGUF
+    file's header) alone, so no weight is read and nothing is allocated (``lorax.plan``).
+
+    The shapes are the tables the loaders check every checkpoint against
+    (``decoder.param_shapes``, ``encoder.param_shapes``); an encoder's pooler is included, as
+    a checkpoint that has one loads it.
+    """
+    import jax
+
+    from lorax import paths
+    from lorax.checkpoints import gguf, hf
+    from lorax.models import encoder
+
+    path = _gguf_file(model)
+    if path is not None:
+        config = decoder.DecoderConfig.from_hf(gguf.llama_config(*gguf.read_gguf_header(path)))
+        shapes = decoder.param_shapes(config)
+    else:
+        config = hf.model_config(model)
+        if isinstance(config, EncoderConfig):
+            shapes = encoder.param_shapes(config)
+        else:
+            shapes = decoder.param_shapes(config)
+    tree = {p: jax.ShapeDtypeStruct(s, np.dtype(dtype)) for p, s in shapes.items()}
+    return config, paths.unflatten(tree)
+
+
 def load_tokenizer(model: str | os.PathLike):
     """The model's tokenizer: from the GGUF metadata, or the directory's tokenizer files."""
     from lorax.checkpoints import gguf

@@ -43,6 +43,14 @@ def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return {key: _field_value(field) for key, field in reader.fields.items()}
 
 
+def read_gguf_header(path_or_dir: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
+    """A GGUF file's metadata (as :func:`read_gguf_metadata`) and its tensor names, without
+    reading or dequantizing any tensor data: what a model's shapes need."""
+    reader = gguf.GGUFReader(os.fspath(_gguf_path(path_or_dir)))
+    metadata = {key: _field_value(field) for key, field in reader.fields.items()}
+    return metadata, [t.name for t in reader.tensors]
+
+
 def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Every metadata value and every tensor of a GGUF file, tensors dequantized to fp32.
 

@@ -258,6 +258,14 @@ def _config_from(from_hf, raw: dict, model_dir) -> Any:
         raise ValueError(f"{model_dir}: {e}") from None
 
 
+def model_config(model_dir: str | os.PathLike) -> EncoderConfig | decoder.DecoderConfig:
+    """The model a Hugging Face directory's ``config.json`` describes (no weights read)."""
+    raw = read_config(model_dir)
+    if raw.get("model_type", "bert") == "bert":
+        return _config_from(EncoderConfig.from_hf, raw, model_dir)
+    return _config_from(decoder.DecoderConfig.from_hf, raw, model_dir)
+
+
 def read_safetensors_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every tensor of one ``.safetensors`` file, as read-only numpy views of a memory map.
 

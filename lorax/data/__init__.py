@@ -19,6 +19,7 @@ from lorax.data.registry import (
     load_task,
     make_batcher,
     resolve_labels,
+    train_batch_shapes,
 )
 from lorax.data.tasks import TASKS, Examples, PairClassification, TaskData
 from lorax.data.text import TEXT_TASKS
@@ -48,5 +49,6 @@ __all__ = [
     "load_task",
     "make_batcher",
     "resolve_labels",
+    "train_batch_shapes",
     "train_examples",
 ]

@@ -144,3 +144,33 @@ def make_batcher(examples, batch_size: int, task_config, *, seed: int, pad_id: i
     if isinstance(examples, CausalExamples):
         return PackedBatcher(examples, batch_size, task_config.max_length, seed=seed, pad_id=pad_id)
     return Batcher(examples, batch_size, task_config.buckets, seed=seed)
+
+
+def train_batch_shapes(kind: str, batch_size: int, task_config) -> dict[str, Any]:
+    """The largest training batch of a run, as ``jax.ShapeDtypeStruct`` s (``lorax.plan``).
+
+    ``kind`` "lm": the :class:`PackedBatcher`'s rows of ``task.max_length`` tokens; "classify":
+    the :class:`Batcher`'s batch in its longest bucket (``max(task.buckets)``), the one whose
+    step needs the most memory.
+    """
+    import jax
+    import numpy as np
+
+    def shapes(length: int, fields: dict[str, Any], per_row: dict[str, Any]) -> dict[str, Any]:
+        out = {k: jax.ShapeDtypeStruct((batch_size, length), d) for k, d in fields.items()}
+        return {**out, **{k: jax.ShapeDtypeStruct((batch_size,), d) for k, d in per_row.items()}}
+
+    if kind not in ("lm", "classify"):
+        raise ValueError(
+            f"a plan knows the training batches of causal-LM and classifier runs, not of a "
+            f"{kind!r} run (train.objective); plan it with train.objective = 'lm'"
+        )
+    if kind == "lm":
+        i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
+        fields = {"input_ids": i32, "targets": i32, "loss_mask": f32, "segment_ids": i32,
+                  "positions": i32}  # fmt: skip
+        return shapes(int(task_config.max_length), fields, {})
+    i32 = np.dtype(np.int32)
+    fields = {"input_ids": i32, "token_type_ids": i32, "attention_mask": i32}
+    per_row = {"labels": i32, "weights": np.dtype(np.float32)}
+    return shapes(max(int(b) for b in task_config.buckets), fields, per_row)
