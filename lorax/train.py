@@ -174,12 +174,16 @@ def main(argv):
     for k in (
         "validation_accuracy",
         "test_accuracy",
+        "validation_perplexity",  # LM token splits only
+        "test_perplexity",
         "lora_params",
         "head_params",
         "base_params",
         "wall_seconds",
         "tokens_per_second",
     ):
+        if k not in summary:
+            continue
         v = summary[k]
         print(f"  {k:20s} {v:.4f}" if isinstance(v, float) else f"  {k:20s} {v}")
 

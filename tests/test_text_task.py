@@ -5,11 +5,13 @@ perplexity checked by hand on a tiny random Llama."""
 import csv
 import gzip
 import json
+import os
 
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from helpers import REPO
 from test_causal_data import _tokenizer
 from test_train_lm import lm_config, smol_tokenizer, tiny_llama_dir  # noqa: F401
 
@@ -249,3 +251,36 @@ def test_held_out_perplexity_is_exp_of_the_mean_token_loss_by_hand(
     kw = dict(max_new_tokens=5, pad_id=setup.pad_id, eos_id=setup.tokenizer.eos_token_id)
     out = generate.generate(setup.model, params, [prompt], **kw)
     assert 1 <= len(out[0]) <= 5
+
+
+def test_readme_continued_pretraining_numbers_are_the_committed_runs():
+    """The README's before/after table and generations are the committed runs' (summary.json of
+    the base at learning rate 0 and of the trained adapter; generate.txt)."""
+    results = os.path.join(REPO, "experiments", "results", "smollm2_text_r8")
+    summaries = {}
+    for name in ("base", "trained"):
+        with open(os.path.join(results, name, "summary.json")) as f:
+            summaries[name] = json.load(f)
+    assert summaries["base"]["config"]["train"]["learning_rate"] == 0
+    assert summaries["trained"]["config"]["task"]["name"] == "text"
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("### Continued pretraining on your own text") :]
+    rows = {}
+    for line in section.splitlines()[:80]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 3:
+            rows[cells[0]] = cells[1:]
+    for split in ("validation", "test"):
+        for metric, digits in (("perplexity", 2), ("next-token accuracy", 3)):
+            key = f"{split}_{metric.split()[-1]}"
+            want = [f"{summaries[n][key]:.{digits}f}" for n in ("base", "trained")]
+            assert rows[f"{split} {metric}"] == want, (split, metric)
+    with open(os.path.join(results, "generate.txt")) as f:
+        generated = " ".join(f.read().split())
+    prompts = [(k, *v) for k, v in rows.items() if k.startswith("Good evening")]
+    assert len(prompts) == 2
+    for prompt, *continuations in prompts:
+        for cell in continuations:
+            shown = cell.split("…")[0]  # a long repetition is cut short with "…"
+            assert " ".join(f"{prompt} {shown}".split()) in generated, (prompt, cell)
