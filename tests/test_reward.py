@@ -300,6 +300,49 @@ def test_reward_run_learns_exports_and_predicts_what_peft_predicts(
         generate.load_for_generation(config, None)
 
 
+def test_gpt2_reward_run_exports_for_peft_with_lorax_predicts_rewards(tmp_path):
+    """A few steps of a tiny GPT-2 reward model (fused c_attn, learned positions, a tokenizer
+    with no BOS): lorax.export's adapter in AutoPeftModelForSequenceClassification gives
+    lorax.predict's rewards within 1e-4."""
+    import json
+
+    from lorax import export, runs
+    from lorax import train as train_lib
+    from lorax.predict import Predictor
+    from tests.test_causal_data import _tokenizer
+
+    tok = _tokenizer()
+    model_dir = tmp_path / "gpt2"
+    _save_random(transformers.GPT2Config(
+        vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+        eos_token_id=1, pad_token_id=0,
+    ), model_dir)  # fmt: skip
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _preference_rows(40, 2)))
+    run = tmp_path / "run"
+    overrides = {"train.num_steps": 3, "checkpoint_every": 0, "lora.targets": "q,v,o,mlp_in"}
+    train_lib.train_and_evaluate(_reward_config(model_dir, data, **overrides), str(run))
+    config, setup, trainable = runs.load_run(str(run))
+    out = export.write_export(config, setup, trainable, tmp_path / "rm")
+    prompts = [f"Question {i}: what is {i} plus {i}?" for i in (300, 301, 302)]
+    responses = ["a fine answer", "wrong wrong", "x"]
+    ours = Predictor(str(run)).rewards(prompts, responses)
+    rows = [tok(p, add_special_tokens=False)["input_ids"]
+            + tok(r, add_special_tokens=False)["input_ids"] + [1]
+            for p, r in zip(prompts, responses, strict=True)]  # fmt: skip
+    t = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (t - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (t - len(r)) for r in rows])
+    model = peft.AutoPeftModelForSequenceClassification.from_pretrained(
+        str(out), num_labels=1, pad_token_id=0
+    ).eval()
+    with torch.no_grad():
+        theirs = model(input_ids=ids, attention_mask=mask).logits.numpy()[:, 0]
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    assert np.abs(np.asarray(trainable["head"]["score"]["kernel"])).max() > 0
+
+
 def test_margins_are_read_checked_and_batched(tiny_reward_model, tmp_path):
     """task.margin_field: each pair's margin reaches its batch as ``margin`` [B] (0 for a
     padding pair); a row without one, or with one that is not a number, is skipped and
