@@ -44,7 +44,7 @@ test-fast: $(VENV)/.installed-test
 # H100/H200 by JAX's CUDA plugin (the [plan] extra), no GPU needed. One process: the module
 # compiles each step once and its tests share them.
 plan-test: $(VENV)/.installed-plan
-	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -p no:xdist -m plan tests/test_plan.py
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -p no:xdist -m plan tests/test_plan.py tests/test_plan_fsdp.py
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check lorax tests configs experiments benchmarks
