@@ -207,7 +207,7 @@ def _multi_step(s, spec, batch, k: int, config, key, n_lora) -> Step:
     batch_k = {name: x.reshape(k, rows // k, *x.shape[1:]) for name, x in batch.items()}
     batch_k = sharding.put_batch(batch_k, s.mesh, leading=1)
     keys = jax.random.split(key, k)
-    return Step(fn, (state, s.frozen, batch_k, keys, lrs, lrs, masks, scales), n_lora)
+    return Step(fn, (state, s.frozen, batch_k, keys, lrs, lrs, masks, scales, {}), n_lora)
 
 
 # --------------------------------------------------------------------------- measuring

@@ -167,6 +167,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.max_skipped_fraction = 0.25  # skip_nonfinite: stop once more of the steps so far
     # were skipped (checked from step 20 on: a diverging run, not a few bad batches)
 
+    # --- DPO (train.objective = "dpo" on task.name = "preferences"; lorax/evaluate.py dpo_sums)
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.beta = 0.1  # β > 0: the implicit reward's scale, β·log(π/π_ref); larger keeps the
+    # policy closer to the reference
+    c.dpo.loss = "sigmoid"  # "sigmoid" (DPO), "ipo", "hinge" or "robust", as TRL's DPOTrainer
+    c.dpo.label_smoothing = 0.0  # dpo.loss = "robust": the assumed fraction of flipped pairs,
+    # in [0, 0.5) (the other losses have none, as in TRL)
+    c.dpo.reference = ""  # the reference model: "" = this base with the delta switched off; a
+    # lorax.train workdir (same base, same method) = the base + that run's adapter (e.g. the SFT
+    # run), which the policy then starts from too
+
     # --- logging, evaluation, checkpoints -----------------------------------------------------
     c.log_every = 25  # steps between metrics.jsonl rows and progress-bar updates
     c.eval_every = 500  # steps between validation evals (0 = only at the end)

@@ -335,6 +335,86 @@ def reward_sums(rewards_R: jax.Array, batch: Mapping[str, jax.Array]) -> dict:
     }
 
 
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")  # dpo.loss, as TRL's DPOTrainer names them
+
+
+@dataclasses.dataclass(frozen=True)
+class Preferred:
+    """What a DPO forward returns: the policy's output on a batch of interleaved pair rows
+    (logits or :class:`Hidden`) and the reference model's summed response log-probs per row,
+    [R], computed in the same step under ``stop_gradient`` (:func:`lorax.setup.make_forward`)."""
+
+    policy: jax.Array | Hidden
+    reference_logps_R: jax.Array
+
+
+def response_logps(out: jax.Array | Hidden, batch: Mapping[str, jax.Array]):
+    """(each row's log p(response) summed over its ``loss_mask`` tokens, its token count), [R]."""
+    m_RT = batch["loss_mask"].astype(jnp.float32)
+    logp_RT = _target_stats(out, batch["targets"])[0]
+    return jnp.sum(jnp.where(m_RT > 0, logp_RT, 0.0), -1), jnp.sum(m_RT, -1)
+
+
+def dpo_sums(
+    out: Preferred, batch: Mapping[str, jax.Array], *, beta: float, loss: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> dict:  # fmt: skip
+    """DPO's loss and TRL's metrics over preference pairs, summed over real pairs.
+
+    Rows ``2p`` / ``2p + 1`` are pair p's chosen / rejected rows (:class:`lorax.data.PairBatcher`).
+    With log-ratios ``c = log π(chosen) − log π_ref(chosen)`` and ``r`` likewise (responses'
+    summed token log-probs), ``d = c − r``, pair p's loss is, by ``loss``: "sigmoid"
+    ``−log σ(βd)`` (Rafailov et al. 2023); "hinge" ``max(0, 1 − βd)`` (SLiC); "ipo"
+    ``(c/n_c − r/n_r − 1/(2β))²`` with n the responses' token counts (Azar et al. 2023, length
+    normalised as TRL does); "robust" ``(−(1−ε) log σ(βd) + ε log σ(−βd)) / (1 − 2ε)`` with
+    ε = ``label_smoothing`` (Chowdhury et al. 2024). The loss is their mean (``loss_sum`` /
+    ``count``), as TRL's ``DPOTrainer`` takes it. Metric sums, under TRL's names (their mean
+    over pairs is what TRL logs): ``rewards/chosen`` βc, ``rewards/rejected`` βr,
+    ``rewards/accuracies`` (βc > βr; also ``correct``), ``rewards/margins`` β(c − r),
+    ``logps/chosen`` and ``logps/rejected`` (the policy's). ``batch["dpo_beta"]``, when
+    present, overrides ``beta`` (each adapter's own β in a multi-adapter job).
+    """
+    beta = batch.get("dpo_beta", beta)
+    w_P = batch["weights"].astype(jnp.float32)
+    real_P = w_P > 0  # padding pairs are all-padding rows: kept out of every sum
+    logps_R, n_R = response_logps(out.policy, batch)
+    logps_P2, n_P2 = logps_R.reshape(-1, 2), n_R.reshape(-1, 2)
+    ratios_P2 = logps_P2 - out.reference_logps_R.reshape(-1, 2)
+    chosen_P, rejected_P = ratios_P2[:, 0], ratios_P2[:, 1]
+    d_P = chosen_P - rejected_P
+    if loss == "sigmoid":
+        loss_P = -jax.nn.log_sigmoid(beta * d_P)
+    elif loss == "hinge":
+        loss_P = jax.nn.relu(1.0 - beta * d_P)
+    elif loss == "ipo":
+        n_P2 = jnp.maximum(n_P2, 1.0)
+        loss_P = (chosen_P / n_P2[:, 0] - rejected_P / n_P2[:, 1] - 1.0 / (2.0 * beta)) ** 2
+    elif loss == "robust":
+        eps = label_smoothing
+        loss_P = (
+            -(1.0 - eps) * jax.nn.log_sigmoid(beta * d_P) + eps * jax.nn.log_sigmoid(-beta * d_P)
+        ) / (1.0 - 2.0 * eps)
+    else:
+        raise ValueError(f"dpo.loss = {loss!r} is not valid; choose one of {list(DPO_LOSSES)}")
+    rewards_P2 = beta * jax.lax.stop_gradient(ratios_P2)
+    wins_P = (rewards_P2[:, 0] > rewards_P2[:, 1]).astype(jnp.float32)
+
+    def total(x_P):
+        return jnp.sum(jnp.where(real_P, x_P * w_P, 0.0))
+
+    return {
+        "loss_sum": total(loss_P),
+        "correct": total(wins_P),
+        "count": jnp.sum(w_P),
+        "rewards/chosen_sum": total(rewards_P2[:, 0]),
+        "rewards/rejected_sum": total(rewards_P2[:, 1]),
+        "rewards/accuracies_sum": total(wins_P),
+        "rewards/margins_sum": total(rewards_P2[:, 0] - rewards_P2[:, 1]),
+        "logps/chosen_sum": total(jax.lax.stop_gradient(logps_P2[:, 0])),
+        "logps/rejected_sum": total(jax.lax.stop_gradient(logps_P2[:, 1])),
+    }
+
+
 def make_eval_step(forward: Forward, mesh, sums_fn: Callable = classification_sums) -> Callable:
     """``eval_step(trainable, frozen, batch) -> sums``, jitted once per batch shape.
 

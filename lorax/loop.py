@@ -87,7 +87,7 @@ class Stepper:
         """Each adapter's mean loss, accuracy and row count on ``examples`` (all adapters on
         the same batches); for a split of LM tokens also its perplexity. With ``desc``, a
         progress bar of that name counts the batches."""
-        fn = setup_lib.eval_sums(examples)
+        fn = setup_lib.eval_sums(examples, self.setup)
         if fn not in self._eval_steps:
             self._eval_steps[fn] = self.make_eval_step(fn)
         batcher = setup_lib.make_batcher(
@@ -206,13 +206,17 @@ class Result:
 
 
 class _Window:
-    """Per-adapter metric sums since the last training log row."""
+    """Per-adapter metric sums since the last training log row: loss, accuracy and every
+    other ``<name>_sum`` the objective reports (DPO's ``rewards/chosen``, ...), as means."""
 
     def __init__(self, k: int):
         self.sums, self.tokens, self.since = np.zeros((len(_WINDOW), k)), np.zeros(k), time.time()
+        self.extra: dict[str, np.ndarray] = {}
 
     def add(self, sums, tokens, kept) -> None:
         self.sums += np.stack([np.where(kept, np.atleast_1d(sums[k]), 0.0) for k in _WINDOW])
+        for key in (k for k in sums if k.endswith("_sum") and k != "loss_sum"):
+            self.extra[key] = self.extra.get(key, 0.0) + np.where(kept, np.atleast_1d(sums[key]), 0)
         self.tokens += np.where(kept, tokens, 0)
 
     def rows(self) -> list[dict[str, float]]:
@@ -221,6 +225,7 @@ class _Window:
         count = np.maximum(count, 1)
         return [
             {"loss": float(loss[k] / count[k]), "accuracy": float(correct[k] / count[k]),
+             **{key.removesuffix("_sum"): float(v[k] / count[k]) for key, v in self.extra.items()},
              "tokens_per_second": float(self.tokens[k] / elapsed)}
             for k in range(len(count))
         ]  # fmt: skip

@@ -52,6 +52,7 @@ PER_ADAPTER_FIELDS = (
     "lora.rslora",
     "train.learning_rate",
     "train.head_learning_rate",
+    "dpo.beta",  # a β sweep of DPO adapters (each adapter's own, passed as batch["dpo_beta"])
 )
 
 
@@ -196,15 +197,19 @@ def pad_and_stack_batches(batches: Sequence[dict[str, np.ndarray]]) -> dict[str,
 
 
 def make_multi_train_step(forward, tx, sums_fn):
-    """``step(state, frozen, batch_K, key_K, lr_K, head_lr_K, masks_K, scales_K)``, vmapped.
+    """``step(state, frozen, batch_K, key_K, lr_K, head_lr_K, masks_K, scales_K, hyper_K)``,
+    vmapped.
 
     ``state`` is a single run's state with a leading K axis on every leaf; each adapter's
     slice is updated exactly as :func:`lorax.step.make_train_step` would update it alone
     (the optimizer runs at unit peak rates and its updates are scaled by the adapter's own).
+    ``hyper`` holds each adapter's own settings of the objective ([K] each, e.g. DPO's
+    ``dpo_beta``), which the sums read from the batch.
     """
 
-    def one(state, frozen, batch, key, lr, head_lr, masks, scales):
+    def one(state, frozen, batch, key, lr, head_lr, masks, scales, hyper):
         rng = jax.random.fold_in(key, state["step"])
+        batch = {**batch, **hyper}
 
         def loss_fn(trainable):
             scaled = {"delta": apply_scales(trainable["delta"], scales), "head": trainable["head"]}
@@ -227,18 +232,19 @@ def make_multi_train_step(forward, tx, sums_fn):
 
         return step_lib.next_state(state, update, sums)
 
-    return jax.vmap(one, in_axes=(0, None, 0, 0, 0, 0, 0, 0))
+    return jax.vmap(one, in_axes=(0, None, 0, 0, 0, 0, 0, 0, 0))
 
 
 def make_multi_eval_step(forward, sums_fn, mesh):
-    """``eval(trainable_K, frozen, batch, scales_K) -> sums_K``: every adapter on one batch."""
+    """``eval(trainable_K, frozen, batch, scales_K, hyper_K) -> sums_K``: every adapter on
+    one batch."""
 
-    def one(trainable, frozen, batch, scales):
+    def one(trainable, frozen, batch, scales, hyper):
         scaled = {"delta": apply_scales(trainable["delta"], scales), "head": trainable["head"]}
-        return sums_fn(forward(scaled, frozen, batch, None, False), batch)
+        return sums_fn(forward(scaled, frozen, batch, None, False), {**batch, **hyper})
 
     return jax.jit(
-        jax.vmap(one, in_axes=(0, None, None, 0)), out_shardings=sharding.replicated(mesh)
+        jax.vmap(one, in_axes=(0, None, None, 0, 0)), out_shardings=sharding.replicated(mesh)
     )
 
 
@@ -246,7 +252,7 @@ def jit_multi_train_step(step, mesh, state: Any, frozen: Any):
     """Jits a :func:`make_multi_train_step` step: the state and base follow the rules, the
     [K, B, ...] batch is split along B, the per-adapter keys, rates, masks and scales are
     replicated, and the state is donated (:func:`lorax.step.jit_train_step`)."""
-    return step_lib.jit_train_step(step, mesh, state, frozen, leading=1, extra=4)
+    return step_lib.jit_train_step(step, mesh, state, frozen, leading=1, extra=5)
 
 
 def union_method(stack: Stack | None, setup: setup_lib.Setup, dropout: float) -> methods.Method:
@@ -285,7 +291,16 @@ class MultiStepper(loop.Stepper):
         )
         self.tx = step_lib.make_optimizer(c0.train, True, methods.lr_ratio_b(c0))
         self.masks, self.scales = ({}, {}) if self.stack is None else self.stack.masks_and_scales()
-        self.eval_args = (self.scales,)
+        self.hyper = {}
+        if setup.objective == "dpo":
+            if c0.dpo.reference:
+                raise ValueError(
+                    f"dpo.reference = {c0.dpo.reference!r}: a multi-adapter DPO job starts "
+                    "every adapter from a fresh delta against the base; train runs from a "
+                    "reference adapter one by one (lorax.train)"
+                )
+            self.hyper["dpo_beta"] = jnp.asarray([c.dpo.beta for c in configs], jnp.float32)
+        self.eval_args = (self.scales, self.hyper)
         self.rates = (
             jnp.asarray([c.train.learning_rate for c in configs], jnp.float32),
             jnp.asarray([step_lib.head_learning_rate(c.train) for c in configs], jnp.float32),
@@ -353,7 +368,11 @@ class MultiStepper(loop.Stepper):
         return batch, tokens
 
     def args(self, state, batch) -> tuple:
-        return (state, self.setup.frozen, batch, self._keys, *self.rates, self.masks, self.scales)
+        return (state, self.setup.frozen, batch, self._keys, *self.rates, self.masks, self.scales,
+                self.hyper)  # fmt: skip
+
+    def memory_compared(self, state, batch, step_bytes):
+        return {}  # measured on single runs (the job's step holds K adapters' batches)
 
     def make_eval_step(self, sums_fn):
         return make_multi_eval_step(self.forward, sums_fn, self.setup.mesh)

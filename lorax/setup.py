@@ -35,9 +35,11 @@ from lorax import (
     weights,
 )
 from lorax import data as data_lib
+from lorax import dpo as dpo_lib
 from lorax.checkpoints import best as best_lib
 from lorax.data import filetasks
 from lorax.models import decoder, encoder, reward
+from lorax.objectives import OBJECTIVES, PAIR_OBJECTIVES, check_objective  # noqa: F401
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -68,6 +70,9 @@ class Setup:
     loss_chunk: int = 0  # causal LMs: positions per chunk of the LM loss (0: dense logits)
     loss_grad: str = "forward"  # how the chunks give the hidden states' gradient (evaluate.Hidden)
     class_weights: np.ndarray | None = None  # [C] task.class_weights (None: unweighted loss)
+    objective: str = "lm"  # train.objective
+    reference: dict | None = None  # DPO's reference adapter (dpo.reference); None: delta off
+    pair_sums: Callable | None = None  # DPO's sums (dpo.sums), one function per run
 
     @property
     def pad_id(self) -> int:
@@ -144,39 +149,6 @@ def check_numbers(config) -> None:
             span = (f"{'>' if open_lo else '>='} {lo}" if hi is None
                     else f"in {low}, {hi}{')' if open_hi else ']'}")  # fmt: skip
             raise ValueError(f"{field} = {node!r} is not valid; it must be {kind} {span}")
-
-
-# train.objective: the loss a run trains on. "lm": the task's own (class cross-entropy, the
-# next-token loss, choice scoring). Objectives in PAIR_OBJECTIVES train on preference pairs
-# (task.name = "preferences") and only there: "reward" a reward model (a score head on the
-# decoder's last token, the Bradley–Terry loss of evaluate.reward_sums).
-OBJECTIVES = ("lm", "reward")
-PAIR_OBJECTIVES: tuple[str, ...] = ("reward",)
-
-
-def check_objective(config) -> str:
-    """``train.objective``, checked against the task: an objective that trains on preference
-    pairs needs a task that has them, and a task of pairs needs such an objective."""
-    objective = choice(config.train.get("objective", "lm"), set(OBJECTIVES), "train.objective")
-    pairs = config.task.name == "preferences"
-    if objective in PAIR_OBJECTIVES and not pairs:
-        raise ValueError(
-            f"train.objective = {objective!r} trains on preference pairs, which task.name = "
-            f"{config.task.name!r} does not have; use task.name = 'preferences' (rows with a "
-            "prompt, a chosen and a rejected response)"
-        )
-    if pairs and objective not in PAIR_OBJECTIVES:
-        raise ValueError(
-            f"task.name = 'preferences' holds preference pairs, which train.objective = "
-            f"{objective!r} cannot train on; choose one of {list(PAIR_OBJECTIVES)}"
-        )
-    if config.task.get("margin_field") and objective != "reward":
-        raise ValueError(
-            f"task.margin_field = {config.task.margin_field!r} gives the margins of a reward "
-            f"model's loss; train.objective = {objective!r} does not use them (set "
-            "train.objective = 'reward', or task.margin_field = '')"
-        )
-    return objective
 
 
 def _check_quantize(config, method: methods.Method) -> None:
@@ -342,11 +314,12 @@ def build(
     choice(config.model.dtype, DTYPES, "model.dtype")
     base_dtype = choice(config.model.base_dtype, DTYPES, "model.base_dtype")
     mesh = sharding.mesh_from_config(config.mesh, devices)
+    objective, reference = "lm", None
     if with_task:  # no batches otherwise
         sharding.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
         sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
         data_lib.check_task(config.task.name)
-        check_objective(config)
+        objective = check_objective(config)
     method = methods.from_config(config)
     methods.lr_ratio_b(config)  # checked before any compute
     _check_quantize(config, method)
@@ -364,6 +337,8 @@ def build(
     extra_head = {"score": score_head(model_config, config.seed)} if kind == "reward" else {}
     trees = weights.abstract if abstract else weights.placed
     frozen, head, delta = trees(config, params, method, base_dtype, mesh, key, extra_head)
+    if objective == "dpo" and not abstract:  # dpo.reference's adapter: the policy starts there
+        delta, reference = dpo_lib.prepare(config, method, head, delta, mesh)
     chunk = loss_chunk(config, kind, model_config, mesh.devices.flat[0].platform)
     tokenizer = None if model_dir is None or abstract else checkpoints.load_tokenizer(model_dir)
     task = None
@@ -379,7 +354,8 @@ def build(
         )
     return Setup(
         model, kind, method, frozen, head, delta, task, mesh, base_params, tokenizer, chunk,
-        loss_grad, _class_weights_of(config, task, kind),
+        loss_grad, _class_weights_of(config, task, kind), objective, reference,
+        dpo_lib.sums(config) if objective == "dpo" else None,
     )  # fmt: skip
 
 
@@ -417,13 +393,21 @@ def make_forward(
     ``logits``. On a mesh with an fsdp axis each layer of the model gathers its own weights
     (``setup.model.gather``, :func:`sharding.layer_gather`); with ``mesh.fsdp_gather = "tree"``
     the model has no ``gather`` and the whole tree is gathered here first instead
-    (:func:`sharding.gather_fsdp`).
+    (:func:`sharding.gather_fsdp`). A DPO run's forward gives the policy's output with the
+    reference's response log-probs beside it (:func:`lorax.dpo.forward`).
     """
+    forward = _model_forward(setup, setup.method if method is None else method, logits)
+    if setup.objective != "dpo":
+        return forward
+    reference = dpo_lib.reference_method(setup.method, setup.reference)
+    return dpo_lib.forward(forward, _model_forward(setup, reference, logits))
+
+
+def _model_forward(setup: Setup, method: methods.Method, logits: bool) -> Callable:
+    """:func:`make_forward`'s pass of the model with ``method``'s view of the params."""
     model, kind, mesh = setup.model, setup.kind, setup.mesh
-    method = setup.method if method is None else method
     pad_id = setup.pad_id
     whole_tree = model.gather is None
-
     chunk = 0 if logits else setup.loss_chunk
 
     def forward(trainable, frozen, batch, rng, train: bool):
@@ -485,6 +469,8 @@ def train_sums(setup: Setup) -> Callable:
     ``task.class_weights``)."""
     if setup.kind == "reward":
         return evaluate.reward_sums
+    if setup.objective == "dpo":
+        return setup.pair_sums
     if setup.kind == "lm":
         return evaluate.lm_sums
     if setup.class_weights is not None:
@@ -564,11 +550,11 @@ def class_weights(task_config, names, train_labels=None) -> np.ndarray | None:
     return weights
 
 
-def eval_sums(examples) -> Callable:
-    """The metric sums of an eval split: preference pairs (a reward model's), choice
-    scoring, LM tokens or classes."""
+def eval_sums(examples, setup: Setup | None = None) -> Callable:
+    """The metric sums of an eval split: preference pairs (a reward model's or a DPO run's),
+    choice scoring, LM tokens or classes."""
     if isinstance(examples, data_lib.PreferenceExamples):
-        return evaluate.reward_sums
+        return setup.pair_sums if setup and setup.pair_sums else evaluate.reward_sums
     if isinstance(examples, data_lib.ChoiceExamples):
         return evaluate.choice_sums
     if isinstance(examples, data_lib.CausalExamples):

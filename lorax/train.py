@@ -9,6 +9,7 @@ every run shares (:mod:`lorax.loop`, also behind the multi-adapter jobs of :mod:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from lorax import cli, configdoc, loop, lora, paths, runfiles, runlock, sharding, stops
+from lorax import cli, configdoc, dpo, loop, lora, paths, runfiles, runlock, sharding, stops
 from lorax import data as data_lib
 from lorax import setup as setup_lib
 from lorax.checkpoints import best as best_lib
@@ -134,6 +135,10 @@ def _train(config, setup: setup_lib.Setup, workdir: str, primary: bool, start: f
         summary = loop.make_summary(
             config, setup, stepper.adapter(result.state, 0), result, 0, start
         )
+        if setup.objective == "dpo":  # its step against an SFT step's on the same rows
+            sft = setup_lib.make_forward(dataclasses.replace(setup, objective="lm"))
+            summary.update(dpo.memory_compared(setup, stepper, result.state, result.first_step,
+                                               summary["step_memory_bytes"], sft))  # fmt: skip
         if primary:
             loop.write_summary(workdir, summary)
             log.close()

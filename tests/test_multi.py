@@ -83,7 +83,7 @@ def test_padded_slots_and_their_adam_moments_stay_exactly_zero(tiny_model_dir, t
     lrs = jax.numpy.asarray([c.train.learning_rate for c in configs])
     for i in range(3):
         batch = multi.pad_and_stack_batches([b.train_batch(i) for b in batchers])
-        state, _ = step(state, setup.frozen, batch, keys, lrs, lrs, masks, scales)
+        state, _ = step(state, setup.frozen, batch, keys, lrs, lrs, masks, scales, {})
 
     def check(tree, what):
         checked = 0

@@ -4,6 +4,7 @@ from lorax.data.batching import Batcher, count_tokens
 from lorax.data.causal import (
     CAUSAL_TASKS,
     INSTRUCTIONS_TINY_DIR,
+    PREFERENCES_TINY_DIR,
     CausalExamples,
     ChoiceExamples,
     format_prompt,
@@ -29,6 +30,7 @@ __all__ = [
     "CONFIG_TASKS",
     "FILE_TASKS",
     "INSTRUCTIONS_TINY_DIR",
+    "PREFERENCES_TINY_DIR",
     "TASKS",
     "TEXT_TASKS",
     "Batcher",

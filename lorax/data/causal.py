@@ -29,6 +29,8 @@ SNLI_TEXT_CHOICES = (" True", " Neither", " False")  # entailment, neutral, cont
 
 # The shipped toy instruction set (written by experiments/make_instructions.py).
 INSTRUCTIONS_TINY_DIR = pathlib.Path(__file__).parent / "files" / "instructions_tiny"
+# Preference pairs over its prompts (written by experiments/make_preferences.py).
+PREFERENCES_TINY_DIR = pathlib.Path(__file__).parent / "files" / "preferences_tiny"
 
 
 @dataclasses.dataclass
