@@ -161,7 +161,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.grad_clip = 1.0  # global-norm clip over the trainable tree only (0 = off)
     c.train.keep_best = ""  # keep, report and export the best checkpoint by a periodic
     # validation metric (needs eval_every > 0): "validation_accuracy", "validation_loss",
-    # "validation_macro_f1" (classifiers) or "validation_perplexity" (LMs); "" = the last one
+    # "validation_macro_f1" (classifiers, snli_text) or "validation_perplexity" (LM tasks
+    # of tokens: text, instructions); "" = the last one
     c.train.skip_nonfinite = False  # on a NaN/Inf loss: False = stop the run, True = skip the batch
     c.train.max_skipped_consecutive = 10  # skip_nonfinite: stop after this many skips in a row
     c.train.max_skipped_fraction = 0.25  # skip_nonfinite: stop once more of the steps so far

@@ -480,7 +480,7 @@ def train_sums(setup: Setup) -> Callable:
 
 def _check_training_options(config, kind: str) -> None:
     """``train.keep_best`` and ``task.class_weights``, checked before the data is read."""
-    best_lib.check(config.train.get("keep_best") or "", kind, config.eval_every)
+    best_lib.check(config.train.get("keep_best") or "", kind, config.eval_every, config.task.name)
     if config.task.get("class_weights"):
         class_weights(config.task, data_lib.label_names(config.task) if kind == "classify" else ())
 

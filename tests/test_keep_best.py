@@ -56,6 +56,33 @@ def test_keep_best_names_a_bad_metric_and_needs_periodic_evaluations():
         best_lib.check("validation_accuracy", "classify", 0)
 
 
+def test_keep_best_is_checked_against_what_the_tasks_validation_reports(tmp_path):
+    """snli_text's validation is scored by its choices' likelihoods: no perplexity (this used
+    to train until the first evaluation, then raise KeyError 'perplexity'), but a confusion
+    matrix, hence macro-F1. Refused by setup.build before any data is read."""
+    arch = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "max_position_embeddings": 64}  # fmt: skip
+    config = tiny_config("smollm2-135m", tmp_path / "no-data-read", **{
+        "model.architecture": json.dumps(arch), "task.name": "snli_text", "eval_every": 2,
+        "train.keep_best": "validation_perplexity",
+    })  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"keep_best = 'validation_perplexity' is not valid: the validation of task "
+        r"'snli_text' \(scored by its choices' likelihoods.*\['validation_accuracy', "
+        r"'validation_loss', 'validation_macro_f1'\]",
+    ):
+        setup_lib.build(config)
+    best_lib.check("validation_macro_f1", "lm", 2, "snli_text")
+    best_lib.check("validation_perplexity", "lm", 2, "text")
+    best_lib.check("validation_perplexity", "lm", 2, "instructions")
+    with pytest.raises(ValueError, match=r"'validation_macro_f1' is not valid.* task 'text'"):
+        best_lib.check("validation_macro_f1", "lm", 2, "text")
+    with pytest.raises(ValueError, match=r"'validation_perplexity' is not valid"):
+        best_lib.check("validation_perplexity", "reward", 2, "preferences")
+
+
 def test_keep_best_keeps_reports_and_exports_the_best_through_a_kill(
     tiny_model_dir, tmp_path, monkeypatch
 ):

@@ -15,25 +15,35 @@ import numpy as np
 
 from lorax.checkpoints.state import Checkpointer, CorruptCheckpointError
 
-# train.keep_best name -> (the evaluation's key, +1 when higher is better, run kinds it fits)
+# train.keep_best name -> (the evaluation's key, +1 when higher is better, the evaluations
+# that report it: a run kind, or "choice" for an LM task scored by its choices' likelihoods,
+# whose validation has no token perplexity but a confusion matrix, hence macro-F1)
 METRICS = {
-    "validation_accuracy": ("accuracy", 1, ("classify", "lm", "reward")),
-    "validation_loss": ("loss", -1, ("classify", "lm", "reward")),
-    "validation_macro_f1": ("macro_f1", 1, ("classify",)),
+    "validation_accuracy": ("accuracy", 1, ("classify", "lm", "choice", "reward")),
+    "validation_loss": ("loss", -1, ("classify", "lm", "choice", "reward")),
+    "validation_macro_f1": ("macro_f1", 1, ("classify", "choice")),
     "validation_perplexity": ("perplexity", -1, ("lm",)),
 }
 
 
-def check(name: str, kind: str, eval_every: int) -> None:
+def check(name: str, kind: str, eval_every: int, task: str = "") -> None:
     """Raises naming ``train.keep_best`` unless it is empty or a metric of :data:`METRICS`
-    that a ``kind`` run reports, with periodic evaluations to choose among."""
+    that the validation of a ``kind`` run on task ``task`` reports, with periodic evaluations
+    to choose among."""
     if not name:
         return
-    valid = sorted(m for m, (_, _, kinds) in METRICS.items() if kind in kinds)
+    from lorax.data.causal import CAUSAL_TASKS, ChoiceTask
+
+    scored_by_choices = kind == "lm" and isinstance(CAUSAL_TASKS.get(task), ChoiceTask)
+    evaluated = "choice" if scored_by_choices else kind
+    valid = sorted(m for m, (_, _, kinds) in METRICS.items() if evaluated in kinds)
     if name not in valid:
+        what = f"the validation of task {task!r}" if task else "this run's validation"
+        if scored_by_choices:
+            what += " (scored by its choices' likelihoods: no token perplexity)"
         raise ValueError(
-            f"train.keep_best = {name!r} is not valid for this run; choose one of {valid} "
-            "(or '' to keep the last checkpoint)"
+            f"train.keep_best = {name!r} is not valid: {what} does not report it; choose one "
+            f"of {valid} (or '' to keep the last checkpoint)"
         )
     if not eval_every:
         raise ValueError(
