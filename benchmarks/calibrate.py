@@ -1,14 +1,15 @@
 """The step-time estimate (:mod:`lorax.roofline`) beside every lorax step a GPU measured:
 ``python -m benchmarks.calibrate`` (no GPU; the CUDA plugin wheels, ``pip install -e '.[plan]'``).
 
-For each lorax row of ``benchmarks/results/runbook-gpu`` (an H200, 2026-11-27) it rebuilds the
-same step with :func:`benchmarks.step.build_step` and the run's arguments (model, batch,
-sequence, mode, K, ``--scan``; the setup of that day: XLA attention, dense logits), compiles it
-for a described H200 with no GPU present (a deviceless CUDA topology), runs the roofline on the
-optimized HLO, and fits ONE efficiency factor to all rows (the geometric mean of roofline /
-measured time). It prints the markdown table of benchmarks/README.md "Step-time estimate" and
-writes the rows as JSON (``--out``). PEFT rows ran in PyTorch: there is no XLA program of
-theirs to estimate.
+For each lorax row of ``benchmarks/results/runbook-gpu`` it rebuilds the same step with
+:func:`benchmarks.step.build_step` and the run's arguments (model, batch, sequence, mode, K,
+scan, remat, and the attention kernel and loss chunk its "auto" resolved to; the H200 run of
+2026-11-27 predates "auto": XLA attention on dense logits), compiles it for the described GPU
+with no GPU present (:func:`lorax.targets.gpu_devices`), runs the roofline on the optimized
+HLO, and fits ONE efficiency factor to all rows (the geometric mean of roofline / measured
+time). It prints the markdown table of benchmarks/README.md "Step-time estimate" and writes
+the rows as JSON (``--out``). PEFT rows ran in PyTorch: there is no XLA program of theirs to
+estimate.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ from benchmarks import records
 STEP_KEYS = ("model", "batch", "seq", "mode", "multi", "scan", "remat", "attention",
              "loss_chunk", "loss_grad")  # fmt: skip
 RUNBOOK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "runbook-gpu")
-TARGET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lorax",
-                      "targets", "h200.txtpb")  # fmt: skip
 
 
 def measured_rows(runbook: str = RUNBOOK) -> list[dict[str, Any]]:
@@ -96,16 +95,6 @@ def _row(source: str, args: dict, mode: str, fig: dict) -> dict[str, Any]:
     }
 
 
-def gpu_devices(target_config: str):
-    """The devices of a one-GPU deviceless CUDA topology described by ``target_config``
-    (a GpuTargetConfig text)."""
-    from jax.experimental import topologies
-
-    with open(target_config) as f:
-        return topologies.get_topology_desc(platform="cuda", target_config=f.read(),
-                                            topology="1x1x1").devices  # fmt: skip
-
-
 def compile_row(row: dict[str, Any], devices) -> tuple[str, int | None, int]:
     """The optimized HLO text of the row's step compiled for ``devices``, its footprint
     (``step.compiled_memory_bytes``) and tokens per step."""
@@ -146,18 +135,20 @@ def compile_row(row: dict[str, Any], devices) -> tuple[str, int | None, int]:
     return compiled.as_text(), step_lib.compiled_memory_bytes(compiled), b * t
 
 
-def calibrate(rows: list[dict[str, Any]], target_config: str, spec, log=print) -> dict:
+def calibrate(rows: list[dict[str, Any]], gpu: str, log=print) -> dict:
     """Estimates every row (one compile per distinct step), fits the efficiency, returns
-    ``{"efficiency", "rows", "error"}``; each row gains roofline and estimate figures."""
-    from lorax import roofline
+    ``{"efficiency", "rows", "error"}``; each row gains roofline and estimate figures.
+    ``gpu`` names both the card compiled for (:mod:`lorax.targets`) and its datasheet figures
+    (:data:`lorax.roofline.SPECS`)."""
+    from lorax import roofline, targets
 
-    devices, cache = gpu_devices(target_config), {}
+    devices, cache = targets.gpu_devices(gpu), {}
     for row in rows:
         key = tuple(row[k] for k in STEP_KEYS)
         if key not in cache:
             start = time.perf_counter()
             text, footprint, tokens = compile_row(row, devices)
-            est = roofline.estimate(text, spec, tokens, efficiency=1.0)
+            est = roofline.estimate(text, gpu, tokens, efficiency=1.0)
             cache[key] = (est, footprint, time.perf_counter() - start)
             log(f"{key}: roofline {est.roofline_seconds * 1e3:.1f} ms, compiled in "
                 f"{cache[key][2]:.0f} s")  # fmt: skip
@@ -222,17 +213,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.calibrate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--runbook", default=RUNBOOK, help="a run-book results folder")
-    p.add_argument("--target-config", default=TARGET, help="the GPU's GpuTargetConfig text")
-    p.add_argument("--gpu", default="h200", help="the roofline's GPU (lorax.roofline.SPECS)")
+    p.add_argument("--gpu", default="h200", help="the GPU the runs were timed on (lorax.targets)")
     p.add_argument("--only", default="", help="comma-separated models to keep (a quick run)")
     p.add_argument("--out", default="", help="also write the rows and the fit here (JSON)")
     args = p.parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the CUDA plugin only compiles here
     rows = measured_rows(args.runbook)
     if args.only:
         rows = [r for r in rows if r["model"] in args.only.split(",")]
     start = time.perf_counter()
-    result = calibrate(rows, args.target_config, args.gpu)
+    result = calibrate(rows, args.gpu)
     result.update(
         date=records.now().isoformat(timespec="seconds"),
         minutes=(time.perf_counter() - start) / 60,

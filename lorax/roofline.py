@@ -26,6 +26,7 @@ from typing import Any
 # Fitted by benchmarks/calibrate.py: measured step time = roofline time / EFFICIENCY, one
 # factor for every row (see benchmarks/README.md "Step-time estimate" for the rows and error).
 EFFICIENCY = 0.654
+CALIBRATION_ERROR = 0.17  # the largest |estimate / measured - 1| over those rows
 
 # Bytes per element by dtype; any other f8* is 1 byte, f4* half of one.
 DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4,
@@ -540,7 +541,8 @@ class Estimate:
         return (
             f"estimated step time ~{self.seconds * 1e3:.1f} ms{rate} on {self.spec} "
             f"(an estimate, not a measurement: a roofline over the optimized HLO / "
-            f"{self.efficiency:.2f} fitted efficiency); {self.flops / 1e12:.2f} TFLOP, "
+            f"{self.efficiency:.2f} fitted efficiency, off by up to {CALIBRATION_ERROR:.0%} "
+            f"on the GPU steps it was fitted to); {self.flops / 1e12:.2f} TFLOP, "
             f"{self.bytes / 1e9:.1f} GB memory traffic, {self.wire_bytes / 1e9:.2f} GB over "
             f"links, {self.kernels} kernels"
         )

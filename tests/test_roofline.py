@@ -216,6 +216,7 @@ def test_the_calibrated_efficiency_is_the_one_benchmarks_calibrate_fitted():
     path = pathlib.Path(calibrate.RUNBOOK).parent / "roofline-calibration.json"
     record = json.loads(path.read_text())
     assert roofline.EFFICIENCY == pytest.approx(record["efficiency"], abs=5e-4)
+    assert roofline.CALIBRATION_ERROR == pytest.approx(record["error"]["max_abs"], abs=5e-3)
     assert calibrate.fit(record["rows"]) == pytest.approx(record["efficiency"])
     rows = calibrate.measured_rows()  # every lorax row the H200 timed, no PEFT row
     assert len(rows) == len(record["rows"]) == 8
@@ -256,3 +257,17 @@ def test_calibration_rows_are_the_steps_as_they_ran(tmp_path):
     (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(ValueError, match="does not say what 'auto' resolved to"):
         calibrate.measured_rows(str(tmp_path))
+
+
+def test_every_card_lorax_plan_compiles_for_has_datasheet_figures_that_agree_with_it():
+    """lorax.targets describes a GPU to XLA's compiler, roofline.SPECS to the roofline: the same
+    names, and the HBM bandwidth both state within 1 %."""
+    import re
+
+    from lorax import targets
+
+    assert set(targets.CARDS) <= set(roofline.SPECS)
+    for name in targets.CARDS:
+        text = targets.target_config(name)
+        bandwidth = float(re.search(r"memory_bandwidth: (\d+)", text).group(1))
+        assert roofline.SPECS[name].hbm_bytes_per_s == pytest.approx(bandwidth, rel=0.01), name
