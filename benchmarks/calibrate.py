@@ -219,7 +219,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = p.parse_args(argv)
     rows = measured_rows(args.runbook)
     if args.only:
+        models = sorted({r["model"] for r in rows})
         rows = [r for r in rows if r["model"] in args.only.split(",")]
+        if not rows:
+            raise SystemExit(f"--only={args.only} keeps no row; the run-book timed {models}")
     start = time.perf_counter()
     result = calibrate(rows, args.gpu)
     result.update(
