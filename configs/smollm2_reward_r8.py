@@ -9,9 +9,7 @@ answer; experiments/make_preferences.py). Then score answers or export it for PE
 """
 
 from configs import base
-from lorax.data import INSTRUCTIONS_TINY_DIR
-
-PREFERENCES_TINY_DIR = INSTRUCTIONS_TINY_DIR.parent / "preferences_tiny"
+from lorax.data import PREFERENCES_TINY_DIR
 
 
 def get_config():

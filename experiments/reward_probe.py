@@ -21,10 +21,10 @@ import collections
 import json
 import re
 
-from lorax.data import INSTRUCTIONS_TINY_DIR
+from lorax.data import PREFERENCES_TINY_DIR
 from lorax.predict import Predictor
 
-TEST = INSTRUCTIONS_TINY_DIR.parent / "preferences_tiny" / "test.jsonl"
+TEST = PREFERENCES_TINY_DIR / "test.jsonl"
 
 
 def same_form_wrong(row: dict) -> str | None:
