@@ -23,15 +23,12 @@ import math
 import re
 from typing import Any
 
+from lorax.hlo import COLLECTIVES, ELEMENT_BYTES  # bytes per element, collective kinds
+
 # Fitted by benchmarks/calibrate.py: measured step time = roofline time / EFFICIENCY, one
 # factor for every row (see benchmarks/README.md "Step-time estimate" for the rows and error).
 EFFICIENCY = 0.654
 CALIBRATION_ERROR = 0.17  # the largest |estimate / measured - 1| over those rows
-
-# Bytes per element by dtype; any other f8* is 1 byte, f4* half of one.
-DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4,
-               "u32": 4, "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8,
-               "c128": 16, "token": 0}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +64,6 @@ _FREE = {
     "collective-permute-done", "async-done", "async-update", "copy-done", "send", "send-done",
     "recv", "recv-done", "domain", "get-dimension-size",
 }  # fmt: skip
-_COLLECTIVES = {"all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
-                "collective-broadcast", "ragged-all-to-all"}  # fmt: skip
 _NO_FLOP = {"broadcast", "reshape", "bitcast", "transpose", "copy", "slice", "dynamic-slice",
             "dynamic-update-slice", "concatenate", "pad", "gather", "scatter", "parameter",
             "constant", "iota", "tuple", "get-tuple-element", "reverse", "convert",
@@ -132,7 +127,7 @@ class Instr:
 
 def _array_bytes(shape: tuple[str, tuple[int, ...]]) -> float:
     dtype, dims = shape
-    size = DTYPE_BYTES.get(dtype, 1 if dtype.startswith("f8") else 0.5 if dtype[:2] == "f4" else 4)
+    size = ELEMENT_BYTES.get(dtype, 1 if dtype[:2] in ("f8", "f4") else 4)
     return size * math.prod(dims)
 
 
@@ -426,7 +421,7 @@ def _kernel_cost(module: Module, instr: Instr, memo: dict) -> tuple[str, Cost]:
             return "convolution", cost
         return "other", cost
     base = op.removesuffix("-start")
-    if base in _COLLECTIVES:
+    if base in COLLECTIVES:
         return "collective", _collective_cost(module, instr, base)
     cost = Cost(bytes=_operand_bytes(module, instr) + instr.bytes)
     if op in ("copy", "copy-start", "transpose"):
