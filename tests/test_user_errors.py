@@ -341,7 +341,11 @@ def test_command_lines_end_user_errors_and_ctrl_c_in_one_line(
     def main(argv):
         raise raised
 
+    def exit_(code):  # cli ends the process with os._exit: here, as SystemExit
+        raise SystemExit(code)
+
     monkeypatch.setattr(sys, "argv", ["prog"])
+    monkeypatch.setattr(os, "_exit", exit_)
     monkeypatch.delenv("LORAX_TRACEBACK", raising=False)
     with pytest.raises(SystemExit) as e:
         cli.run(main, "prog")
@@ -484,3 +488,37 @@ def test_predict_input_that_is_not_utf8_is_refused_unless_its_encoding_is_given(
     rows = predict.read_input(str(src), "latin-1")
     assert [r["text"] for _, r in rows] == ["plain row", "un café crème"]
     assert "read " in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_real_command_is_one_line(tiny_model_dir, tiny_snli_dir, tmp_path):
+    """SIGINT to a training process after its first checkpoint: one line naming it, exit
+    130, no traceback (was 19 frames)."""
+    import signal
+    import time
+
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lorax.train", "--config=configs/wq_wv_r4.py",
+           f"--config.model.name={tiny_model_dir}", f"--config.task.data={tiny_snli_dir}",
+           "--config.task.max_length=64", "--config.task.buckets=(32,64)",
+           "--config.task.validation_size=64", "--config.train.batch_size=16",
+           "--config.train.num_steps=100000", "--config.log_every=1",
+           "--config.checkpoint_every=2", "--config.eval_every=0",
+           f"--workdir={workdir}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 300  # a guard against a hung child, not a timing assertion
+    while proc.poll() is None and time.time() < deadline:
+        steps = [p.name for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+        if steps:
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    last = [line for line in err.splitlines() if line.startswith("lorax.train: ")][-1]
+    assert re.fullmatch(rf"lorax.train: interrupted; last checkpoint step \d+ in "
+                        rf"{workdir / 'checkpoints'}: rerun the same command to resume from it",
+                        last)  # fmt: skip
