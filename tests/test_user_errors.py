@@ -126,6 +126,8 @@ BAD_VALUES = {
     "adalora.tinit": (-1, {"method": "adalora"}),
     "adapter.size": (0, {"method": "adapter_houlsby"}),
     "checkpoint_every": (-1, {}),
+    "dpo.beta": (0.0, {}),
+    "dpo.label_smoothing": (0.5, {"dpo.loss": "robust"}),
     "eval_batch_size": (0, {}),
     "eval_every": (-1, {}),
     "keep_checkpoints": (0, {}),
@@ -193,6 +195,11 @@ def test_each_numeric_field_refuses_a_bad_value_naming_it(tiny_model_dir, tmp_pa
     if field == "task.validation_size":
         config.task.name = "snli"  # a built-in task: a count
     with pytest.raises(ValueError, match=re.escape(field)):
+        if field.startswith("dpo."):  # read by train.objective = "dpo" runs, checked there
+            from lorax import objectives
+
+            config.train.objective, config.task.name = "dpo", "preferences"
+            objectives.check_objective(config)
         setup_lib.build(config, with_task=False)
 
 
