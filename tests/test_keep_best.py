@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from helpers import tiny_config, train_until_interrupted
 
+from experiments.sweep import apply_overrides
 from lorax import evaluate, loop, runs
 from lorax import setup as setup_lib
 from lorax import train as train_lib
@@ -63,8 +64,11 @@ def test_keep_best_is_checked_against_what_the_tasks_validation_reports(tmp_path
     arch = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 16,
             "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
             "num_key_value_heads": 1, "max_position_embeddings": 64}  # fmt: skip
-    config = tiny_config("smollm2-135m", tmp_path / "no-data-read", **{
-        "model.architecture": json.dumps(arch), "task.name": "snli_text", "eval_every": 2,
+    from configs import smollm2_instructions_r8
+
+    config = apply_overrides(smollm2_instructions_r8.get_config(), {
+        "model.name": "smollm2-135m", "model.architecture": json.dumps(arch),
+        "task.name": "snli_text", "task.data": str(tmp_path / "no-data-read"), "eval_every": 2,
         "train.keep_best": "validation_perplexity",
     })  # fmt: skip
     with pytest.raises(
@@ -81,6 +85,11 @@ def test_keep_best_is_checked_against_what_the_tasks_validation_reports(tmp_path
         best_lib.check("validation_macro_f1", "lm", 2, "text")
     with pytest.raises(ValueError, match=r"'validation_perplexity' is not valid"):
         best_lib.check("validation_perplexity", "reward", 2, "preferences")
+    # a DPO run is of kind "lm" on pairs: its validation reports no perplexity either
+    config.task.name, config.train.objective = "preferences", "dpo"
+    with pytest.raises(ValueError, match=r"'validation_perplexity' is not valid.*preference pa"):
+        setup_lib.build(config)
+    best_lib.check("validation_accuracy", "lm", 2, "preferences")
 
 
 def test_keep_best_keeps_reports_and_exports_the_best_through_a_kill(

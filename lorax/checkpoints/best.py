@@ -16,11 +16,12 @@ import numpy as np
 from lorax.checkpoints.state import Checkpointer, CorruptCheckpointError
 
 # train.keep_best name -> (the evaluation's key, +1 when higher is better, the evaluations
-# that report it: a run kind, or "choice" for an LM task scored by its choices' likelihoods,
-# whose validation has no token perplexity but a confusion matrix, hence macro-F1)
+# that report it: "classify", "lm" (tokens), "choice" for an LM task scored by its choices'
+# likelihoods (no token perplexity, but a confusion matrix, hence macro-F1), "pairs" for
+# preference pairs (a reward model's or a DPO run's: preference accuracy and loss)
 METRICS = {
-    "validation_accuracy": ("accuracy", 1, ("classify", "lm", "choice", "reward")),
-    "validation_loss": ("loss", -1, ("classify", "lm", "choice", "reward")),
+    "validation_accuracy": ("accuracy", 1, ("classify", "lm", "choice", "pairs")),
+    "validation_loss": ("loss", -1, ("classify", "lm", "choice", "pairs")),
     "validation_macro_f1": ("macro_f1", 1, ("classify", "choice")),
     "validation_perplexity": ("perplexity", -1, ("lm",)),
 }
@@ -35,12 +36,15 @@ def check(name: str, kind: str, eval_every: int, task: str = "") -> None:
     from lorax.data.causal import CAUSAL_TASKS, ChoiceTask
 
     scored_by_choices = kind == "lm" and isinstance(CAUSAL_TASKS.get(task), ChoiceTask)
-    evaluated = "choice" if scored_by_choices else kind
+    pairs = kind == "reward" or task == "preferences"
+    evaluated = "choice" if scored_by_choices else "pairs" if pairs else kind
     valid = sorted(m for m, (_, _, kinds) in METRICS.items() if evaluated in kinds)
     if name not in valid:
         what = f"the validation of task {task!r}" if task else "this run's validation"
         if scored_by_choices:
             what += " (scored by its choices' likelihoods: no token perplexity)"
+        if pairs:
+            what += " (preference pairs: accuracy and loss)"
         raise ValueError(
             f"train.keep_best = {name!r} is not valid: {what} does not report it; choose one "
             f"of {valid} (or '' to keep the last checkpoint)"
