@@ -437,3 +437,36 @@ def test_reward_run_resumes_bit_identical_and_a_seed_sweep_job_equals_single_run
                                atol=1e-5)  # fmt: skip
     heads = [runs.restore_trainable(tmp_path / s)["head"]["score"]["kernel"] for s in ("s0", "s1")]
     assert np.abs(heads[0] - heads[1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_predict_rows_are_the_training_rows(tiny_reward_model, chat):
+    """lorax.predict's rows for (prompt, answer) are token for token the chosen rows a
+    reward run trained on (BOS, the prompt or its chat-template turn, the answer, eos), and a
+    whole text alone is BOS + text + eos; scoring batches lay them out as PairBatcher does."""
+    import copy
+
+    from lorax import data
+    from lorax.data import preferences
+
+    tok = copy.deepcopy(tiny_reward_model[1])  # the fixture's own stays without a template
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}" \
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"  # fmt: skip
+    rows = [(r["prompt"], r["chosen"], r["rejected"]) for r in _preference_rows(5, 3)]
+    examples = preferences.encode_preferences(
+        tok, rows, max_length=64, counts={}, split="test", chat_template=chat
+    )
+    batch = data.PairBatcher(examples, 5, (64,), seed=0, pad_id=0).eval_batches().__next__()
+    trained = [batch["input_ids"][2 * b][batch["segment_ids"][2 * b] > 0] for b in range(5)]
+    scored = preferences.encode_scored(
+        tok, [r[0] for r in rows], [r[1] for r in rows], max_length=64, chat_template=chat
+    )
+    assert sorted(map(tuple, scored)) == sorted(tuple(t.tolist()) for t in trained)
+    whole = preferences.encode_scored(tok, ["two words"], max_length=64)[0].tolist()
+    assert whole == [2, *tok("two words", add_special_tokens=False)["input_ids"], 1]
+    ((index, got),) = preferences.scoring_batches(scored, 8, (16, 64), pad_id=0)
+    for b, i in enumerate(index):
+        n = len(scored[i])
+        assert got["input_ids"][b, :n].tolist() == scored[i].tolist()
+        assert got["segment_ids"][b].sum() == n and got["positions"][b, n - 1] == n - 1
+    assert got["input_ids"].shape == (8, 64) and not got["segment_ids"][5:].any()
