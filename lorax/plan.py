@@ -38,6 +38,7 @@ from lorax import attention, cli, hlo, loop, multi, roofline, sharding, targets
 from lorax import data as data_lib
 from lorax import setup as setup_lib
 from lorax import step as step_lib
+from lorax.models import decoder
 
 GIB = 2**30
 # JAX preallocates this fraction of a GPU's memory for XLA (XLA_PYTHON_CLIENT_MEM_FRACTION).
@@ -179,6 +180,10 @@ def plan(
         **analyse(compiled, setup, target, tokens, top),
         "compile_seconds": round(seconds, 1),
     }
+    bound = _bound(setup, state, per_device, _length(setup, config)) if not adapters else None
+    if bound:
+        ratio = report["memory"]["footprint_bytes"] / bound["total"]
+        report["memory"]["lower_bound"] = {**bound, "footprint_ratio": round(ratio, 3)}
     if not report["attention"]["probed"]:
         c = setup.model.config
         heads = (c.num_heads, getattr(c, "num_kv_heads", c.num_heads))
@@ -187,6 +192,18 @@ def plan(
             "dtype": config.model.dtype,
         }  # fmt: skip
     return report
+
+
+def _bound(setup, state, rows: int, length: int) -> dict[str, int] | None:
+    """A decoder's analytic lower bound of the step's bytes per device
+    (:func:`lorax.step.memory_bound`), or None for another model."""
+    model = setup.model
+    if not isinstance(getattr(model, "config", None), decoder.DecoderConfig):
+        return None
+    return step_lib.memory_bound(
+        model.config, setup.frozen, state["trainable"], setup.mesh, rows, length,
+        model.remat, model.dtype,
+    )  # fmt: skip
 
 
 def _count(tree) -> int:
@@ -235,6 +252,15 @@ def describe(report: dict[str, Any]) -> str:
         f"{'to spare' if m['fits'] else 'over'} of the {_gib(m['usable_bytes'])} JAX uses of the "
         f"card's {_gib(m['card_bytes'])} (XLA_PYTHON_CLIENT_MEM_FRACTION = {JAX_MEM_FRACTION})",
     ]
+    if "lower_bound" in m:
+        lb = m["lower_bound"]
+        lines.append(
+            f"analytic lower bound: {_gib(lb['total'])} = base {_gib(lb['base'])} + two layers' "
+            f"gathered weights {_gib(lb['gathered'])} + trained params, gradients, Adam "
+            f"{_gib(lb['trainable'])} + activations the remat policy keeps "
+            f"{_gib(lb['activations'])} + a layer's largest temporaries "
+            f"{_gib(lb['temporaries'])}; the footprint is {lb['footprint_ratio']}× it"
+        )
     calls = ", ".join(f"{k} × {v}" for k, v in a["fused_calls"].items()) or "none"
     lines.append(f"attention: {a['kernel']} (cuDNN fused calls per step: {calls})")
     if not a["probed"]:

@@ -60,7 +60,11 @@ def report(name, footprint, bound=None):
         if bound
         else ""
     )
-    parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in (bound or {}).items() if k != "total")
+    parts = ", ".join(
+        f"{k} {v / GIB:.2f}"
+        for k, v in (bound or {}).items()
+        if k not in ("total", "footprint_ratio")
+    )
     print(f"{name}: {footprint:,} B = {footprint / GIB:.2f} GiB per device{ratio} ({parts})")
 
 
@@ -117,12 +121,13 @@ def test_8b_lora_on_8_h100s_gathers_one_layer_at_a_time_within_its_bound():
 def test_70b_lora_on_8_h100s_and_its_qlora_on_one_fit(module, gpus):
     """Fits = within the memory JAX gives XLA on the card (plan.JAX_MEM_FRACTION of it)."""
     config = module.get_config()
-    setup, state, compiled = compile_plan(config, gpus)
-    footprint = step_lib.compiled_memory_bytes(compiled)
+    memory = plan.plan(config, plan.Target("h100", gpus))["memory"]  # what lorax.plan prints
+    footprint, bound = memory["footprint_bytes"], memory["lower_bound"]
+    report(f"{module.__name__} on {gpus} H100", footprint, bound)
     usable = int(targets.card("h100").memory_bytes * plan.JAX_MEM_FRACTION)
-    report(f"{module.__name__} on {gpus} H100", footprint, bound_of(config, setup, state))
-    print(f"  headroom {(usable - footprint) / GIB:.2f} GiB of {usable / GIB:.2f} GiB usable")
-    assert footprint <= usable, f"does not fit: {(footprint - usable) / GIB:.2f} GiB over"
+    assert memory["usable_bytes"] == usable and bound["total"] < footprint
+    print(f"  headroom {memory['headroom_bytes'] / GIB:.2f} GiB of {usable / GIB:.2f} GiB usable")
+    assert memory["fits"], f"does not fit: {-memory['headroom_bytes'] / GIB:.2f} GiB over"
 
 
 def replica_groups(line: str, devices: int) -> list[list[int]]:
