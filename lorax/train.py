@@ -181,6 +181,8 @@ def main(argv):
         "test_accuracy",
         "validation_perplexity",  # LM token splits only
         "test_perplexity",
+        "validation_margin",  # reward models: mean r_chosen - r_rejected
+        "test_margin",
         "lora_params",
         "head_params",
         "base_params",
