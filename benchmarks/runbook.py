@@ -44,9 +44,10 @@ STOCK = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "
          "numpy", "safetensors", "tokenizers", "absl-py", "tqdm", "matplotlib")  # fmt: skip
 # lorax's dependencies (pyproject.toml) that STOCK lacks, pinned to the versions tested here.
 # Both are pure Python; their own requirements (absl-py, PyYAML, numpy, requests, tqdm) are on
-# such an image. ``datasets`` is not brought: only lorax.assets' Hub path (online) uses it.
+# such an image. Not brought: ``datasets`` (only lorax.assets' Hub path, online, uses it) and
+# ``tensorboardX`` (imported only by a run with log.tensorboard=True; no step of the run-book is).
 WHEELS = ("ml-collections==1.1.0", "gguf==0.19.0")
-NOT_BROUGHT = ("datasets",)
+NOT_BROUGHT = ("datasets", "tensorboardx")
 
 RECORDS = "records.jsonl"
 LOG = "log.txt"
