@@ -9,7 +9,9 @@ well (for a bug report).
 
 Importing this module also drops transformers' "PyTorch was not found" notice, which every
 command printed first and which reads like an error: lorax never uses PyTorch models. Only that
-one record of the ``transformers`` logger is dropped; its other warnings and errors pass.
+one record of the ``transformers`` logger is dropped; its other warnings and errors pass. So is
+JAX's traceback saying that its CUDA plugin (the ``[plan]`` extra) found no CUDA on a machine
+with no GPU; JAX's other warnings and errors pass.
 
 Every command line also keeps the programs XLA compiles in JAX's persistent compilation cache
 (:func:`use_xla_cache`), so a second ``lorax.predict`` or ``lorax.export`` of a run starts warm.
@@ -93,6 +95,27 @@ def _not_torch_notice(record: logging.LogRecord) -> bool:
 # transformers logs the notice on its root logger ("transformers") when it is first imported,
 # which lorax does lazily (lorax.checkpoints.load_tokenizer), after this module.
 logging.getLogger("transformers").addFilter(_not_torch_notice)
+
+
+def _not_missing_cuda(record: logging.LogRecord) -> bool:
+    """False for JAX's report that its CUDA plugin found no CUDA on this machine: with the
+    ``[plan]`` extra (the plugin compiles for described GPUs) on a machine with no GPU, JAX
+    logs that as a 20-line traceback at its first backend use and goes on with the CPU, as
+    intended. Any other plugin failure, and this one on a machine with an NVIDIA device (a GPU
+    whose CUDA libraries are missing, where JAX would quietly fall back to the CPU), passes."""
+    if not str(record.msg).startswith("Jax plugin configuration error"):
+        return True
+    error = record.exc_info[1] if record.exc_info else None
+    return "Unable to load CUDA" not in str(error) or _has_nvidia_device()
+
+
+def _has_nvidia_device() -> bool:
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+
+
+# The same plugin's C++ loader still says "Could not find cuda drivers" on such a machine (absl
+# INFO lines written before absl's logging starts, which no setting here reaches).
+logging.getLogger("jax._src.xla_bridge").addFilter(_not_missing_cuda)
 
 
 def run(main: Callable[[list[str]], object], prog: str) -> None:

@@ -309,3 +309,34 @@ def test_print_config_gives_every_field_its_value_and_comment_and_a_typo_lists_t
     assert message.startswith("--config.lora.rnak: section 'lora' has no field 'rnak'; its")
     assert "rank, rank_pattern" in message
     assert cli._unknown_override(["--config=configs/wq_wv_r4.py", "--config.lora.rank=3"]) is None
+
+
+def test_command_lines_drop_only_jaxs_no_cuda_traceback(monkeypatch):
+    """With the [plan] extra on a machine with no GPU, JAX logs its CUDA plugin's 'Unable to
+    load CUDA' as a traceback at the first backend use: the command lines drop that record,
+    and pass any other plugin error, and this one where an NVIDIA device exists."""
+    import logging
+
+    from lorax import cli
+
+    def record(message, error):
+        try:
+            raise RuntimeError(error)
+        except RuntimeError:
+            import sys as _sys
+
+            return logging.LogRecord(
+                "jax._src.xla_bridge", logging.ERROR, __file__, 1, message, (), _sys.exc_info()
+            )
+
+    no_cuda = record("Jax plugin configuration error: Exception when calling %s.initialize()",
+                     "Unable to load CUDA. Is it installed?")  # fmt: skip
+    other = record("Jax plugin configuration error: Exception when calling %s.initialize()",
+                   "Found cuDNN version 8, but JAX was built against 9")  # fmt: skip
+    logger = logging.getLogger("jax._src.xla_bridge")
+    monkeypatch.setattr(cli, "_has_nvidia_device", lambda: False)
+    assert not logger.filter(no_cuda)
+    assert logger.filter(other)
+    assert logger.filter(record("Platform 'tpu' is experimental", "no"))
+    monkeypatch.setattr(cli, "_has_nvidia_device", lambda: True)
+    assert logger.filter(no_cuda)
