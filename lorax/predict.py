@@ -242,6 +242,11 @@ def check_columns(src: str, rows, created: list[str], reads: list[str], overwrit
         raise ValueError(
             f"--column={created[0]} is the text column lorax.predict reads; name another"
         )
+    if created[0] in created[1:]:  # the label would be overwritten by a class's probability
+        raise ValueError(
+            f"--column={created[0]} is where lorax.predict writes a class's probability "
+            f"(it writes {created[1:]}); name another"
+        )
     clash = [c for c in created if c in present]
     if clash and not overwrite:
         raise ValueError(

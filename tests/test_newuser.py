@@ -120,6 +120,10 @@ def test_predict_keeps_the_input_columns_and_refuses_to_overwrite_one(mean_run, 
     assert not os.path.exists(dst)
     with pytest.raises(ValueError, match=r"--column=text is the text column"):
         predict_lib.predict_file(predictor, src, dst, "text", "", column="text", overwrite=True)
+    # the label under a probability's name would be overwritten by it: no class in the file
+    with pytest.raises(ValueError, match=r"--column=prob_pos is where .* probability"):
+        predict_lib.predict_file(predictor, src, dst, "text", "", column="prob_pos")
+    assert not os.path.exists(dst)
     predict_lib.predict_file(predictor, src, dst, "text", "", column="predicted")
     out = _read_csv(dst)
     assert [(r["id"], r["text"], r["label"]) for r in out] == [
