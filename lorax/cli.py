@@ -85,7 +85,28 @@ def use_xla_cache() -> str | None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     if not os.environ.get("JAX_COMPILATION_CACHE_MAX_SIZE"):  # least recently used go first
         jax.config.update("jax_compilation_cache_max_size", XLA_CACHE_BYTES)
+    _mark_unmarked_entries(path)
     return path
+
+
+def _mark_unmarked_entries(path: str) -> None:
+    """Gives each compiled program in the cache folder that lacks one its ``-atime`` mark (its
+    write time). JAX's size-capped cache reads the marks of all entries before it writes one,
+    and a single entry without a mark (written with no cap: an older lorax, JAX's own cache
+    variables, another tool sharing the folder) made every later write fail, so the cache
+    stopped growing and each compile printed a warning."""
+    try:
+        entries = [e for e in os.scandir(path) if e.name.endswith("-cache")]
+    except OSError:  # a folder not there yet (JAX makes it) or unreadable (JAX warns)
+        return
+    for entry in entries:
+        mark = entry.path.removesuffix("-cache") + "-atime"
+        try:
+            if not os.path.exists(mark):
+                with open(mark, "xb") as f:  # "x": a mark another process wrote stays
+                    f.write(entry.stat().st_mtime_ns.to_bytes(8, "little"))
+        except OSError:
+            continue
 
 
 def _not_torch_notice(record: logging.LogRecord) -> bool:

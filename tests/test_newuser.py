@@ -350,3 +350,36 @@ def test_a_second_command_reads_the_compiled_programs_from_the_cache(tmp_path):
     assert entries() == first  # read back, none compiled and written again
     assert run(LORAX_XLA_CACHE="0", LORAX_CACHE=str(tmp_path / "off")) == "None"
     assert not (tmp_path / "off").exists()
+
+
+def test_the_capped_cache_keeps_writing_beside_entries_written_without_a_cap(tmp_path):
+    """A compiled program written into the cache folder with no size cap has no -atime mark
+    (an older lorax, JAX_COMPILATION_CACHE_MAX_SIZE=-1, another JAX tool sharing the folder).
+    JAX's capped cache reads every entry's mark before writing one, so one unmarked entry
+    made every later command's writes fail (a warning per compile, nothing cached): the
+    command line marks such entries when it turns the cache on."""
+    code = (
+        "import sys, jax, jax.numpy as jnp\n"
+        "from lorax import cli\n"
+        "cli.use_xla_cache()\n"
+        "n = int(sys.argv[1])\n"
+        "print(jax.jit(lambda x: jnp.tanh(x @ x.T).sum(0))(jnp.ones((n, n)))[0])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(LORAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # fmt: skip
+
+    def run(n, **extra):
+        done = subprocess.run([sys.executable, "-c", code, str(n)], cwd=REPO,
+                              capture_output=True, text=True, env={**env, **extra})  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stderr
+
+    xla = tmp_path / "cache" / "xla"
+    run(64, JAX_COMPILATION_CACHE_MAX_SIZE="-1")  # uncapped: no marks
+    (unmarked,) = [p.name for p in xla.glob("jit__lambda*-cache")]
+    assert not list(xla.glob("*-atime"))
+    err = run(80)  # capped (the command lines' default)
+    assert "Error writing persistent compilation cache" not in err
+    assert len(list(xla.glob("jit__lambda*-cache"))) == 2  # the new program was written
+    assert (xla / unmarked.replace("-cache", "-atime")).exists()
