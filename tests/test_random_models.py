@@ -82,3 +82,25 @@ def test_a_bad_architecture_is_named():
         setup_lib.read_architecture("nope")
     with pytest.raises(ValueError, match="model.architecture is not valid JSON"):
         setup_lib.read_architecture("{nope")
+
+
+@pytest.mark.slow
+def test_the_8b_plan_config_trains_with_lorax_train_when_shrunk(tmp_path):
+    """configs/plan_llama8b_lora.py as lorax.train runs it (random weights, SmolLM2's tokenizer,
+    the instructions task, bf16, scan, block_inputs remat), its shape shrunk to seconds: the
+    run finishes with a finite loss and its summary counts the described base."""
+    from lorax import train as train_lib
+
+    c = plan_llama8b_lora.get_config(TINY, devices=jax.device_count())
+    c.model.architecture = json.dumps({**TINY, "vocab_size": 49152})  # the tokenizer's ids
+    c.lora.rank = 4
+    c.task.max_length = 64
+    c.train.num_steps = 2
+    c.eval_every = c.checkpoint_every = 0
+    c.task.max_eval_examples = 8
+    summary = train_lib.train_and_evaluate(c, str(tmp_path / "run"))
+    assert (
+        summary["base_params"]
+        == decoder.DecoderConfig.from_hf({**TINY, "vocab_size": 49152}).num_params()
+    )
+    assert np.isfinite(summary["test_loss"])
