@@ -75,7 +75,8 @@ def restart_unsaved(workdir: str, config) -> str | None:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path) or os.path.exists(os.path.join(workdir, "summary.json")):
         return None
-    for sub in ("checkpoints", "job"):  # a single run's checkpoints, a multi-adapter job's
+    # a single run's checkpoints, its kept best (train.keep_best), a multi-adapter job's
+    for sub in ("checkpoints", "best", "job"):
         d = os.path.join(workdir, sub)
         if os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d)):
             return None

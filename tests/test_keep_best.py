@@ -164,6 +164,21 @@ def test_keep_best_keeps_reports_and_exports_the_best_through_a_kill(
     )
 
 
+def test_a_kept_best_checkpoint_holds_the_workdirs_config(tiny_model_dir, tmp_path, monkeypatch):
+    """A run stopped after its first kept-best checkpoint (step 2) but before its first regular
+    one (step 4) has something trained: a rerun with another config is refused, not started
+    afresh beside the old config's best, which it would report and export as its own."""
+    config = _config(tiny_model_dir, _csv(tmp_path / "d.csv"), **{
+        "train.keep_best": "validation_loss", "eval_every": 2, "checkpoint_every": 4,
+    })  # fmt: skip
+    workdir = tmp_path / "run"
+    train_until_interrupted(config, workdir, 3, monkeypatch)
+    assert runs.kept_best(workdir) and not (workdir / "checkpoints" / "2").exists()
+    config.train.learning_rate = 1e-3
+    with pytest.raises(ValueError, match=r"was started with another config.*learning_rate"):
+        train_lib.train_and_evaluate(config, str(workdir))
+
+
 # --------------------------------------------------------------------------- class weights
 
 
