@@ -29,8 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.attention = "auto"  # attention kernel: "auto" (cuDNN's fused kernel on a GPU where
     # it runs these shapes, else XLA's), "xla" or "cudnn" (lorax/attention.py)
     c.model.loss_chunk = -1  # causal LMs: positions per chunk of the output layer + loss, so
-    # no [B, T, V] logits are held; 0 = dense logits, -1 = auto (chunks on a GPU when a batch's
-    # fp32 logits would reach 512 MiB; dense on a CPU)
+    # no [B, T, V] logits are held; 0 = dense logits, -1 = auto (chunks on a GPU when one
+    # device's rows' fp32 logits would reach 512 MiB; dense on a CPU)
     c.model.loss_grad = "forward"  # chunked LM loss: "forward" takes the hidden states'
     # gradient while each chunk's logits are at hand; "recompute" recomputes them in the
     # backward pass (one more output-layer matmul; lorax/evaluate.py Hidden)

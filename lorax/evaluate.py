@@ -127,12 +127,12 @@ def choose_loss_chunk(
 ) -> int:
     """``model.loss_chunk`` resolved: positions per chunk of the LM loss, or 0 for dense logits.
 
-    -1 ("auto") chunks on an accelerator where a train batch's fp32 logits [rows, length,
-    vocab] would take 512 MiB or more, in chunks of the largest power of two positions whose
-    logits fit 256 MiB (GPT-2 at 16×1024: 64; the 1B Llama at 8×1024: 256); on a CPU, where
-    memory is plentiful and the recomputed output layer costs time, it keeps the dense logits.
-    0 and N > 0 are taken as they are. ``platform`` is the one the step is compiled for
-    (default: the host's backend).
+    -1 ("auto") chunks on an accelerator where the fp32 logits [rows, length, vocab] of the
+    rows one device holds would take 512 MiB or more, in chunks of the largest power of two
+    positions whose logits fit 256 MiB (GPT-2 at 16×1024: 64; the 1B Llama at 8×1024: 256);
+    on a CPU, where memory is plentiful and the recomputed output layer costs time, it keeps
+    the dense logits. 0 and N > 0 are taken as they are. ``platform`` is the one the step is
+    compiled for (default: the host's backend).
     """
     if requested >= 0:
         return requested

@@ -278,8 +278,7 @@ class MultiStepper(loop.Stepper):
         c0 = configs[0]
         setup = setup or setup_lib.build(c0)
         # the auto LM-loss chunk for all K adapters' rows: the vmapped step holds them together
-        platform = setup.mesh.devices.flat[0].platform
-        chunk = setup_lib.loss_chunk(c0, setup.kind, setup.model.config, platform, len(configs))
+        chunk = setup_lib.loss_chunk(c0, setup.kind, setup.model.config, setup.mesh, len(configs))
         setup = dataclasses.replace(setup, loss_chunk=chunk)
         self.setup, self.config, self.configs, self.names = setup, c0, configs, list(names)
         self.stack = None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from typing import Any
 
@@ -135,17 +136,6 @@ def _estimate(text: str, target: Target, tokens: int) -> dict[str, Any]:
     return {**est.to_json(), "summary": est.summary()}
 
 
-def _compile(lowered):
-    """``lowered.compile()`` with JAX's persistent cache off: a deviceless executable cannot be
-    read back from it (there is no device to load it on), so writing it would only cost disk."""
-    cached = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
-        return lowered.compile()
-    finally:
-        jax.config.update("jax_enable_compilation_cache", cached)
-
-
 def plan(
     config: ml_collections.ConfigDict,
     target: Target,
@@ -158,7 +148,7 @@ def plan(
     (what ``--json`` prints)."""
     start = time.perf_counter()
     setup, lowered, state = build_step(config, target, adapters=adapters, batch=batch)
-    compiled = _compile(lowered)
+    compiled = lowered.compile()
     seconds = time.perf_counter() - start
     rows = config.train.batch_size
     per_device = rows // sharding.data_parallel_size(setup.mesh)
@@ -171,7 +161,7 @@ def plan(
             "hosts": target.hosts,
         },  # fmt: skip
         "mesh": sharding.describe(setup.mesh),
-        "model": {"name": config.model.name, "kind": setup.kind},
+        "model": {"name": _model_name(config), "kind": setup.kind},
         "method": config.method,
         "adapters": adapters or 1,
         "parameters": {"base": setup.base_params, "trainable": _count(state["trainable"])},
@@ -204,6 +194,16 @@ def _bound(setup, state, rows: int, length: int) -> dict[str, int] | None:
         model.config, setup.frozen, state["trainable"], setup.mesh, rows, length,
         model.remat, model.dtype,
     )  # fmt: skip
+
+
+def _model_name(config) -> str:
+    if config.model.get("architecture"):  # random weights of a described shape
+        c = setup_lib.read_architecture(config.model.architecture)
+        return (
+            f"model.architecture ({c.family}, {c.num_layers} layers × {c.hidden_size}, "
+            f"{c.num_params():,} parameters; random weights)"
+        )
+    return config.model.name
 
 
 def _count(tree) -> int:
@@ -315,5 +315,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # No persistent XLA cache (lorax.cli keeps one for the command lines): a deviceless
+    # executable cannot be read back from it, there being no device to load it on.
+    os.environ["LORAX_XLA_CACHE"] = "0"
     define_flags()
     cli.run(main, "lorax.plan")

@@ -339,7 +339,7 @@ def build(
     frozen, head, delta = trees(config, params, method, base_dtype, mesh, key, extra_head)
     if objective == "dpo" and not abstract:  # dpo.reference's adapter: the policy starts there
         delta, reference = dpo_lib.prepare(config, method, head, delta, mesh)
-    chunk = loss_chunk(config, kind, model_config, mesh.devices.flat[0].platform)
+    chunk = loss_chunk(config, kind, model_config, mesh)
     tokenizer = None if model_dir is None or abstract else checkpoints.load_tokenizer(model_dir)
     task = None
     if with_task:
@@ -359,16 +359,18 @@ def build(
     )  # fmt: skip
 
 
-def loss_chunk(config, kind: str, model_config, platform: str, adapters: int = 1) -> int:
-    """``model.loss_chunk`` resolved for ``adapters`` × ``train.batch_size`` rows, ``platform``."""
+def loss_chunk(config, kind: str, model_config, mesh, adapters: int = 1) -> int:
+    """``model.loss_chunk`` resolved for the rows one device of ``mesh`` holds (``adapters`` ×
+    ``train.batch_size`` over the data-parallel devices), on the mesh's platform."""
     if kind != "lm":
         return 0
+    rows = adapters * config.train.batch_size // sharding.data_parallel_size(mesh)
     return evaluate.choose_loss_chunk(
         config.model.get("loss_chunk", -1),
-        adapters * config.train.batch_size,
+        max(rows, 1),
         config.task.max_length,
         model_config.vocab_size,
-        platform,
+        mesh.devices.flat[0].platform,
     )
 
 

@@ -17,8 +17,10 @@ import json
 import math
 import os
 import re
+import types
 
 import jax
+import numpy as np
 import pytest
 from helpers import REPO, tiny_config
 from test_train_lm import lm_config, smol_tokenizer, tiny_llama_dir  # noqa: F401
@@ -123,6 +125,28 @@ def test_auto_choices_follow_the_target_platform(monkeypatch):
     assert attention.choose("auto", "bfloat16", 6, 2, 32, platform="gpu") == "xla"
     assert probe, "the probe ran on a host that has the platform"
     attention._cudnn_unavailable.cache_clear()  # forget the failed probe of the fake GPU
+
+
+def test_loss_chunk_is_chosen_for_one_devices_rows():
+    """ "auto" sizes the LM-loss chunk by the rows one device holds: the global batch over the
+    data-parallel devices, and all K adapters' rows of a multi-adapter job (the plan of the
+    8B config on 8 GPUs showed 8-position chunks chosen for all 64 rows, 256 loop trips)."""
+    from configs import base
+
+    gpu = types.SimpleNamespace(platform="gpu")
+    mesh = lambda data, fsdp: types.SimpleNamespace(  # noqa: E731
+        shape={"data": data, "fsdp": fsdp, "tensor": 1}, devices=np.array([gpu])
+    )
+    c = base.get_config()
+    c.train.batch_size, c.task.max_length = 64, 2048
+    llama3 = types.SimpleNamespace(vocab_size=128256)
+    assert setup_lib.loss_chunk(c, "lm", llama3, mesh(1, 8)) == 64  # 8 rows a device
+    assert setup_lib.loss_chunk(c, "lm", llama3, mesh(1, 1)) == 8  # all 64 rows on one
+    c.train.batch_size, c.task.max_length = 2, 1024
+    gpt2 = types.SimpleNamespace(vocab_size=50257)
+    assert setup_lib.loss_chunk(c, "lm", gpt2, mesh(1, 1)) == 0  # 2 rows: 0.38 GiB, dense
+    assert setup_lib.loss_chunk(c, "lm", gpt2, mesh(1, 1), adapters=8) == 64  # 16 rows
+    assert setup_lib.loss_chunk(c, "classify", gpt2, mesh(1, 1)) == 0
 
 
 HLO = """HloModule jit_step, entry_computation_layout={()->f32[]}
@@ -237,7 +261,16 @@ class Plans:
 
 @pytest.fixture(scope="module")
 def plans(tmp_path_factory):
-    return Plans(tmp_path_factory.mktemp("plan_models"))
+    """The module's plans; with ``LORAX_PLAN_REPORTS=FILE`` their reports are written there
+    at the end (the numbers the README quotes)."""
+    # No persistent XLA cache: a deviceless executable cannot be read back from it (no device
+    # to load it on). JAX decides once per process, so this holds from here on.
+    jax.config.update("jax_enable_compilation_cache", False)
+    made = Plans(tmp_path_factory.mktemp("plan_models"))
+    yield made
+    if os.environ.get("LORAX_PLAN_REPORTS"):
+        with open(os.environ["LORAX_PLAN_REPORTS"], "w") as f:
+            json.dump({repr(k): v for k, v in made.done.items()}, f, indent=1)
 
 
 def speed_path_failures(report, name: str, limit_gib: float) -> list[str]:
