@@ -320,6 +320,8 @@ def build(
         sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
         data_lib.check_task(config.task.name)
         objective = check_objective(config)
+        task_kind = "reward" if objective == "reward" else data_lib.registry.KINDS[config.task.name]
+        _check_training_options(config, task_kind)  # before the model loads (minutes at 8B)
     method = methods.from_config(config)
     methods.lr_ratio_b(config)  # checked before any compute
     _check_quantize(config, method)
@@ -327,8 +329,6 @@ def build(
     key = jax.random.key(config.seed)
     model_config, base, model_dir = _load_base(config, with_task, abstract)
     kind = _kind(config, model_config, with_task)
-    if with_task:
-        _check_training_options(config, kind)
     model, params = _model_and_params(
         config, model_config, base, jax.random.fold_in(key, 1), mesh, abstract
     )

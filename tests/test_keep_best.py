@@ -60,15 +60,13 @@ def test_keep_best_names_a_bad_metric_and_needs_periodic_evaluations():
 def test_keep_best_is_checked_against_what_the_tasks_validation_reports(tmp_path):
     """snli_text's validation is scored by its choices' likelihoods: no perplexity (this used
     to train until the first evaluation, then raise KeyError 'perplexity'), but a confusion
-    matrix, hence macro-F1. Refused by setup.build before any data is read."""
-    arch = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 16,
-            "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "num_key_value_heads": 1, "max_position_embeddings": 64}  # fmt: skip
+    matrix, hence macro-F1. Refused by setup.build before the model loads or any data is
+    read (neither exists here)."""
     from configs import smollm2_instructions_r8
 
     config = apply_overrides(smollm2_instructions_r8.get_config(), {
-        "model.name": "smollm2-135m", "model.architecture": json.dumps(arch),
-        "task.name": "snli_text", "task.data": str(tmp_path / "no-data-read"), "eval_every": 2,
+        "model.name": str(tmp_path / "no-model-read"), "task.name": "snli_text",
+        "task.data": str(tmp_path / "no-data-read"), "eval_every": 2,
         "train.keep_best": "validation_perplexity",
     })  # fmt: skip
     with pytest.raises(
