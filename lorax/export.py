@@ -173,7 +173,33 @@ def check_base(base: str, config) -> str:
         if differ:
             shown = ", ".join(f"{f} {theirs.get(f)!r} (the run's {ours[f]!r})" for f in differ)
             raise ValueError(f"--base={base} is not the run's base model: {shown}")
+    elif not config.model.get("architecture"):  # a GGUF base: the shapes its header gives
+        _check_same_shapes(base, local, config)
     return base_name(config, base)
+
+
+def _check_same_shapes(base: str, local: str, config) -> None:
+    """Raises unless the model in directory ``local`` has the run's weight shapes."""
+    from lorax import checkpoints
+
+    ours = paths.flatten(checkpoints.pretrained_shapes(assets.resolve(config.model.name))[1])
+    try:
+        theirs = paths.flatten(checkpoints.pretrained_shapes(local)[1])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"--base={base}: its config.json is not a model lorax reads ({e})"
+        ) from None
+
+    def shape(tree, k):
+        return tuple(tree[k].shape) if k in tree else "absent"
+
+    differ = sorted(k for k in ours.keys() | theirs.keys() if shape(ours, k) != shape(theirs, k))
+    if differ:
+        k = differ[0]
+        raise ValueError(
+            f"--base={base} is not the run's base model: {len(differ)} of its weights differ "
+            f"in shape or name, e.g. {k} {shape(theirs, k)} (the run's {shape(ours, k)})"
+        )
 
 
 def export_adapter(

@@ -163,6 +163,29 @@ def test_export_names_the_base_as_given_and_checks_base(tiny_model_dir, tmp_path
         export.check_base(str(copy), config)
 
 
+def test_export_base_is_checked_against_a_gguf_runs_shapes(tiny_model_dir, tmp_path):
+    """A run on the GGUF asset (smollm2-135m: no config.json to compare with) checks --base
+    by the weight shapes of the GGUF header: SmolLM2-135M's Hugging Face config.json passes,
+    a BERT directory and a smaller Llama are refused (both were accepted, and named as the
+    base of a Llama adapter)."""
+    sys.path.insert(0, REPO)
+    from configs import smollm2_text_r8
+
+    config = smollm2_text_r8.get_config()
+    smol = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
+            "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+            "num_key_value_heads": 3, "tie_word_embeddings": True}  # fmt: skip
+    hf_copy = tmp_path / "smollm2-hf"
+    hf_copy.mkdir()
+    (hf_copy / "config.json").write_text(json.dumps(smol))
+    assert export.check_base(str(hf_copy), config) == str(hf_copy)
+    with pytest.raises(ValueError, match=r"--base=.*tiny_bert.* is not the run's base model"):
+        export.check_base(str(tiny_model_dir), config)
+    (hf_copy / "config.json").write_text(json.dumps({**smol, "num_hidden_layers": 2}))
+    with pytest.raises(ValueError, match=r"is not the run's base model: \d+ of its weights"):
+        export.check_base(str(hf_copy), config)
+
+
 def _readme_snippet() -> str:
     """The README's block that loads a mean-pooled export in plain transformers + peft."""
     with open(os.path.join(REPO, "README.md")) as f:
