@@ -21,7 +21,7 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	touch $@
 
 $(VENV)/.installed-plan: pyproject.toml $(VENV)/.installed-test
-	$(BIN)/python -m pip install --quiet -e '.[test,plan]'
+	$(BIN)/python -m pip install --quiet -e '.[test,plan,plan-tpu]'
 	touch $@
 
 # Fetch the pretrained model and data set once into the cache (~/.cache/lorax, or $LORAX_CACHE).
@@ -41,8 +41,8 @@ test-fast: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -n $(WORKERS) -m "not slow and not plan"
 
 # The GPU gates (tests/test_plan.py, marked plan): the benchmark steps compiled for a described
-# H100/H200 by JAX's CUDA plugin (the [plan] extra), no GPU needed. One process: the module
-# compiles each step once and its tests share them.
+# H100/H200 by JAX's CUDA plugin (the [plan] extra), no GPU needed; and a TPU slice's plan
+# (libtpu, the [plan-tpu] extra). One process: a module compiles each step once for its tests.
 plan-test: $(VENV)/.installed-plan
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -p no:xdist -m plan tests/test_plan.py tests/test_plan_fsdp.py
 

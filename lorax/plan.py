@@ -1,5 +1,6 @@
 """Will a run fit, and what will it run? Compiles a config's train step for GPUs that are not
-here: ``python -m lorax.plan --config=configs/FILE.py --gpu=h100 [--gpus=8] [--hosts=1]``.
+here: ``python -m lorax.plan --config=configs/FILE.py --gpu=h100 [--gpus=8] [--hosts=1]``, or
+a TPU slice: ``--tpu=v5e:4x4`` (libtpu, the ``[plan-tpu]`` extra).
 
 The run is built as ``lorax.train`` builds it (:func:`lorax.setup.build`, the same mesh rules,
 ``loop.Stepper``'s optimizer, step and jit; a ``lorax.multi`` job's step with ``--adapters``),
@@ -49,17 +50,27 @@ FMHA_PREFIX = "__cudnn$fmha"
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """The GPUs a plan compiles for: ``hosts`` × ``gpus`` of card ``gpu``."""
+    """What a plan compiles for: ``hosts`` × ``gpus`` of card ``gpu``, or (``tpu`` set) the
+    chips of a TPU slice such as ``"v5e:4x4"``."""
 
     gpu: str = "h100"
     gpus: int = 1
     hosts: int = 1
+    tpu: str = ""
 
     @property
     def card(self) -> targets.Card:
-        return targets.card(self.gpu)
+        return targets.tpu_card(self.tpu) if self.tpu else targets.card(self.gpu)
+
+    @property
+    def memory_fraction(self) -> float:
+        """The share of a device's memory XLA may use: JAX preallocates 75% of a GPU's
+        (``XLA_PYTHON_CLIENT_MEM_FRACTION``); a TPU's HBM is XLA's."""
+        return 1.0 if self.tpu else JAX_MEM_FRACTION
 
     def devices(self) -> list:
+        if self.tpu:
+            return targets.tpu_devices(self.tpu)
         return targets.gpu_devices(self.gpu, self.gpus, self.hosts)
 
 
@@ -100,7 +111,7 @@ def analyse(
     memory = compiled.memory_analysis()
     footprint = step_lib.compiled_memory_bytes(compiled)
     card = target.card
-    usable = int(card.memory_bytes * JAX_MEM_FRACTION)
+    usable = int(card.memory_bytes * target.memory_fraction)
     text = compiled.as_text()
     insts = hlo.instructions(text)
     fmha = hlo.custom_calls(insts, FMHA_PREFIX)
@@ -130,8 +141,12 @@ def analyse(
     }
 
 
-def _estimate(text: str, target: Target, tokens: int) -> dict[str, Any]:
-    """The roofline's step-time estimate (:mod:`lorax.roofline`): an estimate, and says so."""
+def _estimate(text: str, target: Target, tokens: int) -> dict[str, Any] | None:
+    """The roofline's step-time estimate on a GPU (:mod:`lorax.roofline`, calibrated on the
+    GPU records; it says it is an estimate); None on a TPU, which it has no figures for (and
+    XLA's TPU cost model gave a negative ``optimal_seconds`` for a scanned step)."""
+    if target.tpu:
+        return None
     est = roofline.estimate(text, target.gpu, tokens)
     return {**est.to_json(), "summary": est.summary()}
 
@@ -155,10 +170,11 @@ def plan(
     tokens = (adapters or 1) * per_device * _length(setup, config)
     report = {
         "target": {
-            "gpu": target.gpu,
+            "gpu": "" if target.tpu else target.gpu,
+            "tpu": target.tpu,
             "title": target.card.title,
-            "gpus": target.gpus,
-            "hosts": target.hosts,
+            "devices": setup.mesh.devices.size,
+            "hosts": len({d.process_index for d in setup.mesh.devices.flat}),
         },  # fmt: skip
         "mesh": sharding.describe(setup.mesh),
         "model": {"name": _model_name(config), "kind": setup.kind},
@@ -238,8 +254,8 @@ def describe(report: dict[str, Any]) -> str:
     t, m, a = report["target"], report["memory"], report["attention"]
     b = report["batch"]
     lines = [
-        f"plan: {report['model']['name']}, {report['method']} on {t['hosts'] * t['gpus']} × "
-        f"{t['title']} ({t['hosts']} host(s) × {t['gpus']}), mesh {report['mesh']}"
+        f"plan: {report['model']['name']}, {report['method']} on {t['devices']} × {t['title']}"
+        f"{f' ({tpu})' if (tpu := t['tpu']) else ''} ({t['hosts']} host(s)), mesh {report['mesh']}"
         + (f", {report['adapters']} adapters" if report["adapters"] > 1 else ""),
         f"batch: {b['rows']} rows × {b['length']} tokens ({b['per_device_rows']} rows per device)",
         f"parameters: base {report['parameters']['base']:,}, trained "
@@ -249,8 +265,9 @@ def describe(report: dict[str, Any]) -> str:
         f"{_gib(m['arguments_bytes'])} + outputs {_gib(m['outputs_bytes'])} − aliased "
         f"{_gib(m['aliased_bytes'])} + temporaries {_gib(m['temporaries_bytes'])}",
         f"fits: {'yes' if m['fits'] else 'NO'}, {_gib(abs(m['headroom_bytes']))} "
-        f"{'to spare' if m['fits'] else 'over'} of the {_gib(m['usable_bytes'])} JAX uses of the "
-        f"card's {_gib(m['card_bytes'])} (XLA_PYTHON_CLIENT_MEM_FRACTION = {JAX_MEM_FRACTION})",
+        f"{'to spare' if m['fits'] else 'over'} of the {_gib(m['usable_bytes'])} XLA may use of "
+        f"the device's {_gib(m['card_bytes'])}"
+        + ("" if t["tpu"] else f" (XLA_PYTHON_CLIENT_MEM_FRACTION = {JAX_MEM_FRACTION})"),
     ]
     if "lower_bound" in m:
         lb = m["lower_bound"]
@@ -284,7 +301,9 @@ def describe(report: dict[str, Any]) -> str:
         lines.append(f"  {kind}: {row['count']} ({_gib(row['bytes'])})")
     if not report["collectives"]:
         lines.append("  none")
-    lines.append(f"step time (one device's program): {report['estimate']['summary']}")
+    est = report["estimate"]
+    summary = est["summary"] if est else "no estimate (lorax.roofline knows GPUs only)"
+    lines.append(f"step time (one device's program): {summary}")
     lines.append(f"compiled in {report['compile_seconds']} s")
     return "\n".join(lines)
 
@@ -295,6 +314,9 @@ def describe(report: dict[str, Any]) -> str:
 def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
     flags.DEFINE_string("gpu", "h100", f"the card: one of {sorted(targets.CARDS)}")
+    flags.DEFINE_string(
+        "tpu", "", f"a TPU slice instead, e.g. v5e:4x4 ({sorted(targets.TPU_CHIPS)})"
+    )
     flags.DEFINE_integer("gpus", 1, "GPUs per host")
     flags.DEFINE_integer("hosts", 1, "hosts")
     flags.DEFINE_integer("adapters", 0, "plan a lorax.multi job of this many adapters (0: a run)")
@@ -308,8 +330,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # as lorax.train: no per-file INFO lines
     f = flags.FLAGS
-    target = Target(f.gpu, f.gpus, f.hosts)
-    targets.card(target.gpu)  # an unknown --gpu fails before anything is built
+    target = Target(f.gpu, f.gpus, f.hosts, f.tpu)
+    target.card  # noqa: B018 -- an unknown --gpu or --tpu fails before anything is built
     report = plan(f.config, target, adapters=f.adapters, top=f.top)
     print(json.dumps(report, indent=1) if f.json else describe(report))
 

@@ -206,9 +206,29 @@ def test_hlo_reading_counts_loops_calls_and_collectives():
     assert hlo.shape_bytes("(bf16[2,64,4,32]{3,2,1,0}, u8[0]{0})") == 2 * 64 * 4 * 32 * 2
 
 
-def test_unknown_gpu_is_named():
+def test_unknown_gpu_or_tpu_is_named():
     with pytest.raises(ValueError, match=r"--gpu = 'h300'.*'a100', 'h100', 'h200'"):
         targets.card("h300")
+    with pytest.raises(ValueError, match=r"--tpu = 'v4:2x2x1'.*'v5e:4x4'.*'v5e', 'v5p', 'v6e'"):
+        targets.tpu_card("v4:2x2x1")
+
+
+@pytest.mark.plan
+@pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason=f"libtpu is not installed ({targets.TPU_EXTRA})",
+)
+def test_plan_for_a_tpu_slice(tiny_llama_dir):  # noqa: F811
+    """A v5e 2x2 slice from libtpu, beside the CUDA plugin in one process: the run's mesh
+    over its 4 chips, XLA's attention (no cuDNN there), the chunked loss decided for a TPU."""
+    c = lm_config(tiny_llama_dir, **{"model.dtype": "bfloat16", "model.loss_chunk": 32})
+    report = plan.plan(c, plan.Target(tpu="v5e:2x2"))
+    assert report["target"]["title"] == "TPU v5e" and report["target"]["devices"] == 4
+    assert report["mesh"] == "data×fsdp×tensor = 4×1×1"
+    assert report["attention"] == {"kernel": "xla", "probed": True, "fused_calls": {}}
+    assert report["loss_chunk"] == 32 and report["estimate"] is None
+    m = report["memory"]
+    assert 0 < m["footprint_bytes"] < m["usable_bytes"] == m["card_bytes"] == 16 * GIB
 
 
 # --------------------------------------------------------------------------- GPU gates

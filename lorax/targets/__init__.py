@@ -18,6 +18,7 @@ import dataclasses
 import importlib.resources
 
 PLAN_EXTRA = "pip install -e '.[plan]'"
+TPU_EXTRA = "pip install -e '.[plan-tpu]' (libtpu, pinned to this jax)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,19 @@ CARDS: dict[str, Card] = {
              "H200 of benchmarks/results/runbook-gpu, and 4.8 TB/s (NVIDIA H200 datasheet)"),
         Card("a100", "NVIDIA A100 SXM4 80GB", "a100_sxm_80.txtpb", 85_100_068_864,
              "XLA's xla/tools/hlo_opt/gpu_specs/a100_sxm_80.txtpb"),
+    )
+}  # fmt: skip
+
+
+# TPU chips a plan describes by their slice (--tpu=v5e:4x4); libtpu makes the devices. One
+# device per chip on these generations (v4 exposes each TensorCore: not listed).
+TPU_CHIPS: dict[str, Card] = {
+    c.name: c
+    for c in (
+        Card("v5e", "TPU v5e", "", 16 * 2**30, "Cloud TPU docs, TPU v5e: 16 GiB HBM2 per chip"),
+        Card("v5p", "TPU v5p", "", 95 * 2**30, "Cloud TPU docs, TPU v5p: 95 GiB HBM2e per chip"),
+        Card("v6e", "TPU v6e (Trillium)", "", 32 * 2**30,
+             "Cloud TPU docs, TPU v6e: 32 GiB HBM per chip"),
     )
 }  # fmt: skip
 
@@ -105,5 +119,40 @@ def gpu_devices(name: str, count: int = 1, hosts: int = 1) -> list:
             f"cannot describe {card(name).title} devices here ({str(e).splitlines()[0]}): "
             f"JAX's CUDA plugin is missing (install it with {PLAN_EXTRA}), or JAX started its "
             "backends before the plugin could load (set JAX_PLATFORMS=cpu)"
+        ) from None
+    return list(topology.devices)
+
+
+def tpu_card(slice_name: str) -> Card:
+    """The chip of a TPU slice ``"v5e:4x4"``; raises naming the valid generations."""
+    chip = slice_name.partition(":")[0]
+    if chip not in TPU_CHIPS or ":" not in slice_name:
+        raise ValueError(
+            f"--tpu = {slice_name!r} is not known; give a generation and its chips, e.g. "
+            f"'v5e:4x4' (generations: {sorted(TPU_CHIPS)})"
+        )
+    return TPU_CHIPS[chip]
+
+
+def tpu_devices(slice_name: str) -> list:
+    """The deviceless chips of a TPU slice (``"v5e:4x4"``: 16 chips, 4 to a host), from libtpu.
+
+    Raises:
+      ValueError: an unknown generation.
+      RuntimeError: libtpu is not installed, or does not know the slice.
+    """
+    tpu_card(slice_name)
+    _allow_cuda_plugin_without_gpu()
+    from jax.experimental import topologies
+
+    try:
+        topology = topologies.get_topology_desc(
+            topology_name=slice_name, platform="tpu", chip_config_name="default",
+            chips_per_host_bounds=(2, 2, 1), num_slices=1,
+        )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 -- libtpu absent or the slice unknown: say which
+        raise RuntimeError(
+            f"cannot describe the TPU slice {slice_name!r} ({str(e).splitlines()[0]}); TPU plans "
+            f"need libtpu: {TPU_EXTRA}"
         ) from None
     return list(topology.devices)
