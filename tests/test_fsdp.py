@@ -65,11 +65,11 @@ def op_shapes(hlo, op):
     return found
 
 results = {{}}
-for name, mesh, scan, mode in {runs!r}:
+for name, mesh, scan, mode, *extra in {runs!r}:
     config = apply_overrides(smollm2_instructions_r8.get_config(), {{
         "model.name": model_dir, "train.batch_size": 8, "lora.dropout": 0.1,
         "train.learning_rate": 1e-2, "model.scan": scan, "mesh.fsdp_gather": mode,
-        "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]}})
+        "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2], **dict(extra)}})
     s = setup.build(config, with_task=False)
     tx = step.make_optimizer(config.train)
     state = step.initial_state({{"delta": s.delta, "head": s.head}}, tx, s.mesh)
@@ -150,9 +150,10 @@ def test_each_layer_gathers_its_own_weights_in_the_compiled_step(tmp_path):
 def test_per_layer_gathering_follows_one_device_and_whole_tree_loss_curves(tmp_path):
     """Meshes 1×8×1, 2×4×1 and 2×2×2 (data×fsdp×tensor), looped and scanned, with LoRA dropout
     on: per-layer gathering trains 4 steps to the one-device loss curve within 1e-4 (relative)
-    and to the old whole-tree gather's; keeping the gathered weights ("layer_keep") gathers
-    each leaf once and holds more temporary memory than gathering again; the whole-tree gather
-    of a scanned model all-gathers the [L, ...] stacks (what the per-layer check rejects)."""
+    and to the old whole-tree gather's (also with the chunked LM loss and block_inputs remat);
+    keeping the gathered weights ("layer_keep") gathers each leaf once and holds more temporary
+    memory than gathering again; the whole-tree gather of a scanned model all-gathers the
+    [L, ...] stacks (what the per-layer check rejects)."""
     runs, one_device = [], []
     for scan in (False, True):
         tag = "scan" if scan else "loop"
@@ -161,6 +162,9 @@ def test_per_layer_gathering_follows_one_device_and_whole_tree_loss_curves(tmp_p
             runs.append((f"{tag}-layer-{mesh}", mesh, scan, "layer"))
         runs.append((f"{tag}-tree", (2, 2, 2), scan, "tree"))
         runs.append((f"{tag}-keep", (1, 8, 1), scan, "layer_keep"))
+    # the chunked LM loss (the output layer gathered once for all chunks) and a remat policy
+    chunked = {"model.loss_chunk": 4, "model.remat": "block_inputs"}
+    runs.append(("scan-chunked", (2, 4, 1), True, "layer", *chunked.items()))
     (tmp_path / "one").mkdir()
     result = run_script(tmp_path / "one", tuple(one_device), steps=4, devices=1)
     result.update(run_script(tmp_path, tuple(runs), steps=4))
@@ -176,6 +180,8 @@ def test_per_layer_gathering_follows_one_device_and_whole_tree_loss_curves(tmp_p
         np.testing.assert_allclose(keep["losses"], one, rtol=1e-4)
         fewer = 5 if tag == "loop" else 0  # layer 0's backward reads 5 leaves fewer (above)
         assert layer_gathers(gathered(layer)) == 2 * layer_gathers(gathered(keep)) - fewer > 0
+    np.testing.assert_allclose(result["scan-chunked"]["losses"], result["scan-one"]["losses"],
+                               rtol=1e-4)  # fmt: skip
     scan_layer, scan_keep = result["scan-layer-(1, 8, 1)"], result["scan-keep"]
     assert scan_layer["temp"] < scan_keep["temp"], (scan_layer["temp"], scan_keep["temp"])
     stacks = [s for s in gathered(result["scan-tree"]) if re.match(r"f32\[2,", s)]

@@ -100,6 +100,8 @@ def test_8b_lora_on_8_h100s_gathers_one_layer_at_a_time_within_its_bound():
     tables = {f"bf16[{c.vocab_size},{c.hidden_size}]", f"bf16[{c.hidden_size},{c.vocab_size}]"}
     found = gathers(compiled)
     assert {s for s, _ in found} <= layer_shapes | tables, found
+    # the output layer once a step for all the loss's chunks (not again inside their loop)
+    assert all(runs == 1 for s, runs in found if s in tables), found
     per_layer = [(s, runs) for s, runs in found if s in layer_shapes]
     assert per_layer and all(runs == c.num_layers for _, runs in per_layer), per_layer
     # forward, and again in the backward pass: q, o [4096,4096], mlp_in, mlp_gate [4096,14336],
