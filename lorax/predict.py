@@ -166,6 +166,19 @@ def read_input(src: str, encoding: str = "utf-8") -> list[tuple[int, dict]]:
             "would replace their undecodable bytes with U+FFFD and write the damaged text out. "
             "Pass --encoding=latin-1 (or the file's own encoding) to read it as such"
         )
+    dropped = counts.get("predict/skipped_bad_json", 0)
+    if dropped:
+        raise ValueError(
+            f"{src}: {dropped} line(s) are not JSON objects (the first are named above); "
+            "lorax.predict would leave them out, so its rows would no longer line up with "
+            "the input's: fix or remove them"
+        )
+    extra = counts.get("predict/rows_with_extra_cells", 0)
+    if extra:
+        raise ValueError(
+            f"{src}: {extra} row(s) have more cells than the header names columns (an unquoted "
+            "comma in a text?); lorax.predict would drop those cells: quote or fix the rows"
+        )
     if not utf8:
         runs.warn(f"read {src} as {encoding} (--encoding); rows are written out as UTF-8")
     return numbered

@@ -497,6 +497,24 @@ def test_predict_input_that_is_not_utf8_is_refused_unless_its_encoding_is_given(
     assert "read " in capsys.readouterr().err
 
 
+def test_predict_input_rows_the_output_would_lose_are_refused(tmp_path):
+    """A JSONL line that is not a JSON object, a CSV row with more cells than the header: the
+    readers skip the line or drop the cells (counted), so lorax.predict's --out had fewer rows
+    than the input (no longer lined up with it) or lost cells, with exit 0."""
+    from lorax import predict
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "fine"}\n{"text": "broken",}\n[1, 2]\n{"text": "also fine"}\n')
+    with pytest.raises(ValueError, match=r"in.jsonl: 2 line\(s\) are not JSON objects"):
+        predict.read_input(str(src))
+    src = tmp_path / "in.csv"
+    src.write_text("text,id\nfine,1\nnot, quoted,2\n")
+    with pytest.raises(ValueError, match=r"in.csv: 1 row\(s\) have more cells than the header"):
+        predict.read_input(str(src))
+    src.write_text('text,id\nfine,1\n"quoted, fine",2\n')
+    assert [r["text"] for _, r in predict.read_input(str(src))] == ["fine", "quoted, fine"]
+
+
 @pytest.mark.slow
 def test_ctrl_c_on_the_real_command_is_one_line(tiny_model_dir, tiny_snli_dir, tmp_path):
     """SIGINT to a training process after its first checkpoint: one line naming it, exit

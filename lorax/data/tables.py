@@ -85,7 +85,7 @@ def read_rows(
 def _csv_rows(path: str, split: str, counts: dict[str, int], encoding: str = "utf-8"):
     delimiter = "\t" if file_format(path) == "tsv" else ","
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long texts are fine
-    file_rows = bad_utf8 = 0
+    file_rows = bad_utf8 = extra = 0
     with open_binary(path) as raw:
         encoding = "utf-8-sig" if codecs_name(encoding) == "utf-8" else encoding
         text = io.TextIOWrapper(raw, encoding=encoding, errors="replace", newline="")
@@ -99,13 +99,15 @@ def _csv_rows(path: str, split: str, counts: dict[str, int], encoding: str = "ut
                 f"({reader.fieldnames}); rename them so each column has its own name"
             )
         for row in reader:
-            row.pop(None, None)  # cells past the header's columns
+            extra += row.pop(None, None) is not None  # cells past the header's columns
             file_rows += 1
             if any(isinstance(v, str) and "\ufffd" in v for v in row.values()):
                 bad_utf8 += 1
             yield reader.line_num, row
     counts[f"{split}/file_rows"] = file_rows
     counts[f"{split}/bad_utf8"] = bad_utf8
+    if extra:  # dropped: lorax.predict refuses a file whose output would lose them
+        counts[f"{split}/rows_with_extra_cells"] = extra
 
 
 def _json_rows(path: str, split: str, counts: dict[str, int], encoding: str = "utf-8"):
