@@ -71,6 +71,11 @@ def check_compatible(configs: Sequence[ml_collections.ConfigDict]) -> None:
             "is not carried by the job's step); train its runs one by one (lorax.train, or "
             "experiments.methods, which does)"
         )
+    if configs[0].train.get("keep_best"):  # refused before the base loads, not after
+        raise ValueError(
+            "train.keep_best is for single runs (lorax.train), not multi-adapter jobs; set "
+            "train.keep_best = '' or train the runs one by one"
+        )
     first = _flat_config(configs[0])
     allowed = {f.replace(".", "/") for f in PER_ADAPTER_FIELDS}
     for i, config in enumerate(configs):

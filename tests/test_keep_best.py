@@ -177,6 +177,19 @@ def test_a_kept_best_checkpoint_holds_the_workdirs_config(tiny_model_dir, tmp_pa
         train_lib.train_and_evaluate(config, str(workdir))
 
 
+def test_a_multi_adapter_job_refuses_keep_best_before_the_base_loads(tmp_path):
+    """The job's refusal came from its host loop, after the base, the data and the stack were
+    built; check_compatible (the job's first check) now names it: the model here does not
+    exist, so nothing was loaded before."""
+    from lorax import multi
+
+    config = _config(tmp_path / "no-model", tmp_path / "no-data", **{
+        "train.keep_best": "validation_loss", "eval_every": 2,
+    })  # fmt: skip
+    with pytest.raises(ValueError, match=r"train.keep_best is for single runs"):
+        multi.MultiStepper([config, config], ["a", "b"])
+
+
 # --------------------------------------------------------------------------- class weights
 
 
