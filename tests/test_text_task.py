@@ -96,6 +96,22 @@ def test_folder_is_one_document_per_txt_file_and_tables_use_text_field(tmp_path)
     assert counts["train/skipped_missing_field"] == 1 and counts["train/skipped_bad_type"] == 1
 
 
+def test_text_files_that_are_not_utf8_are_counted_and_named(tmp_path, caplog):
+    """A latin-1 .txt trains on U+FFFD where its accents were: counted in data_counts and named
+    in a warning (it was silent), as the other tasks count undecodable rows."""
+    (tmp_path / "latin1.txt").write_bytes("Un café.\n\nUne crème.\n".encode("latin-1"))
+    counts = {}
+    with caplog.at_level("WARNING"):
+        docs = text.read_documents(tmp_path / "latin1.txt", "", counts)
+    assert docs == ["Un caf\ufffd.", "Une cr\ufffdme."]
+    assert counts["train/bad_utf8_files"] == 1
+    assert "latin1.txt" in caplog.text and "not valid UTF-8" in caplog.text
+    (tmp_path / "ok.txt").write_text("Un café.\n", encoding="utf-8")
+    counts = {}
+    assert text.read_documents(tmp_path / "ok.txt", "", counts) == ["Un café."]
+    assert "train/bad_utf8_files" not in counts
+
+
 def _write(name, content):
     """A maker of ``tmp_path / name`` holding ``content`` (a folder when content is None)."""
 

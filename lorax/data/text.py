@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import logging
 import os
 import re
 from typing import Any
@@ -42,16 +43,37 @@ from lorax.data.filetasks import hold_out_size
 from lorax.data.tables import file_format, open_binary, read_rows
 from lorax.data.tasks import TaskData, hold_out
 
+log = logging.getLogger(__name__)
+
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.bz2")
 # One or more blank (or whitespace-only) lines: the boundary between two documents of a .txt.
 _BLANK_LINES = re.compile(r"\n[ \t\f\v]*\n\s*")
 
 
-def _read_text(path: str) -> str:
-    """A text file's contents (decompressed if .gz/.bz2), undecodable bytes replaced."""
+def _read_text(path: str, not_utf8: list[str] | None = None) -> str:
+    """A text file's contents (decompressed if .gz/.bz2), undecodable bytes replaced (U+FFFD;
+    the file's path appended to ``not_utf8``)."""
     with open_binary(path) as f:
-        text = f.read().decode("utf-8-sig", errors="replace")
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8-sig", errors="replace")
+        if not_utf8 is not None:
+            not_utf8.append(path)
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _count_not_utf8(not_utf8: list[str], counts: dict[str, int]) -> None:
+    """Counts (``train/bad_utf8_files``) and names the text files that were not UTF-8: their
+    undecodable bytes train as U+FFFD, which the run should not do without a word."""
+    if not_utf8:
+        counts["train/bad_utf8_files"] = len(not_utf8)
+        log.warning(
+            "%d text file(s) are not valid UTF-8, e.g. %s: their undecodable bytes were replaced "
+            "by U+FFFD and train as such; convert them to UTF-8 (iconv -f latin1 -t utf-8)",
+            len(not_utf8), not_utf8[0],
+        )  # fmt: skip
 
 
 def split_documents(text: str) -> list[str]:
@@ -74,7 +96,9 @@ def read_documents(path: str, text_field: str, counts: dict[str, int]) -> list[s
                 f"task.data = {path!r} is a folder with no .txt file; task 'text' reads every "
                 "*.txt directly in it as one document (or give a .txt, csv, jsonl or parquet file)"
             )
-        docs = [t.strip() for t in map(_read_text, files)]
+        not_utf8: list[str] = []
+        docs = [_read_text(p, not_utf8).strip() for p in files]
+        _count_not_utf8(not_utf8, counts)
         counts["train/files"] = len(files)
         counts["train/skipped_empty_text"] = sum(not d for d in docs)
         docs = [d for d in docs if d]
@@ -84,7 +108,9 @@ def read_documents(path: str, text_field: str, counts: dict[str, int]) -> list[s
             ".txt files, or a csv/tsv/jsonl/json/parquet file with task.text_field"
         )
     elif path.lower().endswith(TEXT_SUFFIXES):
-        docs = split_documents(_read_text(path))
+        not_utf8 = []
+        docs = split_documents(_read_text(path, not_utf8))
+        _count_not_utf8(not_utf8, counts)
     else:
         file_format(path)  # an unknown extension is an error naming the valid ones
         docs = _table_documents(path, text_field, counts)
