@@ -198,6 +198,18 @@ def check_out(path: str) -> None:
         raise PermissionError(f"--out={path}: {folder} is not writable; name a file elsewhere")
 
 
+def check_metrics_out(path: str) -> None:
+    """Refuses ``--metrics_out`` before any work: a directory, a folder that does not exist or
+    one it cannot write in (it was found only after every row was scored)."""
+    if os.path.isdir(path):
+        raise ValueError(f"--metrics_out={path} is a directory; name a .json file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--metrics_out={path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"--metrics_out={path}: {folder} is not writable")
+
+
 def read_scorable(
     predictor: Predictor, src: str, text_field: str, pair_field: str, encoding: str = "utf-8"
 ):
@@ -458,6 +470,8 @@ def main(argv):
         raise app.UsageError("--metrics_out goes with --gold")
     if f.out:
         check_out(f.out)  # before the model loads, not after every prediction
+    if f.metrics_out:
+        check_metrics_out(f.metrics_out)
     which = "best (train.keep_best)" if runs.kept_best(f.workdir) else "latest"
     cli.note(f"loading the run in {f.workdir} (its base model and {which} checkpoint) ...")
     predictor = Predictor(f.workdir, f.batch_size)

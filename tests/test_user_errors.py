@@ -483,6 +483,17 @@ def test_predict_command_fails_on_a_missing_out_folder_at_once(tmp_path):
     )
 
 
+def test_predict_command_fails_on_a_missing_metrics_out_folder_at_once(tmp_path):
+    """Before: every row was scored and evaluated, then the write failed naming a temporary
+    file (the run here does not exist: nothing is loaded before the refusal)."""
+    src = _csv(tmp_path / "in.csv", _rows(["neg", "pos"], n=4))
+    out = tmp_path / "missing" / "m.json"
+    done = _command("-m", "lorax.predict", f"--workdir={tmp_path / 'no_run'}", f"--input={src}",
+                    "--gold=label", f"--metrics_out={out}")  # fmt: skip
+    assert done.returncode == 2
+    assert f"error: --metrics_out={out}: the folder {out.parent} does not exist" in done.stderr
+
+
 def test_predict_input_that_is_not_utf8_is_refused_unless_its_encoding_is_given(tmp_path, capsys):
     """Latin-1 text read as UTF-8 would be rewritten with U+FFFD without a word."""
     from lorax import predict
