@@ -166,14 +166,16 @@ def check_base(base: str, config) -> str:
     except ValueError as e:
         raise ValueError(f"--base={base}: {config_json} is not JSON ({e})") from None
     run_json = pathlib.Path(assets.resolve(config.model.name)) / "config.json"
-    if run_json.is_file():
+    if config.model.get("architecture"):  # random weights of a described shape
+        _check_same_shapes(base, local, config)
+    elif run_json.is_file():
         ours = json.loads(run_json.read_text())
         fields = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
         differ = [f for f in fields if f in ours and theirs.get(f) != ours[f]]
         if differ:
             shown = ", ".join(f"{f} {theirs.get(f)!r} (the run's {ours[f]!r})" for f in differ)
             raise ValueError(f"--base={base} is not the run's base model: {shown}")
-    elif not config.model.get("architecture"):  # a GGUF base: the shapes its header gives
+    else:  # a GGUF base: the shapes its header gives
         _check_same_shapes(base, local, config)
     return base_name(config, base)
 
@@ -181,8 +183,14 @@ def check_base(base: str, config) -> str:
 def _check_same_shapes(base: str, local: str, config) -> None:
     """Raises unless the model in directory ``local`` has the run's weight shapes."""
     from lorax import checkpoints
+    from lorax import setup as setup_lib
+    from lorax.models import decoder
 
-    ours = paths.flatten(checkpoints.pretrained_shapes(assets.resolve(config.model.name))[1])
+    if config.model.get("architecture"):
+        ours = decoder.param_shapes(setup_lib.read_architecture(config.model.architecture))
+    else:
+        ours = checkpoints.pretrained_shapes(assets.resolve(config.model.name))[1]
+    ours = paths.flatten(ours)
     try:
         theirs = paths.flatten(checkpoints.pretrained_shapes(local)[1])
     except (ValueError, KeyError, TypeError) as e:
@@ -191,7 +199,7 @@ def _check_same_shapes(base: str, local: str, config) -> None:
         ) from None
 
     def shape(tree, k):
-        return tuple(tree[k].shape) if k in tree else "absent"
+        return tuple(getattr(tree[k], "shape", tree[k])) if k in tree else "absent"
 
     differ = sorted(k for k in ours.keys() | theirs.keys() if shape(ours, k) != shape(theirs, k))
     if differ:
@@ -254,7 +262,7 @@ def export_adapter(
     )  # fmt: skip
     if setup.kind == "classify" and task_type == "auto":
         write_head(trainable["head"].get("head", trainable["head"]), out)
-    if config.model.name in FROM_GGUF:
+    if config.model.name in FROM_GGUF and not config.model.get("architecture"):
         (out / "README.md").write_text(
             f"Trained on a base dequantized from {FROM_GGUF[config.model.name]}, not on the "
             f"original {base_name(config)} weights; it fits the original as well, but was "
@@ -395,6 +403,12 @@ def main(argv):
     out = check_out_dir(f.out, f.overwrite)
     config = runs.read_config(f.workdir)
     base = check_base(f.base, config) if f.base else None
+    if config.model.get("architecture") and not (f.merged or base):
+        raise ValueError(
+            "the run's base is random weights of model.architecture, not a checkpoint: an "
+            f"adapter export would name model.name ({config.model.name}) as its base, which it "
+            "does not fit; pass --base=DIR_OR_HUB_ID (a model of that shape) or --merged"
+        )
     which = "best (train.keep_best)" if runs.kept_best(f.workdir) else "latest"
     cli.note(f"loading the run in {f.workdir} (its base model and {which} checkpoint) ...")
     config, setup, trainable = runs.load_run(f.workdir)

@@ -186,6 +186,38 @@ def test_export_base_is_checked_against_a_gguf_runs_shapes(tiny_model_dir, tmp_p
         export.check_base(str(hf_copy), config)
 
 
+def test_export_of_a_random_architecture_run_names_no_false_base(tmp_path):
+    """A run on random weights of model.architecture (model.name gives the tokenizer only):
+    its adapter export named model.name's SmolLM2-135M as the base it does not fit (and said
+    it was trained on its GGUF dequantization). Now refused without --base, named in one line
+    before the run loads; --base is checked against the described shapes."""
+    sys.path.insert(0, REPO)
+    from configs import smollm2_text_r8
+
+    arch = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "tie_word_embeddings": True}  # fmt: skip
+    config = smollm2_text_r8.get_config()
+    config.model.architecture = json.dumps(arch)
+    run = tmp_path / "run"  # config.json alone: nothing is loaded before the refusal
+    run.mkdir()
+    (run / "config.json").write_text(config.to_json_best_effort())
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "lorax.export", f"--workdir={run}",
+                           f"--out={tmp_path / 'out'}"], cwd=REPO, capture_output=True,
+                          text=True, env=env)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "random weights of model.architecture" in done.stderr
+    assert "Traceback" not in done.stderr.split("lorax.export: error")[-1]
+    shaped = tmp_path / "shaped"
+    shaped.mkdir()
+    (shaped / "config.json").write_text(json.dumps(arch))
+    assert export.check_base(str(shaped), config) == str(shaped)
+    (shaped / "config.json").write_text(json.dumps({**arch, "hidden_size": 64}))
+    with pytest.raises(ValueError, match=r"is not the run's base model: \d+ of its weights"):
+        export.check_base(str(shaped), config)
+
+
 def _readme_snippet() -> str:
     """The README's block that loads a mean-pooled export in plain transformers + peft."""
     with open(os.path.join(REPO, "README.md")) as f:
