@@ -43,8 +43,10 @@ test-fast: $(VENV)/.installed-test
 # The GPU gates (tests/test_plan.py, marked plan): the benchmark steps compiled for a described
 # H100/H200 by JAX's CUDA plugin (the [plan] extra), no GPU needed; and a TPU slice's plan
 # (libtpu, the [plan-tpu] extra). One process: a module compiles each step once for its tests.
+# No persistent XLA cache: a deviceless executable cannot be read back from it.
 plan-test: $(VENV)/.installed-plan
-	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -p no:xdist -m plan tests/test_plan.py tests/test_plan_fsdp.py
+	JAX_PLATFORMS=cpu JAX_ENABLE_COMPILATION_CACHE=false \
+	$(BIN)/python -m pytest -q -p no:xdist -m plan tests/test_plan.py tests/test_plan_fsdp.py
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check lorax tests configs experiments benchmarks

@@ -283,9 +283,6 @@ class Plans:
 def plans(tmp_path_factory):
     """The module's plans; with ``LORAX_PLAN_REPORTS=FILE`` their reports are written there
     at the end (the numbers the README quotes)."""
-    # No persistent XLA cache: a deviceless executable cannot be read back from it (no device
-    # to load it on). JAX decides once per process, so this holds from here on.
-    jax.config.update("jax_enable_compilation_cache", False)
     made = Plans(tmp_path_factory.mktemp("plan_models"))
     yield made
     if os.environ.get("LORAX_PLAN_REPORTS"):
