@@ -213,6 +213,20 @@ def test_unknown_gpu_or_tpu_is_named():
         targets.tpu_card("v4:2x2x1")
 
 
+def test_without_the_extra_a_plan_says_what_to_install(monkeypatch):
+    from jax.experimental import topologies
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError("topology not implemented for cuda")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", missing)
+    with pytest.raises(ValueError, match=r"CUDA plugin is missing \(install it with pip install "
+                                         r"-e '\.\[plan\]'\)"):  # fmt: skip
+        targets.gpu_devices("h100")
+    with pytest.raises(ValueError, match=r"TPU plans need libtpu: pip install -e '\.\[plan-tpu\]'"):
+        targets.tpu_devices("v5e:2x2")
+
+
 @pytest.mark.plan
 @pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,

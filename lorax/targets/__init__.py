@@ -101,8 +101,8 @@ def gpu_devices(name: str, count: int = 1, hosts: int = 1) -> list:
       hosts: hosts (each process of a multi-host run holds ``count`` of the devices).
 
     Raises:
-      ValueError: an unknown card, a count below 1.
-      RuntimeError: JAX's CUDA plugin is not installed (naming the extra that installs it).
+      ValueError: an unknown card, a count below 1, or JAX's CUDA plugin not installed (naming
+        the extra that installs it; a command line prints it as one line).
     """
     if count < 1 or hosts < 1:
         raise ValueError(f"--gpus = {count} and --hosts = {hosts} must be >= 1")
@@ -115,7 +115,7 @@ def gpu_devices(name: str, count: int = 1, hosts: int = 1) -> list:
             platform="cuda", target_config=config, topology=f"{hosts}x1x{count}"
         )
     except (NotImplementedError, RuntimeError) as e:
-        raise RuntimeError(
+        raise ValueError(
             f"cannot describe {card(name).title} devices here ({str(e).splitlines()[0]}): "
             f"JAX's CUDA plugin is missing (install it with {PLAN_EXTRA}), or JAX started its "
             "backends before the plugin could load (set JAX_PLATFORMS=cpu)"
@@ -138,8 +138,7 @@ def tpu_devices(slice_name: str) -> list:
     """The deviceless chips of a TPU slice (``"v5e:4x4"``: 16 chips, 4 to a host), from libtpu.
 
     Raises:
-      ValueError: an unknown generation.
-      RuntimeError: libtpu is not installed, or does not know the slice.
+      ValueError: an unknown generation, libtpu not installed, or a slice it does not know.
     """
     tpu_card(slice_name)
     _allow_cuda_plugin_without_gpu()
@@ -151,7 +150,7 @@ def tpu_devices(slice_name: str) -> list:
             chips_per_host_bounds=(2, 2, 1), num_slices=1,
         )  # fmt: skip
     except Exception as e:  # noqa: BLE001 -- libtpu absent or the slice unknown: say which
-        raise RuntimeError(
+        raise ValueError(
             f"cannot describe the TPU slice {slice_name!r} ({str(e).splitlines()[0]}); TPU plans "
             f"need libtpu: {TPU_EXTRA}"
         ) from None
