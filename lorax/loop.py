@@ -428,7 +428,7 @@ def run(
             accuracies = ", ".join(f"{r['accuracy']:.4f}" for r in results)
             kept = best is not None and best.offer(done, results[0], state)
             bar.write(f"step {done}: validation accuracy {accuracies}"
-                      + (f" (best {best.metric} so far: kept)" if kept else ""))  # fmt: skip
+                      + (f" ({best.metric} {best.value:.4f}: kept)" if kept else ""))  # fmt: skip
             paused = time.time() - eval_start  # evals do not count against train throughput
             window.since += paused
             loop_start += paused

@@ -91,7 +91,7 @@ def test_keep_best_is_checked_against_what_the_tasks_validation_reports(tmp_path
 
 
 def test_keep_best_keeps_reports_and_exports_the_best_through_a_kill(
-    tiny_model_dir, tmp_path, monkeypatch
+    tiny_model_dir, tmp_path, monkeypatch, capsys
 ):
     """The validation loss is scripted low at step 4 (real elsewhere, so the final state's is
     offered too and loses): a run killed after step 5 and resumed keeps step 4's checkpoint,
@@ -118,6 +118,8 @@ def test_keep_best_keeps_reports_and_exports_the_best_through_a_kill(
     workdir = tmp_path / "run"
     train_until_interrupted(config, workdir, 5, monkeypatch)
     assert runs.kept_best(workdir)
+    # the line of a kept evaluation shows the kept metric (it showed the accuracy alone)
+    assert "(validation_loss 0.0100: kept)" in capsys.readouterr().out
     summary = train_lib.train_and_evaluate(config, str(workdir))
     assert summary["kept_checkpoint"]["step"] == 4
     assert summary["kept_checkpoint"]["value"] == pytest.approx(0.01)
