@@ -179,6 +179,21 @@ def test_a_kept_best_checkpoint_holds_the_workdirs_config(tiny_model_dir, tmp_pa
         train_lib.train_and_evaluate(config, str(workdir))
 
 
+def test_keep_best_keeps_a_checkpoint_when_evaluations_are_not_finite(tmp_path):
+    """A non-finite value (an infinite perplexity) is kept only while nothing else is: the
+    run's end, which evaluates and names the kept checkpoint, then always has one (it had
+    none, and the end of a run whose every evaluation was non-finite raised a TypeError)."""
+    state = {"trainable": {"delta": {"a": np.ones((2, 2), np.float32)}}}
+    with best_lib.Best(str(tmp_path), "validation_perplexity") as best:
+        assert best.offer(2, {"perplexity": float("inf")}, state)
+        assert not best.offer(3, {"perplexity": float("nan")}, state)
+        assert best.offer(4, {"perplexity": 7.0}, state)  # any finite value beats it
+        assert not best.offer(5, {"perplexity": float("inf")}, state)
+        assert not best.offer(6, {"perplexity": 7.0}, state)  # a tie keeps the earlier
+        assert best.offer(8, {"perplexity": 6.5}, state)
+        assert (best.step, best.value) == (8, 6.5)
+
+
 def test_a_multi_adapter_job_refuses_keep_best_before_the_base_loads(tmp_path):
     """The job's refusal came from its host loop, after the base, the data and the stack were
     built; check_compatible (the job's first check) now names it: the model here does not

@@ -76,12 +76,16 @@ class Best:
 
     def offer(self, step: int, metrics: dict[str, float], state: dict[str, Any]) -> bool:
         """Saves ``state``'s trainable tree as the best if ``metrics`` beat the kept value
-        (strictly: a tie keeps the earlier step); returns whether it did."""
+        (strictly: a tie keeps the earlier step); returns whether it did. A NaN or infinite
+        value is kept only while nothing else is (any finite one then beats it), so a run
+        whose every evaluation was non-finite still ends with a kept checkpoint to report."""
         value = float(metrics[self.key])
-        if not np.isfinite(value) or (
-            self.value is not None and self.sign * value <= self.sign * self.value
-        ):
-            return False
+        if not np.isfinite(value):
+            if self.value is not None:
+                return False
+        elif self.value is not None and np.isfinite(self.value):
+            if self.sign * value <= self.sign * self.value:
+                return False
         tree = {
             "trainable": state["trainable"],
             "value": np.asarray(value, np.float64),
