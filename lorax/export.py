@@ -324,11 +324,19 @@ def write_export(
     return out
 
 
-def check_out_dir(out: str | os.PathLike, overwrite: bool) -> pathlib.Path:
+def check_out_dir(out: str | os.PathLike, overwrite: bool, workdir: str = "") -> pathlib.Path:
     """``out`` as a path, refused before any work if it is a file, or a directory that is not
     empty and ``overwrite`` is false (an export over an older one would leave its stale files
-    beside the new ones)."""
+    beside the new ones), or ``workdir`` (the run exported) or a folder holding it: replacing
+    it would delete the run."""
     out = pathlib.Path(out)
+    if workdir:
+        run, where = pathlib.Path(workdir).resolve(), out.resolve()
+        if run == where or where in run.parents:
+            raise ValueError(
+                f"--out={out} is or holds the run's workdir {workdir}; an export replaces its "
+                f"--out whole, deleting the run: name another directory (e.g. {workdir}/export)"
+            )
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out={out} is a file; name a directory to create")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -400,7 +408,7 @@ def main(argv):
         raise app.UsageError("--task_type is for adapter exports, not --merged")
     if f.merged and f.base:
         raise app.UsageError("--base names the base of an adapter export; --merged holds it")
-    out = check_out_dir(f.out, f.overwrite)
+    out = check_out_dir(f.out, f.overwrite, f.workdir)
     config = runs.read_config(f.workdir)
     base = check_base(f.base, config) if f.base else None
     if config.model.get("architecture") and not (f.merged or base):

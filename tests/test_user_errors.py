@@ -483,6 +483,25 @@ def test_predict_command_fails_on_a_missing_out_folder_at_once(tmp_path):
     )
 
 
+def test_export_never_replaces_the_run_it_exports(tmp_path):
+    """--out=<the workdir> (or a folder holding it) with --overwrite, as the refusal of a
+    non-empty --out suggests, replaced that folder whole with the export: the run's
+    checkpoints were deleted. Refused before anything is read."""
+    from lorax import export
+
+    run = tmp_path / "runs" / "news"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    for out in (run, tmp_path / "runs", tmp_path / "runs" / ".." / "runs" / "news"):
+        with pytest.raises(ValueError, match=r"is or holds the run's workdir .*deleting the run"):
+            export.check_out_dir(out, overwrite=True, workdir=str(run))
+    assert export.check_out_dir(run / "export", True, str(run)) == run / "export"
+    done = _command("-m", "lorax.export", f"--workdir={run}", f"--out={tmp_path / 'runs'}",
+                    "--overwrite")  # fmt: skip
+    assert done.returncode == 2 and "is or holds the run's workdir" in done.stderr
+    assert (run / "config.json").exists()
+
+
 def test_predict_command_fails_on_a_missing_metrics_out_folder_at_once(tmp_path):
     """Before: every row was scored and evaluated, then the write failed naming a temporary
     file (the run here does not exist: nothing is loaded before the refusal)."""
