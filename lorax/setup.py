@@ -319,6 +319,7 @@ def build(
         sharding.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
         sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
         data_lib.check_task(config.task.name)
+        data_lib.check_sources(config.task)  # a missing file named before the model loads
         objective = check_objective(config)
         task_kind = "reward" if objective == "reward" else data_lib.registry.KINDS[config.task.name]
         _check_training_options(config, task_kind)  # before the model loads (minutes at 8B)

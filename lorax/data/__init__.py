@@ -15,6 +15,7 @@ from lorax.data.packing import ChoiceBatcher, PackedBatcher, count_lm_tokens
 from lorax.data.preferences import PairBatcher, PreferenceExamples
 from lorax.data.registry import (
     CONFIG_TASKS,
+    check_sources,
     check_task,
     label_names,
     load_task,
@@ -46,6 +47,7 @@ __all__ = [
     "PreferenceExamples",
     "PairClassification",
     "TaskData",
+    "check_sources",
     "check_task",
     "label_names",
     "load_task",

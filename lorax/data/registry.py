@@ -38,6 +38,13 @@ def check_task(name: str, model_kind: str | None = None, model_name: str = "") -
         )
 
 
+def check_sources(task_config) -> None:
+    """Raises naming ``task.data`` when a task that reads the config's files names none it can
+    read; cheap, so the command lines call it before the model loads."""
+    if task_config.name in TEXT_TASKS:
+        TEXT_TASKS[task_config.name].check(task_config)
+
+
 def label_names(task_config) -> tuple[str, ...]:
     """The class names of a config's classification task, in class-index order: its
     ``task.labels`` when set (a run's config.json records them, so a finished run needs no

@@ -188,20 +188,37 @@ class TextTask:
 
     name: str = "text"
 
-    def load(self, task_config, tokenizer, *, max_length: int) -> TaskData:
-        """The three splits as chunked :class:`CausalExamples`; see the module doc."""
-        counts: dict[str, int] = {}
+    def check(self, task_config) -> None:
+        """Raises, before any model loads, unless ``task.data`` names a path that exists or an
+        asset (a table also needs ``task.text_field``)."""
+        from lorax import assets
+
         data = task_config.get("data") or ""
         if not data:
             raise ValueError(
                 "task.name = 'text' needs task.data: a .txt file, a folder of .txt files, or a "
                 "csv/jsonl/parquet file (with task.text_field)"
             )
+        if not os.path.exists(data) and data not in assets.KNOWN:
+            raise FileNotFoundError(
+                f"task.data = {data!r} does not exist; task 'text' takes a .txt file, a folder "
+                "of .txt files, or a csv/tsv/jsonl/json/parquet file with task.text_field"
+            )
+        table = os.path.isfile(data) and not data.lower().endswith(TEXT_SUFFIXES)
+        if table and not task_config.get("text_field"):
+            raise ValueError(
+                f"task.data = {data!r} is a table: set task.text_field to its text column"
+            )
+
+    def load(self, task_config, tokenizer, *, max_length: int) -> TaskData:
+        """The three splits as chunked :class:`CausalExamples`; see the module doc."""
+        counts: dict[str, int] = {}
+        self.check(task_config)
+        data = task_config.data
         if not os.path.exists(data):
             from lorax import assets
 
-            if data in assets.KNOWN:
-                data = _asset_file(assets.resolve(data))
+            data = _asset_file(assets.resolve(data))
         docs = read_documents(data, task_config.get("text_field") or "", counts)
         sizes = {
             s: hold_out_size(task_config.get(f"{s}_size"), len(docs), f"task.{s}_size")
