@@ -7,7 +7,10 @@ the DPO run's test pairs: each response's summed log-probability (the same sums 
 the win rate of chosen over rejected (log π(chosen) > log π(rejected)), the implicit reward's
 preference accuracy β·(log π − log π_ref)(chosen) > (rejected) with the SFT adapter as π_ref (as
 DPO defines it; for the SFT adapter against the base model too), and exact-match accuracy of greedy
-answers on the held-out prompts, with a few generations side by side. Writes JSON.
+answers on the held-out prompts, with a few generations side by side. The same log-prob scores
+also on ``same_form`` pairs: each test prompt's reference answer against a wrong answer of the
+same form (experiments/reward_probe.py), where the set's "shorter wins" shortcut does not hold.
+Writes JSON.
 """
 
 from __future__ import annotations
@@ -46,27 +49,11 @@ def _logps(setup, params, examples, batch_size=8) -> np.ndarray:
     return np.concatenate(out)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sft", required=True)
-    parser.add_argument("--dpo", required=True)
-    parser.add_argument("--out", default="")
-    parser.add_argument("--generations", type=int, default=6, help="prompts shown side by side")
-    parser.add_argument("--max_new_tokens", type=int, default=24)
-    args = parser.parse_args()
-
-    config = runs.read_config(args.dpo)
-    setup = setup_lib.build(config)
-    base = setup.frozen
-    tok = setup.tokenizer
-    test = setup.task.splits["test"]
-    params = {"base": base}
-    for name, workdir in (("sft", args.sft), ("dpo", args.dpo)):
-        delta, spec = runs.load_adapter(workdir, base)
-        params[name] = lora.wrap(base, delta, spec)
-    beta = float(config.dpo.beta)
-    logps = {name: _logps(setup, p, test) for name, p in params.items()}
-    report = {"pairs": len(test), "beta": beta, "models": {}}
+def _scores(logps: dict, beta: float) -> dict:
+    """Per model: the win rate of chosen over rejected by log-prob, the mean log-probs, and
+    the implicit reward's preference accuracy and margin against its reference (SFT against
+    the base, DPO against SFT)."""
+    out = {}
     for name, lp in logps.items():
         entry = {"win_rate_chosen_over_rejected": float(np.mean(lp[:, 0] > lp[:, 1])),
                  "mean_logp_chosen": float(lp[:, 0].mean()),
@@ -76,30 +63,74 @@ def main():
             r = beta * (lp - logps[ref])
             entry[f"implicit_reward_accuracy_vs_{ref}"] = float(np.mean(r[:, 0] > r[:, 1]))
             entry[f"implicit_reward_margin_vs_{ref}"] = float(np.mean(r[:, 0] - r[:, 1]))
-        report["models"][name] = entry
+        out[name] = entry
+    return out
 
-    # greedy answers on the held-out prompts: exact match against the chosen (reference) answer
+
+def _same_form(setup):
+    """The test prompts' reference answers against a wrong answer of the same form
+    (:func:`experiments.reward_probe.same_form_wrong`): no length shortcut."""
+    from experiments.reward_probe import same_form_wrong
+    from lorax.data import PREFERENCES_TINY_DIR
+    from lorax.data.preferences import encode_preferences
+
+    with open(PREFERENCES_TINY_DIR / "test.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    pairs = [(r["prompt"], r["chosen"], same_form_wrong(r)) for r in rows]
+    pairs = [p for p in pairs if p[2] is not None and p[2] != p[1]]
+    return encode_preferences(setup.tokenizer, pairs, max_length=128, counts={}, split="probe")
+
+
+def _greedy(setup, params, test, n_shown: int, max_new_tokens: int) -> tuple[dict, list]:
+    """Exact-match accuracy of each model's greedy answers to the test prompts (against the
+    reference answers), and ``n_shown`` prompts' answers side by side."""
+    tok = setup.tokenizer
     prompts = [list(p) for p in test.prompts]
-    answers = [tok.decode(c[:-1]) for c in test.chosen]
+    answers = [tok.decode(c[:-1]).strip() for c in test.chosen]
+    texts, exact = {}, {}
     for name, p in params.items():
         outs = []
         for start in range(0, len(prompts), 50):
             outs += generate.generate(setup.model, p, prompts[start : start + 50],
-                                      max_new_tokens=args.max_new_tokens,
+                                      max_new_tokens=max_new_tokens,
                                       eos_id=tok.eos_token_id, pad_id=setup.pad_id)  # fmt: skip
-        texts = [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
-        report["models"][name]["greedy_exact_match"] = float(
-            np.mean([t == a.strip() for t, a in zip(texts, answers, strict=True)])
-        )
-        report["models"][name]["greedy"] = texts
-    shown = np.linspace(0, len(prompts) - 1, args.generations).astype(int)
-    report["examples"] = [
+        texts[name] = [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
+        exact[name] = float(np.mean([t == a for t, a in zip(texts[name], answers, strict=True)]))
+    shown = np.linspace(0, len(prompts) - 1, n_shown).astype(int)
+    examples = [
         {"prompt": tok.decode(prompts[i]), "reference": answers[i],
-         **{name: report["models"][name]["greedy"][i] for name in params}}
+         **{name: texts[name][i] for name in params}}
         for i in shown
     ]  # fmt: skip
-    for name in params:
-        report["models"][name].pop("greedy")
+    return exact, examples
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sft", required=True)
+    parser.add_argument("--dpo", required=True)
+    parser.add_argument("--out", default="")
+    parser.add_argument("--generations", type=int, default=6, help="prompts shown side by side")
+    parser.add_argument("--max_new_tokens", type=int, default=24)
+    parser.add_argument("--no_greedy", action="store_true", help="log-probs only")
+    args = parser.parse_args()
+
+    config = runs.read_config(args.dpo)
+    setup = setup_lib.build(config)
+    base = setup.frozen
+    test = setup.task.splits["test"]
+    params = {"base": base}
+    for name, workdir in (("sft", args.sft), ("dpo", args.dpo)):
+        delta, spec = runs.load_adapter(workdir, base)
+        params[name] = lora.wrap(base, delta, spec)
+    beta = float(config.dpo.beta)
+    report = {"beta": beta}
+    for set_name, examples in (("test", test), ("same_form", _same_form(setup))):
+        logps = {name: _logps(setup, p, examples) for name, p in params.items()}
+        report[set_name] = {"pairs": len(examples), **_scores(logps, beta)}
+    if not args.no_greedy:
+        exact, examples = _greedy(setup, params, test, args.generations, args.max_new_tokens)
+        report["greedy_exact_match"], report["examples"] = exact, examples
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:

@@ -174,3 +174,31 @@ def test_objective_and_task_must_agree():
     c.train.objective = "ppo"
     with pytest.raises(ValueError, match=r"train.objective = 'ppo' is not valid; choose one of"):
         setup_lib.check_objective(c)
+
+
+def test_shipped_preference_pairs_are_the_instruction_sets_answers_against_wrong_ones():
+    """lorax/data/files/preferences_tiny (experiments/make_preferences.py): every prompt is an
+    instruction set prompt, chosen is its reference answer, rejected a different (wrong) one;
+    train pairs come from the instruction train rows, test pairs from its test rows; the
+    config of the README's DPO run loads them without skips or cuts."""
+    from configs import smollm2_dpo_r8
+    from lorax import assets, checkpoints
+
+    for split in ("train", "test"):
+        answers = {}
+        with open(data.INSTRUCTIONS_TINY_DIR / f"{split}.jsonl") as f:
+            for row in map(json.loads, f):
+                prompt = data.format_prompt(row["instruction"], row.get("context") or "")
+                answers[prompt] = row["response"]
+        with open(data.PREFERENCES_TINY_DIR / f"{split}.jsonl") as f:
+            pairs = [json.loads(line) for line in f]
+        assert len(pairs) == {"train": 300, "test": 100}[split]
+        for pair in pairs:
+            assert pair["chosen"] == answers[pair["prompt"]]
+            assert pair["rejected"].strip() != pair["chosen"].strip()
+    c = smollm2_dpo_r8.get_config()
+    tok = checkpoints.load_tokenizer(assets.resolve(c.model.name))
+    t = data.load_task(c.task.name, None, tok, max_length=c.task.max_length,
+                       validation_size=c.task.validation_size, task_config=c.task)  # fmt: skip
+    assert [t.counts[f"{s}/rows"] for s in ("train", "validation", "test")] == [270, 30, 100]
+    assert not any(v for k, v in t.counts.items() if "skipped" in k or "truncated" in k)
