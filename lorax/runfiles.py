@@ -190,9 +190,12 @@ def config_changes(old: dict, new: dict) -> list[str]:
     workdir written before the field existed) counts as unchanged: new fields default to the
     old behaviour."""
     a, b = paths.flatten(old), paths.flatten(new)
+    neutral = RESULT_NEUTRAL
+    if a.get("train/keep_best"):  # the kept best compares values over the periodic-eval subset
+        neutral = tuple(k for k in RESULT_NEUTRAL if k != "task/max_eval_examples")
     changed = []
     for key in sorted(a):
-        if key.startswith(RESULT_NEUTRAL) or a[key] == b.get(key):
+        if key.startswith(neutral) or a[key] == b.get(key):
             continue
         changed.append(f"{key.replace('/', '.')}: {a[key]!r} -> {b.get(key)!r}")
     return changed

@@ -194,6 +194,19 @@ def test_keep_best_keeps_a_checkpoint_when_evaluations_are_not_finite(tmp_path):
         assert (best.step, best.value) == (8, 6.5)
 
 
+def test_a_keep_best_run_resumes_only_on_the_same_periodic_eval_subset():
+    """task.max_eval_examples may change on a rerun (it changes no result), except with
+    train.keep_best: the kept value was measured on the old subset and the resumed run would
+    compare its own on another (e.g. 500 rows against 50)."""
+    from lorax import runfiles
+
+    old = {"train": {"keep_best": "validation_loss"}, "task": {"max_eval_examples": 500}}
+    new = {"train": {"keep_best": "validation_loss"}, "task": {"max_eval_examples": 50}}
+    assert runfiles.config_changes(old, new) == ["task.max_eval_examples: 500 -> 50"]
+    old["train"]["keep_best"] = new["train"]["keep_best"] = ""
+    assert runfiles.config_changes(old, new) == []
+
+
 def test_a_multi_adapter_job_refuses_keep_best_before_the_base_loads(tmp_path):
     """The job's refusal came from its host loop, after the base, the data and the stack were
     built; check_compatible (the job's first check) now names it: the model here does not
