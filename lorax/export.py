@@ -324,18 +324,20 @@ def write_export(
     return out
 
 
-def check_out_dir(out: str | os.PathLike, overwrite: bool, workdir: str = "") -> pathlib.Path:
+def check_out_dir(
+    out: str | os.PathLike, overwrite: bool, workdir: str = "", what: str = "the run's workdir"
+) -> pathlib.Path:
     """``out`` as a path, refused before any work if it is a file, or a directory that is not
     empty and ``overwrite`` is false (an export over an older one would leave its stale files
-    beside the new ones), or ``workdir`` (the run exported) or a folder holding it: replacing
-    it would delete the run."""
+    beside the new ones), or ``workdir`` (the run exported; ``what`` names it) or a folder
+    holding it: replacing it would delete it."""
     out = pathlib.Path(out)
     if workdir:
         run, where = pathlib.Path(workdir).resolve(), out.resolve()
         if run == where or where in run.parents:
             raise ValueError(
-                f"--out={out} is or holds the run's workdir {workdir}; an export replaces its "
-                f"--out whole, deleting the run: name another directory (e.g. {workdir}/export)"
+                f"--out={out} is or holds {what} {workdir}; an export replaces its --out "
+                f"whole, deleting it: name another directory (e.g. {workdir}/export)"
             )
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out={out} is a file; name a directory to create")
@@ -410,6 +412,9 @@ def main(argv):
         raise app.UsageError("--base names the base of an adapter export; --merged holds it")
     out = check_out_dir(f.out, f.overwrite, f.workdir)
     config = runs.read_config(f.workdir)
+    for model_dir in (config.model.name, assets.cache_root() / config.model.name):
+        if config.model.name and os.path.isdir(os.path.expanduser(model_dir)):  # a local base
+            check_out_dir(out, f.overwrite, os.path.expanduser(model_dir), "the run's base model")
     base = check_base(f.base, config) if f.base else None
     if config.model.get("architecture") and not (f.merged or base):
         raise ValueError(

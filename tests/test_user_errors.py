@@ -493,13 +493,19 @@ def test_export_never_replaces_the_run_it_exports(tmp_path):
     run.mkdir(parents=True)
     (run / "config.json").write_text("{}")
     for out in (run, tmp_path / "runs", tmp_path / "runs" / ".." / "runs" / "news"):
-        with pytest.raises(ValueError, match=r"is or holds the run's workdir .*deleting the run"):
+        with pytest.raises(ValueError, match=r"is or holds the run's workdir .*deleting it"):
             export.check_out_dir(out, overwrite=True, workdir=str(run))
     assert export.check_out_dir(run / "export", True, str(run)) == run / "export"
     done = _command("-m", "lorax.export", f"--workdir={run}", f"--out={tmp_path / 'runs'}",
                     "--overwrite")  # fmt: skip
     assert done.returncode == 2 and "is or holds the run's workdir" in done.stderr
     assert (run / "config.json").exists()
+    model = tmp_path / "models" / "bert"  # the run's local base model: deleted likewise
+    model.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"model": {"name": str(model)}}))
+    done = _command("-m", "lorax.export", f"--workdir={run}", f"--out={model.parent}",
+                    "--overwrite")  # fmt: skip
+    assert done.returncode == 2 and "is or holds the run's base model" in done.stderr
 
 
 def test_predict_command_fails_on_a_missing_metrics_out_folder_at_once(tmp_path):
