@@ -21,12 +21,26 @@ made for the platform the step is compiled for: the host's backend, or the GPUs 
 describes (``lorax.plan``), where no GPU is present to run the probe: there ``"auto"`` takes
 cuDNN for a bfloat16/float16 model unprobed (:func:`probed` says so), and the GPU compiler's
 own checks of the fused kernel's shapes remain.
+
+A multi-adapter job (``lorax.multi``) vmaps its step over the K adapters, and JAX
+0.10's batching rule of the fused kernel (``_dot_product_attention_fwd_batcher`` and
+``_bwd_batcher`` in ``jax/_src/cudnn/fused_attention_stablehlo.py``) reshapes a batched bias to
+[K·B, H, T, S]: our [K, B, 1, T, S] mask-as-bias (one head row, broadcast over the heads) cannot
+take that shape, so a masked row (packed segments, padding) failed to trace. Inside
+:func:`vmapped` (the multi-adapter step is traced in it) a masked cuDNN call therefore goes
+through :func:`folded`: its own batching rule folds the vmapped axes into the batch axis
+([K, B, ...] -> [K·B, ...]) and calls the kernel on 4-D operands, whose bias keeps its one head
+row; its gradient is a custom VJP whose backward pass, batched the same way, runs the fused
+forward again and then the fused backward (one more fused forward per layer and step, in
+multi-adapter jobs with masked rows only).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -44,9 +58,87 @@ def attend(q_BTHE, k_BSKE, v_BSKE, mask_B1TS, *, implementation: str, causal: bo
       causal: the mask lies inside the lower triangle (self-attention, T == S): the fused
         kernel may skip the blocks above the diagonal.
     """
+    if mask_B1TS is not None and implementation == "cudnn" and _VMAPPED.depth:
+        return folded(q_BTHE, k_BSKE, v_BSKE, mask_B1TS, implementation=implementation,
+                      causal=causal)  # fmt: skip
     return jax.nn.dot_product_attention(
         q_BTHE, k_BSKE, v_BSKE, mask=mask_B1TS, is_causal=causal, implementation=implementation
     )
+
+
+_VMAPPED = threading.local()
+_VMAPPED.depth = 0
+
+
+@contextlib.contextmanager
+def vmapped():
+    """Attention traced inside this block may be batched by ``jax.vmap`` (the multi-adapter
+    step): a masked fused call takes :func:`folded`'s batching-safe form."""
+    _VMAPPED.depth = getattr(_VMAPPED, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _VMAPPED.depth -= 1
+
+
+def folded(q_BTHE, k_BSKE, v_BSKE, mask_B1TS, *, implementation: str, causal: bool):
+    """:func:`attend` with a mask, the same values and gradients, whose ``jax.vmap`` folds the
+    mapped axes into the batch axis before the kernel sees them (any ``implementation``: on a
+    CPU, ``"xla"`` checks the folding)."""
+    b = q_BTHE.shape[0]
+    mask = jnp.broadcast_to(mask_B1TS, (b, *mask_B1TS.shape[1:]))  # one per row, to fold
+    return _folded_attention(implementation, causal)(q_BTHE, k_BSKE, v_BSKE, mask)
+
+
+def _fold_rule(fn):
+    """A ``custom_vmap`` rule calling ``fn`` on the arguments with the mapped axis folded into
+    their leading (batch) axis (an unmapped argument broadcast first), every output unfolded."""
+
+    def rule(axis_size, in_batched, *args):
+        mapped = [
+            x if m else jnp.broadcast_to(x, (axis_size, *x.shape))
+            for x, m in zip(args, in_batched, strict=True)
+        ]
+        flat = [x.reshape(axis_size * x.shape[1], *x.shape[2:]) for x in mapped]
+        outs = fn(*flat)
+        unfold = lambda y: y.reshape(axis_size, y.shape[0] // axis_size, *y.shape[1:])  # noqa: E731
+        return jax.tree_util.tree_map(unfold, outs), jax.tree_util.tree_map(lambda _: True, outs)
+
+    return rule
+
+
+@functools.cache
+def _folded_attention(implementation: str, causal: bool):
+    def plain(q, k, v, mask):
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=causal, implementation=implementation
+        )
+
+    @jax.custom_batching.custom_vmap
+    def forward(q, k, v, mask):
+        return plain(q, k, v, mask)
+
+    forward.def_vmap(_fold_rule(forward))  # nested vmaps fold one axis at a time
+
+    @jax.custom_batching.custom_vmap
+    def backward(q, k, v, mask, g):
+        return jax.vjp(lambda q, k, v: plain(q, k, v, mask), q, k, v)[1](g)
+
+    backward.def_vmap(_fold_rule(backward))
+
+    @jax.custom_vjp
+    def attention(q, k, v, mask):
+        return forward(q, k, v, mask)
+
+    def fwd(q, k, v, mask):
+        return forward(q, k, v, mask), (q, k, v, mask)
+
+    def bwd(res, g):
+        q, k, v, mask = res
+        return (*backward(q, k, v, mask, g), None)
+
+    attention.defvjp(fwd, bwd)
+    return attention
 
 
 def choose(

@@ -32,8 +32,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lorax import (
+    attention,
+    evaluate,
+    loop,
+    lora,
+    methods,
+    paths,
+    runfiles,
+    runlock,
+    sharding,
+    stops,
+)
 from lorax import data as data_lib
-from lorax import evaluate, loop, lora, methods, paths, runfiles, runlock, sharding, stops
 from lorax import setup as setup_lib
 from lorax import step as step_lib
 from lorax.checkpoints.state import Checkpointer
@@ -213,6 +224,10 @@ def make_multi_train_step(forward, tx, sums_fn):
     """
 
     def one(state, frozen, batch, key, lr, head_lr, masks, scales, hyper):
+        with attention.vmapped():  # masked fused attention, batched over the K adapters
+            return one_traced(state, frozen, batch, key, lr, head_lr, masks, scales, hyper)
+
+    def one_traced(state, frozen, batch, key, lr, head_lr, masks, scales, hyper):
         rng = jax.random.fold_in(key, state["step"])
         batch = {**batch, **hyper}
 
@@ -246,7 +261,8 @@ def make_multi_eval_step(forward, sums_fn, mesh):
 
     def one(trainable, frozen, batch, scales, hyper):
         scaled = {"delta": apply_scales(trainable["delta"], scales), "head": trainable["head"]}
-        return sums_fn(forward(scaled, frozen, batch, None, False), {**batch, **hyper})
+        with attention.vmapped():
+            return sums_fn(forward(scaled, frozen, batch, None, False), {**batch, **hyper})
 
     return jax.jit(
         jax.vmap(one, in_axes=(0, None, None, 0, 0)), out_shardings=sharding.replicated(mesh)

@@ -381,3 +381,26 @@ def test_old_setup_reproduces_the_h200_record_and_fails_the_gates(plans, name):
     failures = " | ".join(speed_path_failures(report, name, 5.0 if "gpt2" in name else 10.5))
     for gate in ("footprint", "cuDNN fused attention calls", "[B, T, V]", "[B, H, T, T]"):
         assert gate in failures
+
+
+@pytest.mark.plan
+@needs_plugin
+def test_two_adapters_on_packed_rows_keep_cudnn(tiny_llama_dir):  # noqa: F811
+    """K = 2 adapters on packed rows (segment ids: a mask, the fused kernel's bias), the
+    vmapped step planned for an H100: JAX's batching rule of the masked fused kernel could not
+    reshape the [K, B, 1, T, S] bias (a TypeError at trace time); lorax folds the adapter axis
+    into the batch axis itself, and every layer runs the fused forward twice (the backward pass
+    runs it again) and the fused backward once."""
+    c = lm_config(tiny_llama_dir, **{"model.dtype": "bfloat16", "train.batch_size": 2})
+    report = plan.plan(c, plan.Target("h100"), adapters=2)
+    layers = c_layers(tiny_llama_dir)
+    assert report["attention"]["kernel"] == "cudnn"
+    assert report["attention"]["fused_calls"] == {
+        "__cudnn$fmhaScaleBiasSoftmax": 2 * layers,
+        "__cudnn$fmhaScaleBiasSoftmaxBackward": layers,
+    }
+
+
+def c_layers(model_dir) -> int:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return json.load(f)["num_hidden_layers"]
