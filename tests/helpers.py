@@ -74,3 +74,18 @@ def poison_losses(monkeypatch, poisoned) -> None:
 
     monkeypatch.setattr(data.Batcher, "train_batch", batch)
     monkeypatch.setattr(evaluate, "classification_sums", sums)
+
+
+def random_delta(base, spec, seed=0):
+    """A LoRA delta with random non-zero a AND b (lora.init leaves b at zero), for parity tests
+    whose adapter must change the model's outputs."""
+    import jax
+
+    from lorax import lora
+
+    delta = lora.init(base, spec, jax.random.key(seed))
+    keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: 0.2 * jax.random.normal(next(keys), x.shape) if p[-1].key == "b" else x,
+        delta,
+    )

@@ -13,6 +13,7 @@ from lorax import lora, paths
 from lorax.checkpoints import hf
 from lorax.checkpoints import peft as lpeft
 from lorax.models import decoder, encoder
+from tests.helpers import random_delta
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -102,16 +103,6 @@ def _theirs(model, ids):
     return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
 
 
-def _random_delta(base, spec, seed=0):
-    """A delta with random non-zero a AND b (lora.init leaves b at zero)."""
-    delta = lora.init(base, spec, jax.random.key(seed))
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: 0.2 * jax.random.normal(next(keys), x.shape) if p[-1].key == "b" else x,
-        delta,
-    )
-
-
 def _max_diff(x, y):
     return float(np.abs(np.asarray(x) - np.asarray(y)).max())
 
@@ -122,7 +113,7 @@ def _max_diff(x, y):
 def _export_and_compare(tmp_path, directory, config, base, spec, scan=False):
     """Exports a random delta, loads it with PeftModel and compares outputs; returns the
     delta and the written adapter_config.json."""
-    delta = _random_delta(base, spec)
+    delta = random_delta(base, spec)
     ours = _ours(config, lora.wrap(base, delta, spec), _ids(vocab=config.vocab_size), scan)
     plain = _ours(config, base, _ids(vocab=config.vocab_size), scan)
     assert _max_diff(ours, plain) > 1e-2, "the adapter should change the outputs"
@@ -273,7 +264,7 @@ def test_import_reads_keys_with_the_adapter_name(tmp_path, llama_dir):
 
     config, params = hf.load_decoder(llama_dir)
     spec = lora.make_spec("q,v", rank=2, alpha=4)
-    out = lpeft.export_peft(_random_delta(params, spec), spec, config, tmp_path / "plain")
+    out = lpeft.export_peft(random_delta(params, spec), spec, config, tmp_path / "plain")
     named = tmp_path / "named"
     named.mkdir()
     (named / lpeft.CONFIG_NAME).write_text((out / lpeft.CONFIG_NAME).read_text())
@@ -298,7 +289,7 @@ def llama_adapter(llama_dir, tmp_path_factory):
     config, params = hf.load_decoder(llama_dir)
     spec = lora.make_spec("q,v", rank=2, alpha=4)
     out = lpeft.export_peft(
-        _random_delta(params, spec), spec, config, tmp_path_factory.mktemp("adapter")
+        random_delta(params, spec), spec, config, tmp_path_factory.mktemp("adapter")
     )
     return config, params, out
 

@@ -12,6 +12,7 @@ from lorax import evaluate, lora
 from lorax.checkpoints import hf
 from lorax.checkpoints import peft as lpeft
 from lorax.models import decoder, reward
+from tests.helpers import random_delta
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -99,16 +100,6 @@ def test_reward_sums_are_bradley_terry_with_margin():
                                rtol=1e-6)  # fmt: skip
 
 
-def _random_delta(base, spec, seed=0):
-    """A delta with random non-zero a AND b (lora.init leaves b at zero)."""
-    delta = lora.init(base, spec, jax.random.key(seed))
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: 0.2 * jax.random.normal(next(keys), x.shape) if p[-1].key == "b" else x,
-        delta,
-    )
-
-
 def test_reward_export_loads_in_auto_peft_seq_cls_with_our_rewards(tiny_dir, tmp_path):
     """LoRA (q, v, mlp_out) + score head, exported as a SEQ_CLS adapter with the head in
     modules_to_save: AutoPeftModelForSequenceClassification(num_labels=1) gives our rewards
@@ -116,7 +107,7 @@ def test_reward_export_loads_in_auto_peft_seq_cls_with_our_rewards(tiny_dir, tmp
     row's last position instead would be far off."""
     config, base = hf.load_decoder(tiny_dir)
     spec = lora.make_spec("q,v,mlp_out", rank=4, alpha=8)
-    delta = _random_delta(base, spec)
+    delta = random_delta(base, spec)
     kernel = np.asarray(reward.init_score(config, jax.random.key(3))["kernel"]) * 50
     params = {**lora.wrap(base, delta, spec), "score": {"kernel": jnp.asarray(kernel)}}
     ids, lengths = _rows()
