@@ -58,7 +58,7 @@ def attend(q_BTHE, k_BSKE, v_BSKE, mask_B1TS, *, implementation: str, causal: bo
       causal: the mask lies inside the lower triangle (self-attention, T == S): the fused
         kernel may skip the blocks above the diagonal.
     """
-    if mask_B1TS is not None and implementation == "cudnn" and _VMAPPED.depth:
+    if mask_B1TS is not None and implementation == "cudnn" and getattr(_VMAPPED, "depth", 0):
         return folded(q_BTHE, k_BSKE, v_BSKE, mask_B1TS, implementation=implementation,
                       causal=causal)  # fmt: skip
     return jax.nn.dot_product_attention(
@@ -66,8 +66,7 @@ def attend(q_BTHE, k_BSKE, v_BSKE, mask_B1TS, *, implementation: str, causal: bo
     )
 
 
-_VMAPPED = threading.local()
-_VMAPPED.depth = 0
+_VMAPPED = threading.local()  # .depth: set per thread by vmapped(), 0 where never set
 
 
 @contextlib.contextmanager
