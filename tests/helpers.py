@@ -89,3 +89,18 @@ def random_delta(base, spec, seed=0):
         lambda p, x: 0.2 * jax.random.normal(next(keys), x.shape) if p[-1].key == "b" else x,
         delta,
     )
+
+
+def save_random_decoder(hf_config, directory, seed=0):
+    """A tiny transformers decoder with random non-trivial weights, saved as safetensors in
+    ``directory`` (returned)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
+    with torch.no_grad():  # norms and biases away from 1 and 0, so they matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(directory)
+    return directory

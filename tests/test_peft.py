@@ -13,7 +13,7 @@ from lorax import lora, paths
 from lorax.checkpoints import hf
 from lorax.checkpoints import peft as lpeft
 from lorax.models import decoder, encoder
-from tests.helpers import random_delta
+from tests.helpers import random_delta, save_random_decoder
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -26,21 +26,11 @@ TOL = 1e-4
 # --- models ----------------------------------------------------------------------------------
 
 
-def _save_random(hf_config, directory, seed=0):
-    """A tiny transformers decoder with random non-trivial weights, saved as safetensors."""
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
-    with torch.no_grad():  # norms and biases away from 1 and 0, so they matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(directory)
-
-
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     """Llama with grouped-query attention (8 heads, 2 kv heads), 2 layers."""
     directory = tmp_path_factory.mktemp("llama")
-    _save_random(
+    save_random_decoder(
         transformers.LlamaConfig(
             vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64,
@@ -53,7 +43,7 @@ def llama_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("gpt2")
-    _save_random(
+    save_random_decoder(
         transformers.GPT2Config(
             vocab_size=VOCAB,
             n_embd=32,

@@ -12,7 +12,7 @@ from lorax import evaluate, lora
 from lorax.checkpoints import hf
 from lorax.checkpoints import peft as lpeft
 from lorax.models import decoder, reward
-from tests.helpers import random_delta
+from tests.helpers import random_delta, save_random_decoder
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -20,17 +20,6 @@ peft = pytest.importorskip("peft")
 
 VOCAB = 101
 PAD = 0
-
-
-def _save_random(hf_config, directory, seed=0):
-    """A tiny transformers decoder with random non-trivial weights, saved as safetensors."""
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
-    with torch.no_grad():  # norms and biases away from 1 and 0, so they matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(directory)
-    return directory
 
 
 TINY = {
@@ -47,7 +36,7 @@ TINY = {
 
 @pytest.fixture(scope="module", params=sorted(TINY))
 def tiny_dir(request, tmp_path_factory):
-    return _save_random(TINY[request.param](), tmp_path_factory.mktemp(request.param))
+    return save_random_decoder(TINY[request.param](), tmp_path_factory.mktemp(request.param))
 
 
 def _rows():
@@ -167,7 +156,7 @@ def tiny_reward_model(request, tmp_path_factory):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         bos_token_id=2, eos_token_id=1, pad_token_id=0,
     )  # fmt: skip
-    _save_random(hf_config, d)
+    save_random_decoder(hf_config, d)
     tok.save_pretrained(d)
     return d, tok
 
@@ -304,7 +293,7 @@ def test_gpt2_reward_run_exports_for_peft_with_lorax_predicts_rewards(tmp_path):
 
     tok = _tokenizer()
     model_dir = tmp_path / "gpt2"
-    _save_random(transformers.GPT2Config(
+    save_random_decoder(transformers.GPT2Config(
         vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
         eos_token_id=1, pad_token_id=0,
     ), model_dir)  # fmt: skip
